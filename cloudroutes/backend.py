@@ -1,0 +1,105 @@
+"""What a backend is, and how backends are found.
+
+A backend says only what is particular to it:
+
+- at construction, it checks its options and the node (raising ConfigError), with no side
+  effects, so a bad config is rejected before anything is programmed;
+- ``prepare()`` readies the node (devices, cloud attributes) and returns the attributes this
+  node publishes in its lease;
+- ``bind(own)`` returns its route tables, each with the function that maps the lease table to
+  the routes that table should hold.
+
+Backends are registered by name: the built-in ones in ``providers/__init__.py``, third-party
+ones through the entry-point group ``cloudroutes.providers``. The core never imports a provider
+module by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
+
+from cloudroutes.config import NetworkConfig
+from cloudroutes.errors import ConfigError
+from cloudroutes.lease import Lease, LeaseAttrs
+from cloudroutes.reconciler import DesiredRoutes
+from cloudroutes.routes import RouteTable
+
+ENTRY_POINT_GROUP = "cloudroutes.providers"
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The interface that carries traffic between nodes, and the addresses peers use."""
+
+    name: str
+    index: int
+    mtu: int
+    ip: IPv4Address | None
+    public_ip: IPv4Address | None
+    ipv6: IPv6Address | None = None
+    public_ipv6: IPv6Address | None = None
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    config: NetworkConfig
+    iface: ExternalInterface
+
+
+@dataclass(frozen=True)
+class RouteTableBinding:
+    table: RouteTable
+    desired: DesiredRoutes
+
+
+class Backend(Protocol):
+    @property
+    def mtu(self) -> int: ...
+
+    def prepare(self) -> LeaseAttrs: ...
+
+    def bind(self, own: Lease) -> Sequence[RouteTableBinding]: ...
+
+
+BackendFactory = Callable[[BackendContext], Backend]
+
+_registry: dict[str, str | BackendFactory] = {}
+
+
+def register(name: str, factory: str | BackendFactory) -> None:
+    """Register a backend by name; ``factory`` may be "module:attr", imported on first use."""
+    _registry[name] = factory
+
+
+def backend_names() -> list[str]:
+    _load_builtin()
+    names = set(_registry)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def backend_factory(name: str) -> BackendFactory:
+    _load_builtin()
+    factory = _registry.get(name)
+    if factory is None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                factory = ep.value
+                break
+    if factory is None:
+        raise ConfigError(f"unknown backend type: {name}")
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        _registry[name] = factory
+    return factory
+
+
+def _load_builtin() -> None:
+    # The providers package registers the built-in backends when imported.
+    importlib.import_module("providers")

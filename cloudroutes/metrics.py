@@ -1,0 +1,53 @@
+"""Prometheus series of the agent. One registry per agent, so tests can run several."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.leases = Gauge("cloudroutes_leases", "Subnet leases in the lease table.", registry=r)
+        self.routes_desired = Gauge(
+            "cloudroutes_routes_desired", "Routes the leases ask for.", ["table"], registry=r
+        )
+        self.routes_programmed = Gauge(
+            "cloudroutes_routes_programmed",
+            "Desired routes that are in the route table.",
+            ["table"],
+            registry=r,
+        )
+        self.routes_failed = Gauge(
+            "cloudroutes_routes_failed",
+            "Desired routes not in the table, by reason class.",
+            ["table", "state"],
+            registry=r,
+        )
+        self.route_changes = Counter(
+            "cloudroutes_route_changes",
+            "Route changes attempted, by action and result.",
+            ["table", "action", "result"],
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "cloudroutes_reconcile_duration_seconds",
+            "Time of one reconcile pass (observe, diff, apply).",
+            ["table"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lease_to_route_latency = Histogram(
+            "cloudroutes_lease_event_to_route_seconds",
+            "Time from a lease change arriving to its routes being in the table.",
+            ["table"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )

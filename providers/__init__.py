@@ -1,0 +1,9 @@
+"""Built-in backends and their route tables.
+
+Each backend registers here by name, as "module:attr" so that importing this package stays
+cheap and a node never imports a cloud SDK it does not use.
+"""
+
+from cloudroutes.backend import register
+
+register("host-gw", "providers.host_gw:HostGwBackend")
