@@ -1,0 +1,222 @@
+"""The reconciler against an in-memory table that injects every error class."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from cloudroutes.errors import QuotaExceeded, RouteNotFound, Throttled, Transient
+from cloudroutes.lease import Lease, LeaseAttrs
+from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
+from cloudroutes.metrics import Metrics
+from cloudroutes.reconciler import Backoff, ReconcilePolicy, Reconciler, RouteState
+from cloudroutes.routes import Action, Route
+from tests.memory_table import MemoryRouteTable
+
+
+def lease(n: int, host: int | None = None) -> Lease:
+    return Lease(
+        subnet=IPv4Network(f"10.5.{n}.0/24"),
+        attrs=LeaseAttrs(public_ip=IPv4Address(f"198.18.0.{host or n}"), backend_type="test"),
+    )
+
+
+def to_instances(leases: Iterable[Lease]) -> list[Route]:
+    """Cloud-style desired routes: each subnet to the instance behind its public IP."""
+    return [
+        Route(l.subnet, f"i-{l.public_ip.packed[-1]}", lease_key=l.key) for l in leases if l.subnet
+    ]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def leases() -> LeaseTable:
+    table = LeaseTable()
+    table.replace_all([lease(1), lease(2), lease(3)], revision=1)
+    return table
+
+
+def make(table: MemoryRouteTable, leases: LeaseTable, **kw: object) -> Reconciler:
+    return Reconciler(table, leases, to_instances, **kw)  # type: ignore[arg-type]
+
+
+def net(n: int) -> IPv4Network:
+    return IPv4Network(f"10.5.{n}.0/24")
+
+
+def test_adds_every_lease_route_then_does_nothing() -> None:
+    table, leases = MemoryRouteTable(), LeaseTable()
+    leases.replace_all([lease(1), lease(2), lease(3)], revision=1)
+    rec = make(table, leases)
+    first = rec.reconcile()
+    assert [c.action for c in first.plan] == [Action.ADD] * 3
+    assert table.owned() == {net(n): Route(net(n), f"i-{n}") for n in (1, 2, 3)}
+    assert all(s.state is RouteState.PROGRAMMED for s in rec.status().values())
+    second = rec.reconcile()
+    assert not second.plan
+    assert table.calls.count("observe") == 1  # trusts its own writes between resyncs
+
+
+def test_removed_lease_deletes_its_route_and_moved_lease_is_replaced(leases: LeaseTable) -> None:
+    table = MemoryRouteTable()
+    rec = make(table, leases)
+    rec.reconcile()
+    leases.apply([LeaseEvent(EventType.REMOVED, lease(2))], revision=2)
+    leases.apply([LeaseEvent(EventType.ADDED, lease(3, host=9))], revision=3)
+    result = rec.reconcile()
+    assert [(c.action, str(c.route.destination)) for c in result.plan] == [
+        (Action.DELETE, "10.5.2.0/24"),
+        (Action.REPLACE, "10.5.3.0/24"),
+    ]
+    assert table.owned() == {net(1): Route(net(1), "i-1"), net(3): Route(net(3), "i-9")}
+
+
+def test_never_touches_routes_it_does_not_own(leases: LeaseTable) -> None:
+    table = MemoryRouteTable()
+    other = Route(IPv4Network("10.99.0.0/16"), "i-other")
+    table.put_foreign(other, owner="another-cluster")
+    table.put_foreign(Route(net(2), "pcx-operator"), owner="operator")
+    rec = make(table, leases)
+    rec.reconcile(resync=True)
+    assert table.routes[other.destination] == (other, "another-cluster")
+    status = rec.status()[net(2)]
+    assert status.state is RouteState.FAILED
+    assert "held by operator" in status.reason
+    assert table.routes[net(2)][1] == "operator"
+
+
+def test_transient_error_is_retried_with_backoff(leases: LeaseTable) -> None:
+    clock = FakeClock()
+    table = MemoryRouteTable()
+    table.fail_next(net(2), Transient("503 from the API"))
+    rec = make(table, leases, clock=clock, policy=ReconcilePolicy(retry=Backoff(1.0, 8.0)))
+    rec.reconcile()
+    assert rec.status()[net(2)].state is RouteState.RETRY
+    assert rec.status()[net(2)].reason == "503 from the API"
+    assert rec._not_before == pytest.approx(clock.now + 1.0)
+    rec.reconcile()
+    assert rec.status()[net(2)].state is RouteState.PROGRAMMED
+    assert net(2) in table.owned()
+
+
+def test_throttling_backs_off_the_whole_table(leases: LeaseTable) -> None:
+    clock = FakeClock()
+    table = MemoryRouteTable()
+    table.fail_next_call(Throttled("RequestLimitExceeded"))
+    table.fail_next_call(Throttled("RequestLimitExceeded"))
+    rec = make(table, leases, clock=clock, policy=ReconcilePolicy(throttle=Backoff(2.0, 60.0)))
+    rec.reconcile()
+    assert {s.state for s in rec.status().values()} == {RouteState.THROTTLED}
+    assert rec._not_before == pytest.approx(clock.now + 2.0)
+    rec.reconcile()
+    assert rec._not_before == pytest.approx(clock.now + 4.0)  # doubles while throttled
+    rec.reconcile()
+    assert len(table.owned()) == 3
+    assert rec._not_before == 0.0
+
+
+def test_quota_blocks_creates_until_room_is_freed() -> None:
+    table = MemoryRouteTable(limit=2)
+    leases = LeaseTable()
+    leases.replace_all([lease(1), lease(2), lease(3)], revision=1)
+    rec = make(table, leases)
+    rec.reconcile()
+    assert rec.status()[net(3)].state is RouteState.QUOTA_BLOCKED
+    calls = len(table.calls)
+    rec.reconcile()  # blocked: no more create attempts against a full table
+    assert rec.status()[net(3)].state is RouteState.QUOTA_BLOCKED
+    assert "route table is full" in rec.status()[net(3)].reason
+    assert table.calls[calls:] == ["observe"]
+    leases.apply([LeaseEvent(EventType.REMOVED, lease(1))], revision=2)
+    rec.reconcile()  # the delete frees room ...
+    rec.reconcile()  # ... and the blocked create goes through
+    assert set(table.owned()) == {net(2), net(3)}
+
+
+def test_not_found_on_delete_counts_as_done(leases: LeaseTable) -> None:
+    table = MemoryRouteTable()
+    rec = make(table, leases)
+    rec.reconcile()
+    table.fail_next(net(1), RouteNotFound("InvalidRoute.NotFound"))
+    leases.apply([LeaseEvent(EventType.REMOVED, lease(1))], revision=2)
+    result = rec.reconcile()
+    assert result.clean
+    assert net(1) not in rec.status()
+
+
+def test_drift_is_repaired_on_resync_and_on_invalidate(leases: LeaseTable) -> None:
+    table = MemoryRouteTable()
+    rec = make(table, leases)
+    rec.reconcile()
+    del table.routes[net(1)]  # deleted by hand
+    rec.reconcile(resync=True)
+    assert net(1) in table.owned()
+    del table.routes[net(2)]
+    rec.invalidate()
+    rec.reconcile()
+    assert net(2) in table.owned()
+
+
+def test_a_whole_call_failure_counts_against_every_change(leases: LeaseTable) -> None:
+    table = MemoryRouteTable()
+    table.fail_next_call(QuotaExceeded("RouteLimitExceeded"))
+    rec = make(table, leases)
+    rec.reconcile()
+    assert {s.state for s in rec.status().values()} == {RouteState.QUOTA_BLOCKED}
+
+
+def test_plan_changes_nothing(leases: LeaseTable) -> None:
+    table = MemoryRouteTable()
+    rec = make(table, leases)
+    plan = rec.plan()
+    assert len(plan) == 3
+    assert table.owned() == {}
+
+
+def test_metrics_report_desired_programmed_and_failed(leases: LeaseTable) -> None:
+    metrics = Metrics()
+    table = MemoryRouteTable(limit=2)
+    rec = make(table, leases, metrics=metrics)
+    rec.reconcile()
+    value = metrics.registry.get_sample_value
+    assert value("cloudroutes_routes_desired", {"table": "memory"}) == 3
+    assert value("cloudroutes_routes_programmed", {"table": "memory"}) == 2
+    assert value("cloudroutes_routes_failed", {"table": "memory", "state": "quota-blocked"}) == 1
+    assert value("cloudroutes_reconcile_duration_seconds_count", {"table": "memory"}) == 1
+
+
+def test_loop_coalesces_a_burst_of_lease_events_and_measures_latency() -> None:
+    metrics = Metrics()
+    table = MemoryRouteTable()
+    leases = LeaseTable()
+    rec = make(table, leases, metrics=metrics, policy=ReconcilePolicy(coalesce=0.05))
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.run, args=(stop,))
+    thread.start()
+    try:
+        for n in range(1, 201):
+            leases.apply([LeaseEvent(EventType.ADDED, lease(n % 250 + 1, host=n % 250 + 1))], n)
+        deadline = time.monotonic() + 10
+        while len(table.owned()) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        rec.wake()
+        thread.join(5)
+    assert len(table.owned()) == 200
+    assert rec.passes < 100  # 200 events did not cost 200 passes
+    latency = metrics.registry.get_sample_value(
+        "cloudroutes_lease_event_to_route_seconds_count", {"table": "memory"}
+    )
+    assert latency == 200
