@@ -28,7 +28,7 @@ def lease(n: int, host: int | None = None) -> Lease:
 def to_instances(leases: Iterable[Lease]) -> list[Route]:
     """Cloud-style desired routes: each subnet to the instance behind its public IP."""
     return [
-        Route(l.subnet, f"i-{l.public_ip.packed[-1]}", lease_key=l.key) for l in leases if l.subnet
+        Route(x.subnet, f"i-{x.public_ip.packed[-1]}", lease_key=x.key) for x in leases if x.subnet
     ]
 
 
