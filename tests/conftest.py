@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.etcd_server import EtcdCluster
-from tests.netns import Netns, Underlay, unique_name
+from cloudroutes.lab.etcd import EtcdCluster
+from cloudroutes.lab.netns import Netns, Underlay, unique_name
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
