@@ -1,0 +1,221 @@
+"""A cluster of nodes on one machine: a switch, an etcd machine and N nodes, each a namespace.
+
+Every node is plugged into the switch on 198.18.0.0/24 (a documentation range: nothing leaves
+the machine) and runs a real ``cloudroutes agent``. Once a node has written subnet.env, its
+FLANNEL_SUBNET gateway address goes on a ``cni0`` bridge, as Docker or the CNI bridge plugin
+would put it. The demo and the end-to-end tests both build their clusters with this.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloudroutes.errors import CloudroutesError
+from cloudroutes.lab.etcd import EtcdCluster
+from cloudroutes.lab.netns import Netns, Underlay, unique_name
+from cloudroutes.subnet_env import read_subnet_env
+
+ETCD_ADDRESS = "198.18.0.254"
+
+
+class ClusterError(CloudroutesError):
+    pass
+
+
+@dataclass
+class LabNode:
+    name: str
+    ns: Netns
+    address: str
+    run_dir: Path
+    agent: subprocess.Popen[bytes] | None = None
+    agent_args: list[str] = field(default_factory=list)
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.run_dir / "subnet.env"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "agent.log"
+
+    def subnet_env(self) -> dict[str, str]:
+        return read_subnet_env(self.subnet_file)
+
+    @property
+    def gateway(self) -> str:
+        """This node's FLANNEL_SUBNET address, without the prefix length."""
+        return self.subnet_env()["FLANNEL_SUBNET"].split("/")[0]
+
+    @property
+    def subnet(self) -> str:
+        value = self.subnet_env()["FLANNEL_SUBNET"]
+        address, _, plen = value.partition("/")
+        last = address.rsplit(".", 1)[0]
+        return f"{last}.0/{plen}" if plen == "24" else value
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class LabCluster:
+    def __init__(
+        self, nodes: int = 3, *, network: str = "10.5.0.0/16", backend: str = "host-gw",
+        etcd_members: int = 1,
+    ) -> None:  # fmt: skip
+        self.node_count = nodes
+        self.network = network
+        self.backend = backend
+        self.etcd_members = etcd_members
+        self.workdir = Path(tempfile.mkdtemp(prefix="cloudroutes-lab-"))
+        self.switch: Underlay | None = None
+        self.etcd_hosts: list[Netns] = []
+        self.etcd: EtcdCluster | None = None
+        self.nodes: list[LabNode] = []
+        self.cli = str(Path(sys.executable).with_name("cloudroutes"))
+
+    # --- building -----------------------------------------------------------------------
+
+    def build(self) -> LabCluster:
+        self.switch = Underlay("crsw")
+        # All etcd members share one "machine" namespace, each on its own port, so a test can
+        # stop the member an agent talks to and see it move to another.
+        host = Netns(unique_name("cretcd"))
+        self.etcd_hosts.append(host)
+        self.switch.plug(host, "eth0", f"{ETCD_ADDRESS}/24")
+        self.etcd = EtcdCluster(size=self.etcd_members, host=ETCD_ADDRESS, netns=host.name).start()
+        for i in range(1, self.node_count + 1):
+            self.add_node(i)
+        return self
+
+    def add_node(self, i: int) -> LabNode:
+        assert self.switch is not None
+        ns = Netns(unique_name(f"crn{i}-"))
+        address = f"198.18.0.{i}"
+        self.switch.plug(ns, "eth0", f"{address}/24")
+        ns.sysctl("net.ipv4.ip_forward", "1")
+        run_dir = self.workdir / f"node{i}"
+        run_dir.mkdir(exist_ok=True)
+        node = LabNode(f"node{i}", ns, address, run_dir)
+        self.nodes.append(node)
+        return node
+
+    def etcdctl_ns(self) -> Netns:
+        return self.etcd_hosts[0]
+
+    @property
+    def endpoints(self) -> str:
+        assert self.etcd is not None
+        return ",".join(self.etcd.endpoints)
+
+    def cli_in_etcd_host(
+        self, *args: str, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.etcdctl_ns().run(
+            self.cli, *args, f"--etcd-endpoints={self.endpoints}", input=input, check=False
+        )
+
+    def set_config(self, config: str | None = None) -> None:
+        text = config or f'{{"Network": "{self.network}", "Backend": {{"Type": "{self.backend}"}}}}'
+        result = self.cli_in_etcd_host("config", "set", "-", input=text)
+        if result.returncode != 0:
+            raise ClusterError(result.stderr.strip())
+
+    # --- agents -------------------------------------------------------------------------
+
+    def start_agent(self, node: LabNode, *extra: str) -> None:
+        args = [
+            self.cli, "agent",
+            f"--etcd-endpoints={self.endpoints}",
+            "--iface=eth0",
+            f"--subnet-file={node.subnet_file}",
+            *extra,
+        ]  # fmt: skip
+        node.agent_args = list(extra)
+        with node.log_file.open("ab") as log:
+            node.agent = node.ns.popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop_agent(self, node: LabNode, *, kill: bool = False) -> int | None:
+        if node.agent is None:
+            return None
+        if node.agent.poll() is None:
+            if kill:
+                node.agent.kill()
+            else:
+                node.agent.terminate()
+            try:
+                node.agent.wait(10)
+            except subprocess.TimeoutExpired:
+                node.agent.kill()
+                node.agent.wait()
+        code = node.agent.returncode
+        node.agent = None
+        return code
+
+    def wait_ready(self, node: LabNode, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not node.subnet_file.exists():
+            if node.agent is not None and node.agent.poll() is not None:
+                raise ClusterError(f"{node.name}'s agent exited:\n{node.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{node.name} wrote no subnet.env:\n{node.log_tail()}")
+            time.sleep(0.1)
+
+    def attach_gateway(self, node: LabNode) -> None:
+        """Put FLANNEL_SUBNET on cni0, as Docker or the CNI bridge plugin would."""
+        address = node.subnet_env()["FLANNEL_SUBNET"]
+        if not node.ns.ip("link", "show", "cni0", check=False):
+            node.ns.ip("link", "add", "cni0", "type", "bridge")
+            node.ns.ip("link", "set", "cni0", "up")
+        node.ns.ip("addr", "flush", "dev", "cni0")
+        node.ns.ip("addr", "add", address, "dev", "cni0")
+
+    def start(self, *extra: str) -> LabCluster:
+        """Write the config, start every agent, and wait until every node is ready."""
+        self.set_config()
+        for node in self.nodes:
+            self.start_agent(node, *extra)
+        for node in self.nodes:
+            self.wait_ready(node)
+            self.attach_gateway(node)
+        return self
+
+    def ping(self, src: LabNode, dst: LabNode, timeout: float = 20) -> bool:
+        """Ping dst's gateway from src's gateway address, retrying until routes converge."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = src.ns.run(
+                "ping", "-c", "1", "-W", "1", "-I", src.gateway, dst.gateway, check=False
+            )
+            if result.returncode == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def routes(self, node: LabNode) -> str:
+        return node.ns.ip("route", "show")
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        for node in self.nodes:
+            self.stop_agent(node)
+        for node in self.nodes:
+            node.ns.delete()
+        if self.etcd is not None:
+            self.etcd.close()
+        for host in self.etcd_hosts:
+            host.delete()
+        if self.switch is not None:
+            self.switch.delete()
+        shutil.rmtree(self.workdir, ignore_errors=True)
