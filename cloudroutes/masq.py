@@ -23,7 +23,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network
 
 from cloudroutes.errors import CloudroutesError, ConfigError
 
@@ -49,7 +49,10 @@ class MasqToolMissing(MasqError):
 
 @dataclass(frozen=True)
 class MasqSpec:
-    """What the rules are for: the Network and this node's subnet, per address family."""
+    """What the rules are for: the Network and this node's subnet, per address family.
+
+    A network without a subnet (no lease yet) gives no rules for that family.
+    """
 
     network: IPv4Network | None = None
     subnet: IPv4Network | None = None
@@ -61,36 +64,16 @@ class MasqSpec:
             (self.network, self.subnet, 4, "subnet"),
             (self.ipv6_network, self.ipv6_subnet, 6, "IPv6 subnet"),
         ):
-            if net is None and sub is None:
+            if sub is None:
                 continue
-            if net is None or sub is None:
-                raise ConfigError(f"masquerade rules need both the network and the {name}")
+            if net is None:
+                raise ConfigError(f"masquerade rules for the {name} {sub} need its network")
             if net.version != version or sub.version != version:
                 raise ConfigError(f"the network {net} and {name} {sub} must be IPv{version}")
             if not sub.subnet_of(net):  # type: ignore[arg-type]
                 raise ConfigError(f"the {name} {sub} is not inside the network {net}")
         if self.network is None and self.ipv6_network is None:
             raise ConfigError("masquerade rules need an IPv4 or an IPv6 network")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> MasqSpec:
-        """The spec of a subnet.env (FLANNEL_NETWORK, FLANNEL_SUBNET=10.5.52.1/24, IPv6 keys)."""
-
-        def net(key: str) -> Net | None:
-            value = env.get(key, "").strip()
-            if not value:
-                return None
-            try:
-                return ip_network(value, strict=False)  # FLANNEL_SUBNET holds a host address
-            except ValueError:
-                raise ConfigError(f"{key}={value} is not a valid CIDR") from None
-
-        return cls(
-            net("FLANNEL_NETWORK"),  # type: ignore[arg-type]
-            net("FLANNEL_SUBNET"),  # type: ignore[arg-type]
-            net("FLANNEL_IPV6_NETWORK"),  # type: ignore[arg-type]
-            net("FLANNEL_IPV6_SUBNET"),  # type: ignore[arg-type]
-        )
 
     def families(self) -> list[tuple[Net, Net]]:
         pairs = [(self.network, self.subnet), (self.ipv6_network, self.ipv6_subnet)]
@@ -271,9 +254,7 @@ class Runner:
 
     def __call__(self, *cmd: str, stdin: str | None = None) -> str:
         shown = " ".join(cmd)
-        if shutil.which(cmd[0]) is None:
-            package = "nftables" if cmd[0] == "nft" else "iptables"
-            raise MasqToolMissing(f"{cmd[0]} not found: install the {package} package")
+        self.require(cmd[0])
         try:
             proc = subprocess.run(
                 [*(("ip", "netns", "exec", self.netns) if self.netns else ()), *cmd],
@@ -288,6 +269,13 @@ class Runner:
             first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), "")
             raise MasqError(f"{shown} failed: {first or f'exit status {proc.returncode}'}")
         return proc.stdout
+
+    @staticmethod
+    def require(tool: str) -> None:
+        # `ip netns exec` sees the same files, so looking here is enough for both cases.
+        if shutil.which(tool) is None:
+            package = "nftables" if tool == "nft" else "iptables"
+            raise MasqToolMissing(f"{tool} not found: install the {package} package")
 
 
 @functools.cache
@@ -411,8 +399,10 @@ def masquerade_rules(
 
     ``random_fully`` None asks iptables whether it supports --random-fully (once per netns).
     ``netns`` runs the tools in that namespace (tests and the demo).
+    Raises MasqToolMissing at once when the tool is not installed.
     """
     runner = Runner(netns)
+    runner.require("nft" if nftables else "iptables")
     if nftables:
         return NftRules(nft_tables(spec, masq=masq, forward=forward), runner)
     if random_fully is None:
