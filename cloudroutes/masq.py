@@ -399,10 +399,11 @@ def masquerade_rules(
 
     ``random_fully`` None asks iptables whether it supports --random-fully (once per netns).
     ``netns`` runs the tools in that namespace (tests and the demo).
-    Raises MasqToolMissing at once when the tool is not installed.
+    Raises MasqToolMissing at once when rules are wanted and the tool is not installed.
     """
     runner = Runner(netns)
-    runner.require("nft" if nftables else "iptables")
+    if masq or forward:
+        runner.require("nft" if nftables else "iptables")
     if nftables:
         return NftRules(nft_tables(spec, masq=masq, forward=forward), runner)
     if random_fully is None:

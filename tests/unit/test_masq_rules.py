@@ -276,6 +276,8 @@ def test_missing_binary_is_one_line(fake_bin) -> None:
         CloudroutesError, match=r"^iptables not found: install the iptables package$"
     ):
         masquerade_rules(SPEC, nftables=False, masq=True)
+    # No rules wanted, no tool needed.
+    assert masquerade_rules(SPEC, nftables=False, masq=False, forward=False).is_intact()
 
 
 def test_a_failing_restore_names_the_command_and_its_first_error_line(fake_bin) -> None:
