@@ -1,0 +1,51 @@
+"""Benchmarks: each figure is printed next to a baseline measured in the same run.
+
+A bench module defines ``run(short: bool) -> Iterable[Figure]``; ``python -m bench`` runs every
+module of this package (``--short`` for CI). Benchmarks print figures; they assert nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measurement, and the same work done by the baseline in the same run."""
+
+    name: str
+    value: float
+    unit: str = "s"
+    baseline: float | None = None
+    baseline_name: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.baseline:
+            return None
+        return self.value / self.baseline
+
+    def __str__(self) -> str:
+        text = f"{self.name}: {self.value:.4g} {self.unit}"
+        ratio = self.ratio
+        if ratio is not None:
+            text += (
+                f" vs {self.baseline_name} {self.baseline:.4g} {self.unit}"
+                f" = {ratio:.2f}x the baseline"
+            )
+        return text
+
+
+def best_of(
+    repeat: int, work: Callable[[], object], setup: Callable[[], object] = lambda: None
+) -> float:
+    """The fastest of ``repeat`` timed runs of ``work``, each after an untimed ``setup``."""
+    best = float("inf")
+    for _ in range(repeat):
+        setup()
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+    return best
