@@ -69,6 +69,7 @@ NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
+NLM_F_CAPPED = 0x100
 NLM_F_ACK_TLVS = 0x200
 NLMSGERR_ATTR_MSG = 1
 
@@ -133,6 +134,7 @@ _RECV = 1 << 16
 _TIMEOUT = 10.0
 _DUMP_ATTEMPTS = 3
 _WATCH_POLL_MS = 200
+_WATCH_RETRY = 1.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -220,7 +222,7 @@ def _error(buf: memoryview, flags: int, start: int, end: int) -> NetlinkError | 
     if flags & NLM_F_ACK_TLVS:
         # With NETLINK_CAP_ACK the echoed request is only its header; the TLVs follow it.
         (echoed,) = struct.unpack_from("=I", buf, start + 4)
-        tlvs = start + 4 + (16 if flags & 0x100 else echoed)
+        tlvs = start + 4 + (16 if flags & NLM_F_CAPPED else echoed)
         for kind, lo, hi in _attrs(buf, (tlvs + 3) & ~3, end):
             if kind == NLMSGERR_ATTR_MSG:
                 extack = bytes(buf[lo:hi]).rstrip(b"\0").decode(errors="replace")
@@ -236,6 +238,9 @@ class Netlink:
     def __init__(self, netns: str | None = None, groups: int = 0) -> None:
         self.sock: socket.socket = in_netns(netns, lambda: self._open(groups))
         self.port: int = self.sock.getsockname()[0]
+        if not groups:
+            # A request socket never waits forever; an event socket is polled instead.
+            self.sock.settimeout(_TIMEOUT)
         self._seq = 0
         self._buf = bytearray(_RECV)
         self._view = memoryview(self._buf)
@@ -268,7 +273,6 @@ class Netlink:
         return first
 
     def _recv(self) -> int:
-        self.sock.settimeout(_TIMEOUT)
         try:
             return self.sock.recv_into(self._buf)
         except TimeoutError:
@@ -306,7 +310,8 @@ class Netlink:
         return results
 
     def dump(self, kind: int, body: bytes) -> list[tuple[int, bytes]]:
-        """(type, payload) of every message of a dump, retried when a change interrupted it."""
+        """(type, payload) of every message of a dump, retried when a change interrupted it;
+        if changes keep interrupting, the last dump (the next resync reads again)."""
         for _ in range(_DUMP_ATTEMPTS):
             messages, interrupted = self._dump_once(kind, body)
             if not interrupted:
@@ -595,7 +600,7 @@ class KernelRouteTable:
         self._lock = threading.Lock()
         self._nl: Netlink | None = None
         # Shared with watch_drift's thread; each is replaced whole, never changed in place.
-        self._own_ports: frozenset[int] = frozenset()
+        self._own_port: int | None = None
         # Destinations we hold or want: a foreign route event there is drift too. Observe also
         # reuses the Destination objects, which are slow to build.
         self._known: dict[DestKey, Destination] = {}
@@ -612,7 +617,7 @@ class KernelRouteTable:
                 raise Transient(f"network namespace {self.netns} does not exist") from None
             except OSError as exc:
                 raise Transient(f"cannot open a netlink socket: {exc.strerror}") from None
-            self._own_ports = self._own_ports | {self._nl.port}
+            self._own_port = self._nl.port
         return self._nl
 
     def _reset(self) -> None:
@@ -643,7 +648,7 @@ class KernelRouteTable:
 
     # --- observe --------------------------------------------------------------------------------
 
-    def kernel_routes(self, nl: Netlink, *, owned_only: bool = True) -> list[KernelRoute]:
+    def _kernel_routes(self, nl: Netlink, *, owned_only: bool = True) -> list[KernelRoute]:
         """Routes of our table in both families; only ours unless ``owned_only`` is false."""
         out: list[KernelRoute] = []
         protocol = self.protocol if owned_only else 0
@@ -672,7 +677,7 @@ class KernelRouteTable:
 
     def observe(self) -> set[Route]:
         def read(nl: Netlink) -> tuple[list[KernelRoute], dict[int, str]]:
-            found = self.kernel_routes(nl)
+            found = self._kernel_routes(nl)
             names: dict[int, str] = {}
             for index in {r.oif for r in found if r.oif}:
                 link = get_link(nl, index=index)
@@ -811,7 +816,7 @@ class KernelRouteTable:
         """ADDs refused with EEXIST: replace the ones where a route of ours stands (our picture
         was stale), and report the foreign ones as conflicts naming who holds the destination."""
         present: dict[DestKey, list[KernelRoute]] = {}
-        for route in self.kernel_routes(nl, owned_only=False):
+        for route in self._kernel_routes(nl, owned_only=False):
             present.setdefault(route.key, []).append(route)
         out: dict[int, RouteError | None] = {}
         ours: list[_Pending] = []
@@ -860,16 +865,27 @@ class KernelRouteTable:
             | RTMGRP_IPV4_ROUTE
             | RTMGRP_IPV6_ROUTE
         )
-        nl = Netlink(self.netns, groups)
-        link_states: dict[int, int] = {}
-        try:
-            poller = select.poll()
-            poller.register(nl.sock, select.POLLIN)
-            while not stop.is_set():
-                if poller.poll(_WATCH_POLL_MS) and self._drained_drift(nl, link_states):
-                    notify()
-        finally:
-            nl.close()
+        while not stop.is_set():
+            try:
+                nl = Netlink(self.netns, groups)
+            except OSError as exc:
+                log.warning("%s: cannot watch for drift: %s", self.name, exc)
+                stop.wait(_WATCH_RETRY)
+                continue
+            link_states: dict[int, int] = {}
+            try:
+                poller = select.poll()
+                poller.register(nl.sock, select.POLLIN)
+                while not stop.is_set():
+                    if poller.poll(_WATCH_POLL_MS) and self._drained_drift(nl, link_states):
+                        notify()
+            except OSError as exc:
+                # Events may have been missed: have the table read again, then watch anew.
+                log.warning("%s: drift watch failed, restarting it: %s", self.name, exc)
+                notify()
+                stop.wait(_WATCH_RETRY)
+            finally:
+                nl.close()
 
     def _drained_drift(self, nl: Netlink, link_states: dict[int, int]) -> bool:
         """Read every queued event; True when any of them is drift."""
@@ -889,7 +905,7 @@ class KernelRouteTable:
 
     def _is_drift(self, kind: int, pid: int, payload: bytes, link_states: dict[int, int]) -> bool:
         if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            if pid in self._own_ports:
+            if pid == self._own_port:
                 return False  # our own write
             route = parse_route(payload)
             if route is None or route.table != self.table:
