@@ -213,7 +213,7 @@ def _messages(buf: bytes | memoryview, size: int) -> Iterator[tuple[int, int, in
         offset += (length + 3) & ~3
 
 
-def _error(buf: memoryview, flags: int, start: int, end: int) -> NetlinkError | None:
+def parse_ack(buf: memoryview, flags: int, start: int, end: int) -> NetlinkError | None:
     """The result of an NLMSG_ERROR payload: None for an ACK, else the error with its extack."""
     (code,) = _ERR.unpack_from(buf, start)
     if code == 0:
@@ -305,7 +305,7 @@ class Netlink:
                     index = seq - first
                     if kind != NLMSG_ERROR or not lo <= index < lo + len(chunk):
                         continue  # an answer left over from an earlier, aborted call
-                    results[index] = _error(self._view, flags, start, end)
+                    results[index] = parse_ack(self._view, flags, start, end)
                     waiting -= 1
         return results
 
@@ -333,7 +333,7 @@ class Netlink:
                 if mtype == NLMSG_DONE:
                     return out, interrupted
                 if mtype == NLMSG_ERROR:
-                    error = _error(data, flags, start, end)
+                    error = parse_ack(data, flags, start, end)
                     if error is not None:
                         raise error
                     return out, interrupted
@@ -353,7 +353,7 @@ class Netlink:
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_ERROR:
-                    error = _error(self._view, flags, start, end)
+                    error = parse_ack(self._view, flags, start, end)
                     if error is not None:
                         raise error
                     return out
