@@ -247,7 +247,9 @@ class Netlink:
 
     @staticmethod
     def _open(groups: int) -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
@@ -571,6 +573,10 @@ class _Pending(NamedTuple):
 class KernelRouteTable:
     """Routes in one kernel table, owned through an rt protocol number (see the module doc).
 
+    Keep one object per namespace, protocol and table: two would each see the other's routes
+    as their own and delete them. A backend with several kinds of routes (vxlan with
+    DirectRouting) puts them all in one table.
+
     ``offlink_hint`` finishes the message of a route refused because its next hop is not on-link
     (host-gw says: put every node in one L2 segment, or use vxlan).
     """
@@ -690,7 +696,9 @@ class KernelRouteTable:
         fresh: dict[DestKey, Destination] = {}
         routes: set[Route] = set()
         for r in found:
-            destination = known.get(r.key) or key_destination(r.key)
+            destination = known.get(r.key)
+            if destination is None:
+                destination = key_destination(r.key)
             fresh[r.key] = destination
             next_hop = r.gateway if r.rtype == RTN_UNICAST else _RTN_NAMES.get(r.rtype, "?")
             routes.add(Route(destination, next_hop, names.get(r.oif), r.onlink))

@@ -232,7 +232,6 @@ def test_ipv6_routes(node: Node) -> None:
     ]
 
 
-@pytest.mark.slow
 def test_five_thousand_routes_in_one_plan(node: Node) -> None:
     table = node.table()
     want = [route(f"10.{20 + i // 256}.{i % 256}.0/24") for i in range(5000)]
