@@ -123,10 +123,10 @@ class EtcdLeaseSource:
 
     def list_leases(self) -> list[Lease]:
         """Every lease under the prefix, with its expiration (for `cloudroutes leases`)."""
-        return self._list(_Expirations(self._client)).leases
+        return self._list(self._client, _Expirations(self._client)).leases
 
-    def _list(self, expirations: _Expirations | None = None) -> _Listing:
-        kvs, revision = self._client.get_prefix(self.subnets_prefix)
+    def _list(self, client: EtcdClient, expirations: _Expirations | None = None) -> _Listing:
+        kvs, revision = client.get_prefix(self.subnets_prefix)
         ends = expirations.resolve(kv.lease_id for kv in kvs) if expirations else {}
         leases: list[Lease] = []
         mod_revisions: dict[str, int] = {}
@@ -171,7 +171,7 @@ class EtcdLeaseSource:
         write) is retried with a fresh list, up to 10 times.
         """
         for _ in range(RACE_RETRIES):
-            listing = self._list()
+            listing = self._list(self._client)
             choice = choose_subnet(config, listing.leases, attrs, previous)
             self._delete_stale(choice, attrs, listing)
             lease = self._claim(choice, attrs, listing)
@@ -312,14 +312,17 @@ class EtcdLeaseSource:
         The node's own lease is included. After compaction the snapshot is taken again; after
         a lost stream the watch resumes where it stopped, with backoff (100 ms doubling to 5 s).
         """
-        expirations = _Expirations(self._client)
-        stream = _WatchStream(self._client, self.subnets_prefix, prefix=True)
+        # A connection of its own: pyetcd's failover state and its one shared watch stream
+        # are not safe to share with keep() when a member dies under both at once.
+        client = EtcdClient(self._settings)
+        expirations = _Expirations(client)
+        stream = _WatchStream(client, self.subnets_prefix, prefix=True)
         failures = 0
         try:
             while not stop.is_set():
                 try:
                     if not stream.is_started:
-                        stream.start(self._snapshot(table, expirations) + 1)
+                        stream.start(self._snapshot(client, table, expirations) + 1)
                     batch = stream.next(timeout=self._periods.poll)
                     if batch is not None:
                         self._apply(table, batch, expirations)
@@ -335,9 +338,10 @@ class EtcdLeaseSource:
                     self._pause(stop, failures, "watching leases", exc)
         finally:
             stream.close()
+            client.close()
 
-    def _snapshot(self, table: LeaseTable, expirations: _Expirations) -> int:
-        listing = self._list(expirations)
+    def _snapshot(self, client: EtcdClient, table: LeaseTable, expirations: _Expirations) -> int:
+        listing = self._list(client, expirations)
         expirations.retain(lease.store_lease_id for lease in listing.leases)
         table.replace_all(listing.leases, listing.revision)
         log.info("listed %d leases at revision %d", len(listing.leases), listing.revision)
@@ -418,6 +422,7 @@ class _WatchStream:
         self._prefix = prefix
         self._next_revision: int | None = None
         self._watch_id: int | None = None
+        self._endpoint = client.endpoint  # the member the stream is on, for messages
         self._queue: queue.Queue[WatchBatch | BaseException | None] | None = None
 
     @property
@@ -447,7 +452,7 @@ class _WatchStream:
         if isinstance(item, Compacted):
             raise item
         why = _describe(item)
-        raise StoreUnavailable(f"lost the watch on {self._key} at {self._client.endpoint}: {why}")
+        raise StoreUnavailable(f"lost the watch on {self._key} at {self._endpoint}: {why}")
 
     def advance(self, batch: WatchBatch) -> None:
         self._next_revision = batch.revision + 1
@@ -458,6 +463,7 @@ class _WatchStream:
         self._watch_id = self._client.watch(
             self._key, deliveries.put, prefix=self._prefix, start_revision=revision
         )
+        self._endpoint = self._client.endpoint
         self._queue = deliveries
 
     def pause(self) -> None:

@@ -294,8 +294,9 @@ class EtcdClient:
             if isinstance(item, etcd_errors.RevisionCompactedError):
                 deliver(Compacted(item.compacted_revision))
             elif isinstance(item, BaseException) or item is None:
-                if isinstance(item, grpc.RpcError):
-                    mark_failed_member(self._client, item)
+                # The member is not marked failed here: by now another thread may have failed
+                # over, and we would mark the healthy one. Re-opening the watch on a dead
+                # member fails, and that marks it.
                 deliver(item)
             else:
                 deliver(_batch(item))
@@ -354,9 +355,10 @@ class EtcdClient:
         except (etcd_errors.ConnectionFailedError, etcd_errors.InternalServerError):
             raise StoreUnavailable(self._unreachable(self.endpoint)) from None
         except etcd_errors.WatchTimedOut:
-            raise StoreUnavailable(
-                f"etcd at {self.endpoint} did not start a watch in time"
-            ) from None
+            # A member that cannot start a watch in a whole request timeout is not healthy.
+            endpoint = self.endpoint
+            self._client.endpoint_in_use.fail()
+            raise StoreUnavailable(f"etcd at {endpoint} did not start a watch in time") from None
         except etcd_errors.Etcd3Exception as exc:
             what = str(exc) or type(exc).__name__
             raise StoreUnavailable(f"etcd at {self.endpoint} failed a request: {what}") from None
