@@ -129,6 +129,14 @@ def configured(source: EtcdLeaseSource, text: str = CONFIG) -> NetworkConfig:
     return source.put_config(text)
 
 
+def joined(
+    make_source: Callable[..., EtcdLeaseSource], endpoints: str | list[str], **settings: Any
+) -> tuple[EtcdLeaseSource, Lease]:
+    """Node 1's source, after it wrote the network config and took a lease."""
+    source = make_source(endpoints, **settings)
+    return source, source.acquire(configured(source), node(1))
+
+
 # The network config.
 
 
@@ -182,8 +190,7 @@ def test_an_unreachable_etcd_is_one_clear_line(make_source: Callable[..., EtcdLe
 def test_acquire_writes_flannels_value_with_an_etcd_lease(
     etcd: EtcdCluster, make_source: Callable[..., EtcdLeaseSource]
 ) -> None:
-    source = make_source(etcd.endpoint, lease_ttl=600)
-    lease = source.acquire(configured(source), node(1))
+    _, lease = joined(make_source, etcd.endpoint, lease_ttl=600)
     assert lease.subnet is not None and lease.subnet.prefixlen == 24
     held = stored(etcd, SUBNETS + lease.key)
     assert held is not None
@@ -200,8 +207,7 @@ def test_a_kept_lease_is_renewed_and_an_abandoned_one_expires(
     background: Callable[..., Background],
 ) -> None:
     # TTL 2 s is below the 60 min margin, so renewal happens halfway, every second.
-    source = make_source(etcd.endpoint, lease_ttl=2)
-    lease = source.acquire(configured(source), node(1))
+    source, lease = joined(make_source, etcd.endpoint, lease_ttl=2)
     key = SUBNETS + lease.key
     keeper = background(source.keep, lease)
     time.sleep(3.5)  # well past the first TTL
@@ -297,8 +303,7 @@ def test_keep_raises_lease_revoked_when_the_key_is_deleted(
     make_source: Callable[..., EtcdLeaseSource],
     background: Callable[..., Background],
 ) -> None:
-    source = make_source(etcd.endpoint)
-    lease = source.acquire(configured(source), node(1))
+    source, lease = joined(make_source, etcd.endpoint)
     keeper = background(source.keep, lease)
     time.sleep(0.3)
     etcdctl(etcd, "del", SUBNETS + lease.key)
@@ -352,8 +357,7 @@ def test_the_table_includes_this_nodes_own_lease_and_sees_expiry(
     make_source: Callable[..., EtcdLeaseSource],
     background: Callable[..., Background],
 ) -> None:
-    source = make_source(etcd.endpoint, lease_ttl=2)
-    lease = source.acquire(configured(source), node(1))
+    source, lease = joined(make_source, etcd.endpoint, lease_ttl=2)
     table = LeaseTable()
     background(source.watch, table)
     wait_for(lambda: table.get(lease.key), what="own lease in the table")
@@ -496,10 +500,9 @@ def test_tls_with_client_certificates(
     cluster = EtcdCluster(tls=tls).start()
     try:
         assert cluster.endpoint.startswith("https://")
-        source = make_source(
-            cluster.endpoint, certfile=str(cert), keyfile=str(key), cafile=str(tls.ca)
+        source, lease = joined(
+            make_source, cluster.endpoint, certfile=str(cert), keyfile=str(key), cafile=str(tls.ca)
         )
-        lease = source.acquire(configured(source), node(1))
         assert cluster.etcdctl("get", SUBNETS + lease.key, "--print-value-only").strip() == (
             encode_attrs(node(1)).decode()
         )
@@ -513,8 +516,7 @@ def test_username_and_password(
 ) -> None:
     etcdctl(etcd, "user", "add", "root:s3cret-pw")
     etcdctl(etcd, "auth", "enable")
-    source = make_source(etcd.endpoint, username="root", password="s3cret-pw")
-    lease = source.acquire(configured(source), node(1))
+    source, lease = joined(make_source, etcd.endpoint, username="root", password="s3cret-pw")
     assert [found.key for found in source.list_leases()] == [lease.key]
 
     wrong = make_source(etcd.endpoint, username="root", password="not-the-pw-123")
@@ -532,8 +534,7 @@ def test_the_source_fails_over_while_each_member_in_turn_is_down(
     # Whichever member each of the source's connections uses, one of these stops is its own.
     cluster = EtcdCluster(size=3).start()
     try:
-        source = make_source(cluster.endpoints, lease_ttl=2)
-        lease = source.acquire(configured(source), node(1))
+        source, lease = joined(make_source, cluster.endpoints, lease_ttl=2)
         acquired = time.monotonic()
         table = LeaseTable()
         background(source.watch, table)
