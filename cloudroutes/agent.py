@@ -13,7 +13,6 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from cloudroutes.backend import BackendContext, RouteTableBinding, backend_factory
@@ -23,11 +22,11 @@ from cloudroutes.health import HealthServer
 from cloudroutes.interface import choose_interface
 from cloudroutes.lease import Lease
 from cloudroutes.lease_table import LeaseTable
-from cloudroutes.masq import MasqSpec, masquerade_rules
+from cloudroutes.masq import MasqSpec, Rules, masquerade_rules
 from cloudroutes.metrics import Metrics
 from cloudroutes.reconciler import Reconciler
 from cloudroutes.subnet import LeaseSource
-from cloudroutes.subnet_env import SubnetEnv, previous_network, previous_subnets, write_subnet_env
+from cloudroutes.subnet_env import SubnetEnv, read_previous, write_subnet_env
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +77,21 @@ class Agent:
         )
         log.info("using interface %s (%s), public IP %s", iface.name, iface.ip, iface.public_ip)
         backend = backend_factory(config.backend_type)(BackendContext(config, iface))
-        masq = masquerade_rules(
-            _masq_spec(config, None, None),
-            nftables=config.enable_nftables,
-            masq=self.options.ip_masq,
-            forward=self.options.iptables_forward_rules,
-        )
-        del masq  # validated; the real set needs the lease
+        # Without a lease this programs nothing, but fails now if iptables or nft is missing.
+        self._masquerade(config, _masq_spec(config, None), masq=self.options.ip_masq)
+        previous = read_previous(self.options.subnet_file)
 
         self._start_health()
         attrs = backend.prepare()
-        previous = previous_subnets(self.options.subnet_file)
-        self.lease = lease = self.source.acquire(config, attrs, previous)
+        self.lease = lease = self.source.acquire(
+            config, attrs, (previous.subnet, previous.ipv6_subnet) if previous else None
+        )
         log.info("acquired lease %s (public IP %s)", lease.key, lease.public_ip)
 
+        self.leases.subscribe(lambda: self.metrics.leases.set(len(self.leases)))
         self._spawn("watch", self.source.watch, self.leases, self.stop)
         self._spawn("lease", self._keep_lease, lease)
-        self._install_masquerade(config, lease)
-        self.leases.subscribe(lambda: self.metrics.leases.set(len(self.leases)))
+        self._install_masquerade(config, lease, previous)
         while not self.leases.wait_synced(0.5):
             if self.stop.is_set():
                 return self._finish()
@@ -132,24 +128,26 @@ class Agent:
         )
         self.health.start()
 
-    def _install_masquerade(self, config: NetworkConfig, lease: Lease) -> None:
-        old_v4, old_v6 = previous_network(self.options.subnet_file)
-        old_sub_v4, old_sub_v6 = previous_subnets(self.options.subnet_file)
-        rules = masquerade_rules(
-            _masq_spec(config, lease.subnet, lease.ipv6_subnet),
+    def _masquerade(self, config: NetworkConfig, spec: MasqSpec, *, masq: bool) -> Rules:
+        return masquerade_rules(
+            spec,
             nftables=config.enable_nftables,
-            masq=self.options.ip_masq,
+            masq=masq,
             forward=self.options.iptables_forward_rules,
         )
-        if (old_v4, old_sub_v4) != (config.network, lease.subnet) and old_v4 and old_sub_v4:
-            masquerade_rules(
-                MasqSpec(
-                    network=old_v4, subnet=old_sub_v4, ipv6_network=old_v6, ipv6_subnet=old_sub_v6
-                ),
-                nftables=config.enable_nftables,
-                masq=self.options.ip_masq,
-                forward=self.options.iptables_forward_rules,
-            ).remove()
+
+    def _install_masquerade(
+        self, config: NetworkConfig, lease: Lease, previous: SubnetEnv | None
+    ) -> None:
+        spec = _masq_spec(config, lease)
+        if previous is not None and previous.network is not None and previous.subnet is not None:
+            old = MasqSpec(previous.network, previous.subnet, previous.ipv6_network,
+                           previous.ipv6_subnet)  # fmt: skip
+            if old != spec or (previous.ipmasq and not self.options.ip_masq):
+                # The old set first: both sets share rules, so removing after applying would
+                # take part of the new set with it.
+                self._masquerade(config, old, masq=previous.ipmasq).remove()
+        rules = self._masquerade(config, spec, masq=self.options.ip_masq)
         rules.apply()
         self._spawn("masquerade", rules.keep, self.stop, float(self.options.iptables_resync))
 
@@ -221,12 +219,10 @@ class Agent:
         }
 
 
-def _masq_spec(
-    config: NetworkConfig, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None
-) -> MasqSpec:
+def _masq_spec(config: NetworkConfig, lease: Lease | None) -> MasqSpec:
     return MasqSpec(
         network=config.network if config.enable_ipv4 else None,
-        subnet=subnet,
+        subnet=lease.subnet if lease else None,
         ipv6_network=config.ipv6_network if config.enable_ipv6 else None,
-        ipv6_subnet=ipv6_subnet,
+        ipv6_subnet=lease.ipv6_subnet if lease else None,
     )

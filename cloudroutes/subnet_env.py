@@ -72,29 +72,31 @@ def read_subnet_env(path: str | Path) -> dict[str, str]:
     return values
 
 
-def previous_subnets(path: str | Path) -> tuple[IPv4Network | None, IPv6Network | None]:
-    """The subnets this node held before (FLANNEL_SUBNET masked back to its network)."""
-    values = read_subnet_env(path)
-    v4 = v6 = None
-    try:
-        if values.get("FLANNEL_SUBNET"):
-            v4 = IPv4Interface(values["FLANNEL_SUBNET"]).network
-        if values.get("FLANNEL_IPV6_SUBNET"):
-            v6 = IPv6Interface(values["FLANNEL_IPV6_SUBNET"]).network
-    except ValueError:
-        return None, None  # a damaged file only costs us the old subnet, never the start
-    return v4, v6
+def read_previous(path: str | Path) -> SubnetEnv | None:
+    """What this node wrote last time, or None when there is no usable file.
 
-
-def previous_network(path: str | Path) -> tuple[IPv4Network | None, IPv6Network | None]:
+    A damaged file only costs the node its old subnet, never its start.
+    """
     values = read_subnet_env(path)
+    if not values:
+        return None
     try:
-        v4 = IPv4Network(values["FLANNEL_NETWORK"]) if values.get("FLANNEL_NETWORK") else None
-        v6 = (
-            IPv6Network(values["FLANNEL_IPV6_NETWORK"])
-            if values.get("FLANNEL_IPV6_NETWORK")
-            else None
+        return SubnetEnv(
+            network=_optional(IPv4Network, values.get("FLANNEL_NETWORK")),
+            subnet=_optional_iface(IPv4Interface, values.get("FLANNEL_SUBNET")),
+            ipv6_network=_optional(IPv6Network, values.get("FLANNEL_IPV6_NETWORK")),
+            ipv6_subnet=_optional_iface(IPv6Interface, values.get("FLANNEL_IPV6_SUBNET")),
+            mtu=int(values.get("FLANNEL_MTU") or 0),
+            ipmasq=values.get("FLANNEL_IPMASQ") == "true",
         )
     except ValueError:
-        return None, None
-    return v4, v6
+        return None
+
+
+def _optional(kind: type, text: str | None):  # type: ignore[no-untyped-def]
+    return kind(text) if text else None
+
+
+def _optional_iface(kind: type, text: str | None):  # type: ignore[no-untyped-def]
+    # FLANNEL_SUBNET holds the first host address; the lease is its network.
+    return kind(text).network if text else None

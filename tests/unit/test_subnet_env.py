@@ -9,8 +9,7 @@ from pathlib import Path
 
 from cloudroutes.subnet_env import (
     SubnetEnv,
-    previous_network,
-    previous_subnets,
+    read_previous,
     read_subnet_env,
     write_subnet_env,
 )
@@ -50,8 +49,7 @@ def test_golden_dual_stack(tmp_path: Path) -> None:
         "FLANNEL_MTU=1500\n"
         "FLANNEL_IPMASQ=false\n"
     )
-    assert previous_subnets(path) == (IPv4Network("10.5.52.0/24"), IPv6Network("fc00:0:0:7::/64"))
-    assert previous_network(path) == (IPv4Network("10.5.0.0/16"), IPv6Network("fc00::/48"))
+    assert read_previous(path) == env
 
 
 def test_rewrite_replaces_whole_file(tmp_path: Path) -> None:
@@ -71,7 +69,7 @@ def test_rewrite_replaces_whole_file(tmp_path: Path) -> None:
 
 
 def test_missing_or_damaged_file_gives_no_previous_subnet(tmp_path: Path) -> None:
-    assert previous_subnets(tmp_path / "none") == (None, None)
+    assert read_previous(tmp_path / "none") is None
     bad = tmp_path / "bad.env"
     bad.write_text("FLANNEL_SUBNET=garbage\n")
-    assert previous_subnets(bad) == (None, None)
+    assert read_previous(bad) is None
