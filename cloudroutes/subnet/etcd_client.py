@@ -301,6 +301,11 @@ class EtcdClient:
             else:
                 deliver(_batch(item))
 
+        if self._settings.username:
+            # etcd cancels a watch at creation when the user may not read the key or the token
+            # is no longer valid, and pyetcd drops that answer: the watch would wait forever.
+            # A read first logs in again, or raises the refusal.
+            self._call(lambda c: c.get_response(key, count_only=True))
         kwargs = {"start_revision": start_revision, "callback": translate}
         if prefix:
             return self._call(lambda c: c.add_watch_prefix_callback(key, **kwargs))
