@@ -17,7 +17,7 @@ from typing import Any
 
 from cloudroutes.backend import BackendContext, RouteTableBinding, backend_factory
 from cloudroutes.config import NetworkConfig
-from cloudroutes.errors import LeaseRevoked
+from cloudroutes.errors import ConfigError, LeaseRevoked
 from cloudroutes.health import HealthServer
 from cloudroutes.interface import choose_interface
 from cloudroutes.lease import Lease
@@ -64,9 +64,12 @@ class Agent:
     def run(self) -> int:
         """Run until stopped or the lease is revoked. Returns the process exit status."""
         self._install_signal_handlers()
-        config = self.source.network_config(self.stop)
-        if self.stop.is_set():
-            return 0
+        try:
+            config = self.source.network_config(self.stop)
+        except ConfigError:
+            if self.stop.is_set():  # stopped while waiting for a config: a clean exit
+                return 0
+            raise
         iface = choose_interface(
             self.options.iface,
             self.options.iface_regex,

@@ -188,14 +188,13 @@ def _plan(args: argparse.Namespace) -> int:
         plans = plan_for_node(source, values)
     finally:
         source.close()
-    total = 0
     for table, plan in plans:
+        if not plan:
+            print(f"route table {table}: nothing to change")
+            continue
         print(f"route table {table}: {len(plan)} change(s)")
         for change in plan:
             print(f"  {change}")
-        total += len(plan)
-    if not total:
-        print("nothing to change")
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from cloudroutes.backend import BackendContext, backend_factory
+from cloudroutes.config import parse_config
+from cloudroutes.errors import ConfigError
 from cloudroutes.interface import choose_interface
 from cloudroutes.lease import Lease
 from cloudroutes.lease_table import LeaseTable
@@ -18,7 +20,12 @@ from cloudroutes.routes import Plan
 
 
 def plan_for_node(source: Any, values: dict[str, Any]) -> list[tuple[str, Plan]]:
-    config = source.network_config()
+    text = source.get_config_text()
+    if text is None:
+        raise ConfigError(
+            f"no network config at etcd {source.config_key}; write it: cloudroutes config set FILE"
+        )
+    config = parse_config(text, source=f"etcd {source.config_key}")
     iface = choose_interface(
         values["iface"],
         values["iface_regex"],
