@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,41 @@ def test_a_reservation_for_this_node_is_reused_and_stays_a_reservation(
     assert lease.expiration is None and lease.is_reservation
     held = stored(etcd, SUBNETS + "10.5.42.0-24")
     assert held is not None and held["lease"] == 0 and "0a:00:00:00:00:03" in held["value"]
+
+
+@pytest.mark.parametrize(
+    ("config", "public_ip", "key_start"),
+    [
+        (
+            '{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fc00::/48"}',
+            "198.18.0.1",
+            "10.5.",
+        ),
+        (
+            '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fc00::/48"}',
+            "0.0.0.0",
+            "0.0.0.0-0&",
+        ),
+    ],
+    ids=["dual-stack", "ipv6-only"],
+)
+def test_ipv6_leases_use_flannels_dual_key(
+    etcd: EtcdCluster,
+    make_source: Callable[..., EtcdLeaseSource],
+    config: str,
+    public_ip: str,
+    key_start: str,
+) -> None:
+    source = make_source(etcd.endpoint)
+    attrs = LeaseAttrs(public_ip=IPv4Address(public_ip), public_ipv6=IPv6Address("2001:db8::1"))
+    lease = source.acquire(configured(source, config), attrs)
+    assert lease.ipv6_subnet is not None and lease.ipv6_subnet.prefixlen == 64
+    assert lease.key.startswith(key_start) and "&fc00:" in lease.key
+    held = stored(etcd, SUBNETS + lease.key)
+    assert held is not None and held["value"] == encode_attrs(attrs).decode()
+    assert [found.key for found in source.list_leases()] == [lease.key]
+    # Restarted, the node finds it again by its public IP (IPv6 when it has no IPv4).
+    assert source.acquire(configured(source, config), attrs).key == lease.key
 
 
 def test_keep_raises_lease_revoked_when_the_key_is_deleted(
