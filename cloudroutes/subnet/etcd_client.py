@@ -80,7 +80,9 @@ class EtcdSettings:
 
     @property
     def tls(self) -> bool:
-        """Whether to speak TLS; flanneld does when both a key and a certificate are given."""
+        """Whether to speak TLS: when both a key and a certificate are given (flanneld's rule),
+        and also for https:// endpoints without them (server verified, no client certificate).
+        """
         return bool(self.keyfile and self.certfile) or any(
             url.startswith("https://") for url in self.endpoints
         )
@@ -357,7 +359,11 @@ class EtcdClient:
             raise StoreUnavailable(self._unreachable(", ".join(self._settings.endpoints))) from None
         except etcd_errors.ConnectionTimeoutError:
             raise StoreUnavailable(self._unreachable(self.endpoint, "timed out")) from None
-        except (etcd_errors.ConnectionFailedError, etcd_errors.InternalServerError):
+        except (etcd_errors.ConnectionFailedError, etcd_errors.InternalServerError) as exc:
+            # pyetcd raised it while handling gRPC's error, which has the reason.
+            cause = exc.__context__
+            if isinstance(cause, grpc.RpcError):
+                raise self._rpc_error(cause, self.endpoint) from None
             raise StoreUnavailable(self._unreachable(self.endpoint)) from None
         except etcd_errors.WatchTimedOut:
             # A member that cannot start a watch in a whole request timeout is not healthy.
@@ -390,6 +396,14 @@ class EtcdClient:
                 f"access to {self._settings.prefix} via --etcd-username/--etcd-password"
             )
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if any(
+                word in details.lower()
+                for word in ("ssl", "tls", "tsi_", "handshake", "certificate")
+            ):
+                return StoreUnavailable(
+                    f"TLS with etcd at {endpoint} failed ({details}); check --etcd-cafile, "
+                    "--etcd-certfile and --etcd-keyfile, and https:// in --etcd-endpoints"
+                )
             return StoreUnavailable(self._unreachable(endpoint, details))
         return StoreUnavailable(f"etcd at {endpoint} failed a request: {details}")
 

@@ -542,6 +542,11 @@ def test_tls_with_client_certificates(
             encode_attrs(node(1)).decode()
         )
         assert [found.key for found in source.list_leases()] == [lease.key]
+
+        # Without a client certificate etcd refuses us: the error says where to look.
+        with pytest.raises(StoreUnavailable) as err:
+            make_source(cluster.endpoint, cafile=str(tls.ca)).get_config_text()
+        assert cluster.endpoint in str(err.value) and "--etcd-certfile" in str(err.value)
     finally:
         cluster.close()
 
