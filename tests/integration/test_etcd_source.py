@@ -21,6 +21,7 @@ from cloudroutes.errors import ConfigError, LeaseRevoked, OutOfSubnets, StoreUna
 from cloudroutes.lease import Lease, LeaseAttrs, encode_attrs
 from cloudroutes.lease_table import LeaseTable
 from cloudroutes.subnet.etcd import CONFIG_NOT_FOUND, EtcdLeaseSource, EtcdPeriods, EtcdSettings
+from cloudroutes.subnet.etcd_client import parse_endpoint
 from tests.etcd_server import EtcdCluster, EtcdTLS, free_port
 
 pytestmark = pytest.mark.etcd
@@ -610,3 +611,6 @@ def test_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="1 to 1439"):
         EtcdSettings(renew_margin=1440)
     assert EtcdSettings(prefix="/x/y/").prefix == "/x/y"
+    assert parse_endpoint("https://[::1]:2379") == ("[::1]", 2379)
+    assert parse_endpoint("http://etcd.example") == ("etcd.example", 2379)
+    assert "hunter2" not in repr(EtcdSettings(username="u", password="hunter2"))
