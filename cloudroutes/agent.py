@@ -17,10 +17,10 @@ from typing import Any
 
 from cloudroutes.backend import BackendContext, RouteTableBinding, backend_factory
 from cloudroutes.config import NetworkConfig
-from cloudroutes.errors import ConfigError, LeaseRevoked
+from cloudroutes.errors import ConfigError, LeaseRevoked, StoreUnavailable
 from cloudroutes.health import HealthServer
 from cloudroutes.interface import choose_interface
-from cloudroutes.lease import Lease
+from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import LeaseTable
 from cloudroutes.masq import MasqSpec, Rules, masquerade_rules
 from cloudroutes.metrics import Metrics
@@ -86,10 +86,10 @@ class Agent:
 
         self._start_health()
         attrs = backend.prepare()
-        self.lease = lease = self.source.acquire(
-            config, attrs, (previous.subnet, previous.ipv6_subnet) if previous else None
-        )
-        log.info("acquired lease %s (public IP %s)", lease.key, lease.public_ip)
+        lease = self._acquire(config, attrs, previous)
+        if lease is None:
+            return self._finish()
+        self.lease = lease
 
         self.leases.subscribe(lambda: self.metrics.leases.set(len(self.leases)))
         self._spawn("watch", self.source.watch, self.leases, self.stop)
@@ -116,6 +116,24 @@ class Agent:
         log.info("wrote %s; node is ready", self.options.subnet_file)
         self.stop.wait()
         return self._finish()
+
+    def _acquire(
+        self, config: NetworkConfig, attrs: LeaseAttrs, previous: SubnetEnv | None
+    ) -> Lease | None:
+        """Take the lease, waiting out an unreachable store as flanneld does (None if stopped)."""
+        wanted = (previous.subnet, previous.ipv6_subnet) if previous else None
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                lease = self.source.acquire(config, attrs, wanted)
+            except StoreUnavailable as exc:
+                log.error("Failed to acquire lease (trying again in %.0f s): %s", delay, exc)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("acquired lease %s (public IP %s)", lease.key, lease.public_ip)
+            return lease
+        return None
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
