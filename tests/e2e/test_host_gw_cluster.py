@@ -36,7 +36,7 @@ def lease_key(node: LabNode) -> str:
 def cluster() -> Iterator[LabCluster]:
     lab = LabCluster(3).build()
     try:
-        lab.start("--subnet-lease-ttl=30", "--healthz-port=9301")
+        lab.start("--subnet-lease-ttl=30", "--healthz-port=9301", "--ip-masq")
         yield lab
     finally:
         lab.close()
@@ -57,6 +57,26 @@ def test_leases_are_flannel_format_in_etcd(cluster: LabCluster) -> None:
     node = cluster.nodes[0]
     value = cluster.etcd.etcdctl("get", "--print-value-only", lease_key(node)).strip()
     assert value == f'{{"PublicIP":"{node.address}","PublicIPv6":null,"BackendType":"host-gw"}}'
+
+
+def test_masquerade_rules_and_subnet_env(cluster: LabCluster) -> None:
+    node = cluster.nodes[0]
+    env = node.subnet_env()
+    assert env["FLANNEL_NETWORK"] == "10.5.0.0/16"
+    assert env["FLANNEL_IPMASQ"] == "true"
+    assert env["FLANNEL_MTU"] == "1500"
+    rules = node.ns.run("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.splitlines()
+    subnet = node.subnet
+    assert [r.replace(' -m comment --comment "flanneld masq"', "") for r in rules[1:]] == [
+        "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {subnet} -d 10.5.0.0/16 -j RETURN",
+        f"-A FLANNEL-POSTRTG -s 10.5.0.0/16 -d {subnet} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d {subnet} -j RETURN",
+        "-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE --random-fully",
+        "-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d 10.5.0.0/16 -j MASQUERADE --random-fully",
+    ]
+    forward = node.ns.run("iptables", "-S", "FLANNEL-FWD").stdout
+    assert "-A FLANNEL-FWD -s 10.5.0.0/16" in forward and "-A FLANNEL-FWD -d 10.5.0.0/16" in forward
 
 
 def test_health_ready_and_metrics(cluster: LabCluster) -> None:
