@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +94,31 @@ def test_health_ready_and_metrics(cluster: LabCluster) -> None:
     assert re.search(r"^cloudroutes_leases 3\.0$", metrics, re.M)
     assert "cloudroutes_lease_event_to_route_seconds_bucket" in metrics
     assert "cloudroutes_reconcile_duration_seconds_count" in metrics
+
+
+def test_off_link_peer_gets_a_clear_status_not_a_crash(cluster: LabCluster) -> None:
+    node1, node2, _ = cluster.nodes
+    value = '{"PublicIP":"198.19.5.5","PublicIPv6":null,"BackendType":"host-gw"}'
+    cluster.etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.203.0-24", value)
+    try:
+
+        def status() -> dict[str, dict[str, str]]:
+            probe = node1.ns.run(
+                "python3", "-c",
+                "import urllib.request as u;"
+                "print(u.urlopen('http://127.0.0.1:9301/status').read().decode())",
+            )  # fmt: skip
+            return json.loads(probe.stdout)["routes"]
+
+        wait_for(lambda: status().get("kernel 10.5.203.0/24", {}).get("state") == "failed",
+                 what="failed status for the off-link peer")  # fmt: skip
+        entry = status()["kernel 10.5.203.0/24"]
+        assert "next hop 198.19.5.5 is not on-link on eth0" in entry["reason"]
+        assert entry["lease"] == "10.5.203.0-24"
+        assert node1.agent is not None and node1.agent.poll() is None
+        assert cluster.ping(node1, node2)
+    finally:
+        cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/10.5.203.0-24")
 
 
 def test_route_deleted_by_hand_comes_back(cluster: LabCluster) -> None:
