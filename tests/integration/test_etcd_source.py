@@ -569,38 +569,47 @@ def test_username_and_password(
     assert "not-the-pw-123" not in repr(wrong._settings)
 
 
-def test_the_source_fails_over_while_each_member_in_turn_is_down(
-    make_source: Callable[..., EtcdLeaseSource], background: Callable[..., Background]
-) -> None:
-    # Whichever member each of the source's connections uses, one of these stops is its own.
+@pytest.fixture
+def three_members() -> Iterator[EtcdCluster]:
+    # A fixture rather than a with-block: background jobs, set up later, stop before it closes.
     cluster = EtcdCluster(size=3).start()
     try:
-        source, lease = joined(make_source, cluster.endpoints, lease_ttl=2)
-        acquired = time.monotonic()
-        table = LeaseTable()
-        background(source.watch, table)
-        keeper = background(source.keep, lease)
-        assert table.wait_synced(10)
-
-        for n, member in enumerate(cluster.members):
-            cluster.stop_member(member)
-            survivors = [url for url in cluster.endpoints if url != member.client_url]
-            # Another node's lease, written through a surviving member, reaches the table.
-            key = f"10.5.{200 + n}.0-24"
-            etcdctl(cluster, "put", SUBNETS + key, FLANNEL_VALUE, endpoints=survivors)
-            wait_for(lambda key=key: table.get(key), timeout=20, what=f"{key} with a member down")
-            assert stored(cluster, SUBNETS + lease.key, endpoints=survivors) is not None
-            cluster.start_member(member)
-
-        # Our own lease, TTL 2 s, outlives the rolling restart and more by being renewed.
-        time.sleep(max(0.0, acquired + 4.5 - time.monotonic()))
-        held = stored(cluster, SUBNETS + lease.key, endpoints=cluster.endpoints[:1])
-        assert held is not None and held["lease"] != lease.store_lease_id
-        assert keeper.error is None and not keeper.done()
-        keys = {found.key for found in source.list_leases()}
-        assert keys == {lease.key, "10.5.200.0-24", "10.5.201.0-24", "10.5.202.0-24"}
+        yield cluster
     finally:
         cluster.close()
+
+
+def test_the_source_fails_over_while_each_member_in_turn_is_down(
+    three_members: EtcdCluster,
+    make_source: Callable[..., EtcdLeaseSource],
+    background: Callable[..., Background],
+) -> None:
+    # Whichever member each of the source's connections uses, one of these stops is its own.
+    cluster = three_members
+    source, lease = joined(make_source, cluster.endpoints, lease_ttl=2)
+    acquired = time.monotonic()
+    table = LeaseTable()
+    background(source.watch, table)
+    keeper = background(source.keep, lease)
+    assert table.wait_synced(10)
+
+    for n, member in enumerate(cluster.members):
+        cluster.stop_member(member)
+        survivors = [url for url in cluster.endpoints if url != member.client_url]
+        # Another node's lease, written through a surviving member, reaches the table.
+        key = f"10.5.{200 + n}.0-24"
+        etcdctl(cluster, "put", SUBNETS + key, FLANNEL_VALUE, endpoints=survivors)
+        wait_for(lambda key=key: table.get(key), timeout=20, what=f"{key} with a member down")
+        assert stored(cluster, SUBNETS + lease.key, endpoints=survivors) is not None
+        cluster.start_member(member)
+
+    # Our own lease, TTL 2 s, outlives the rolling restart and more by being renewed.
+    time.sleep(max(0.0, acquired + 4.5 - time.monotonic()))
+    held = stored(cluster, SUBNETS + lease.key, endpoints=cluster.endpoints[:1])
+    assert held is not None and held["lease"] != lease.store_lease_id
+    assert keeper.error is None and not keeper.done()
+    keys = {found.key for found in source.list_leases()}
+    assert keys == {lease.key, "10.5.200.0-24", "10.5.201.0-24", "10.5.202.0-24"}
 
 
 def test_settings_are_checked() -> None:
