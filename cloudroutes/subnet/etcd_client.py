@@ -54,7 +54,6 @@ class EtcdSettings:
     renew_margin: int = 60  # minutes before expiry to renew: --subnet-lease-renew-margin
     lease_ttl: int = 86400  # seconds
     request_timeout: float = 10.0  # seconds for one request
-    dial_timeout: float = 5.0  # seconds for one connection attempt
     failed_member_retry: float = 2.0  # seconds a member is avoided after it failed
 
     def __post_init__(self) -> None:
@@ -168,7 +167,6 @@ class EtcdClient:
             # Reconnect soon after a member comes back, as flanneld's watch does (<= 5 s).
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 5000),
-            ("grpc.min_reconnect_backoff_ms", int(settings.dial_timeout * 1000)),
             # Notice a dead connection under a quiet watch; etcd allows pings every 5 s.
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
