@@ -288,15 +288,21 @@ def test_an_incompatible_old_lease_is_replaced(
 
 
 def test_a_reservation_for_this_node_is_reused_and_stays_a_reservation(
-    etcd: EtcdCluster, make_source: Callable[..., EtcdLeaseSource]
+    etcd: EtcdCluster,
+    make_source: Callable[..., EtcdLeaseSource],
+    background: Callable[..., Background],
 ) -> None:
-    source = make_source(etcd.endpoint)
+    source = make_source(etcd.endpoint, lease_ttl=1)
     etcdctl(etcd, "put", SUBNETS + "10.5.42.0-24", encode_attrs(node(1)).decode())
     lease = source.acquire(configured(source), node(1, "0a:00:00:00:00:03"))
     assert lease.subnet == IPv4Network("10.5.42.0/24")
     assert lease.expiration is None and lease.is_reservation
+    # Kept, it is never given a TTL, so it cannot expire.
+    keeper = background(source.keep, lease)
+    time.sleep(1.5)
     held = stored(etcd, SUBNETS + "10.5.42.0-24")
     assert held is not None and held["lease"] == 0 and "0a:00:00:00:00:03" in held["value"]
+    assert not keeper.done()
 
 
 @pytest.mark.parametrize(
