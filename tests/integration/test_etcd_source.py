@@ -18,11 +18,11 @@ import pytest
 
 from cloudroutes.config import NetworkConfig
 from cloudroutes.errors import ConfigError, LeaseRevoked, OutOfSubnets, StoreUnavailable
+from cloudroutes.lab.etcd import EtcdCluster, EtcdTLS, free_port
 from cloudroutes.lease import Lease, LeaseAttrs, encode_attrs
 from cloudroutes.lease_table import LeaseTable
 from cloudroutes.subnet.etcd import CONFIG_NOT_FOUND, EtcdLeaseSource, EtcdPeriods, EtcdSettings
 from cloudroutes.subnet.etcd_client import parse_endpoint
-from tests.etcd_server import EtcdCluster, EtcdTLS, free_port
 
 pytestmark = pytest.mark.etcd
 

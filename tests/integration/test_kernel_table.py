@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 import pytest
 
 from cloudroutes.errors import Rejected, RouteConflict, RouteNotFound
+from cloudroutes.lab.netns import Netns, link_veth
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import LeaseTable
 from cloudroutes.plan import make_plan
@@ -24,7 +25,6 @@ from cloudroutes.routes import Action, Change, Outcome, Plan, Route
 from providers.host_gw import OFFLINK_HINT, desired_routes
 from providers.kernel import RTPROT_CLOUDROUTES, KernelRouteTable
 from tests.conftest import needs_root
-from tests.netns import Netns, link_veth
 
 pytestmark = [needs_root, pytest.mark.root]
 
