@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,27 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _etcd_source(values: dict[str, Any]) -> Any:
     from cloudroutes.subnet.etcd import EtcdLeaseSource, EtcdSettings
 
-    endpoints = [e.strip() for e in values["etcd_endpoints"].split(",") if e.strip()]
-    if not endpoints:
-        raise ConfigError(
-            "--etcd-endpoints is empty; give at least one URL such as http://127.0.0.1:2379"
-        )
-    margin = values.get("subnet_lease_renew_margin", 60)
-    if not 1 <= margin <= 1439:
-        raise ConfigError(
-            f"--subnet-lease-renew-margin={margin} is out of range; use 1 to 1439 minutes"
-        )
+    # The --etcd-* flags are EtcdSettings' fields under the same names; it checks them all.
+    etcd = {
+        name: values[f"etcd_{name}"]
+        for name in ("endpoints", "prefix", "keyfile", "certfile", "cafile", "username", "password")
+    }
     return EtcdLeaseSource(
         EtcdSettings(
-            endpoints=endpoints,
-            prefix=values["etcd_prefix"],
-            keyfile=values["etcd_keyfile"],
-            certfile=values["etcd_certfile"],
-            cafile=values["etcd_cafile"],
-            username=values["etcd_username"],
-            password=values["etcd_password"],
-            renew_margin=margin,
+            renew_margin=values.get("subnet_lease_renew_margin", 60),
             lease_ttl=values.get("subnet_lease_ttl", 86400),
+            **etcd,
         )
     )
 
@@ -104,18 +94,8 @@ def _agent(args: argparse.Namespace) -> int:
     values = resolve(args, ETCD_FLAGS + AGENT_FLAGS)
     if values["kube_subnet_mgr"]:
         raise ConfigError("--kube-subnet-mgr is not supported yet; use etcd (--etcd-endpoints)")
-    options = AgentOptions(
-        iface=values["iface"],
-        iface_regex=values["iface_regex"],
-        public_ip=values["public_ip"],
-        public_ipv6=values["public_ipv6"],
-        subnet_file=values["subnet_file"],
-        ip_masq=values["ip_masq"],
-        iptables_resync=values["iptables_resync"],
-        iptables_forward_rules=values["iptables_forward_rules"],
-        healthz_ip=values["healthz_ip"],
-        healthz_port=values["healthz_port"],
-    )
+    # AgentOptions' fields are named after the flags they come from.
+    options = AgentOptions(**{f.name: values[f.name] for f in fields(AgentOptions)})
     return Agent(options, _etcd_source(values)).run()
 
 

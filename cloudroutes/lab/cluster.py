@@ -19,6 +19,7 @@ from pathlib import Path
 from cloudroutes.errors import CloudroutesError
 from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.netns import Netns, Underlay, unique_name
+from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
 ETCD_ADDRESS = "198.18.0.254"
@@ -147,17 +148,7 @@ class LabCluster:
     def stop_agent(self, node: LabNode, *, kill: bool = False) -> int | None:
         if node.agent is None:
             return None
-        if node.agent.poll() is None:
-            if kill:
-                node.agent.kill()
-            else:
-                node.agent.terminate()
-            try:
-                node.agent.wait(10)
-            except subprocess.TimeoutExpired:
-                node.agent.kill()
-                node.agent.wait()
-        code = node.agent.returncode
+        code = stop_process(node.agent, kill=kill)
         node.agent = None
         return code
 

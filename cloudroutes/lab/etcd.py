@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudroutes.lab.process import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -164,13 +166,8 @@ class EtcdCluster:
         raise RuntimeError(f"etcd member {member.name} did not listen")
 
     def stop_member(self, member: EtcdMember) -> None:
-        if member.proc and member.proc.poll() is None:
-            member.proc.terminate()
-            try:
-                member.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                member.proc.kill()
-                member.proc.wait()
+        if member.proc is not None:
+            stop_process(member.proc)
         member.proc = None
 
     def stop(self) -> None:
