@@ -51,7 +51,9 @@ def run_demo(*, backend: str, nodes: int, keep: bool) -> int:
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    # Explicitly, also for SIGINT: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     cluster = LabCluster(nodes, backend=backend)
     try:
         say(f"building {nodes} nodes and an etcd machine on 198.18.0.0/24 (backend {backend})")
