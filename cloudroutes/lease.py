@@ -39,8 +39,9 @@ class LeaseAttrs:
 class Lease:
     """A subnet held by one node.
 
-    ``expiration`` is None for a reservation, a key written without an etcd lease, which never
-    expires. ``store_lease_id`` is the etcd lease the key is attached to (0 for a reservation).
+    ``store_lease_id`` is the etcd lease the key is attached to: 0 for a reservation, a key
+    written without one, which never expires. ``expiration`` is known for the node's own lease
+    and for leases listed for display; the watch leaves it None, as routes never need it.
     """
 
     subnet: IPv4Network | None

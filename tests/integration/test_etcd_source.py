@@ -381,9 +381,13 @@ def test_flannel_leases_written_by_hand_are_understood(
     assert leased.attrs.backend_data == {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}
     assert encode_attrs(leased.attrs).decode() == FLANNEL_VALUE  # byte-identical round trip
     assert leased.store_lease_id == int(etcd_lease, 16)
-    assert leased.expiration is not None
-    assert leased.expiration - dt.datetime.now(dt.UTC) > dt.timedelta(seconds=250)
-    assert reservation.expiration is None and reservation.is_reservation
+    assert reservation.is_reservation
+    # Expiry is looked up when listing for `cloudroutes leases`, not by the watch.
+    listed = {lease.key: lease for lease in source.list_leases()}
+    expiration = listed["10.5.9.0-24"].expiration
+    assert expiration is not None
+    assert expiration - dt.datetime.now(dt.UTC) > dt.timedelta(seconds=250)
+    assert listed["10.5.10.0-24"].expiration is None
     assert f"{SUBNETS}not-a-subnet" in caplog.text
     assert f"{SUBNETS}10.5.11.0-24" in caplog.text
 
