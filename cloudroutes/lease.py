@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -50,8 +51,9 @@ class Lease:
     expiration: datetime | None = None
     store_lease_id: int = 0
 
-    @property
+    @cached_property
     def key(self) -> str:
+        # Cached: the reconciler and backends ask for it per lease on every pass.
         return subnet_key(self.subnet, self.ipv6_subnet)
 
     @property

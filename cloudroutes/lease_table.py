@@ -2,6 +2,10 @@
 
 It is the only state the reconciler reads. A lease source fills it with a snapshot and then
 with changes; listeners are told after each update, so reconcilers wake up coalesced.
+
+Every update that changes something is a new generation, and the table remembers which keys
+each recent generation changed and when. A reconciler that saw generation g asks for what
+changed since, and recomputes the routes of those leases only.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -26,8 +31,23 @@ class LeaseEvent:
     lease: Lease
 
 
+@dataclass(frozen=True)
+class _Generation:
+    number: int
+    arrived: float
+    keys: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LeaseChanges:
+    """The leases changed since a generation: their current value, None when removed."""
+
+    leases: dict[str, Lease | None]
+    generation: int
+
+
 Listener = Callable[[], None]
-# Arrival times kept for latency metrics; older ones are dropped.
+# Generations remembered; a reader further behind gets a full snapshot instead.
 _HISTORY = 4096
 
 
@@ -37,9 +57,7 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._revision = 0
         self._generation = 0
-        # When the oldest change not yet turned into routes arrived, per generation; the
-        # reconciler reads it to measure lease-event-to-route latency.
-        self._changed_at: dict[int, float] = {}
+        self._history: deque[_Generation] = deque(maxlen=_HISTORY)
         self._listeners: list[Listener] = []
         self._synced = threading.Event()
 
@@ -51,37 +69,35 @@ class LeaseTable:
         """Install a full snapshot (initial list, or a re-list after compaction)."""
         fresh = {lease.key: lease for lease in leases}
         with self._lock:
-            changed = fresh != self._leases
+            old = self._leases
+            changed = {k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)}
             self._leases = fresh
             self._revision = revision
-            if changed:
-                self._bump()
+            self._record(changed)
         self._synced.set()
         if changed:
             self._notify()
 
     def apply(self, events: Iterable[LeaseEvent], revision: int) -> None:
-        changed = False
+        changed: set[str] = set()
         with self._lock:
             for event in events:
                 key = event.lease.key
                 if event.type is EventType.ADDED:
                     if self._leases.get(key) != event.lease:
                         self._leases[key] = event.lease
-                        changed = True
+                        changed.add(key)
                 elif self._leases.pop(key, None) is not None:
-                    changed = True
+                    changed.add(key)
             self._revision = max(self._revision, revision)
-            if changed:
-                self._bump()
+            self._record(changed)
         if changed:
             self._notify()
 
-    def _bump(self) -> None:
-        self._generation += 1
-        self._changed_at[self._generation] = time.monotonic()
-        if len(self._changed_at) > _HISTORY:
-            del self._changed_at[self._generation - _HISTORY]
+    def _record(self, keys: set[str]) -> None:
+        if keys:
+            self._generation += 1
+            self._history.append(_Generation(self._generation, time.monotonic(), frozenset(keys)))
 
     def _notify(self) -> None:
         with self._lock:
@@ -93,6 +109,32 @@ class LeaseTable:
         """The leases and the generation they belong to."""
         with self._lock:
             return list(self._leases.values()), self._generation
+
+    def changes_since(self, generation: int) -> LeaseChanges | None:
+        """What changed after ``generation``; None when that is too far back to know."""
+        with self._lock:
+            if generation == self._generation:
+                return LeaseChanges({}, generation)
+            oldest = self._history[0].number if self._history else self._generation + 1
+            if generation + 1 < oldest or generation > self._generation:
+                return None
+            keys: set[str] = set()
+            for entry in reversed(self._history):
+                if entry.number <= generation:
+                    break
+                keys |= entry.keys
+            return LeaseChanges({k: self._leases.get(k) for k in keys}, self._generation)
+
+    def arrival_times(self, after: int, upto: int) -> list[float]:
+        """When the changes of generations in (after, upto] arrived, for latency metrics."""
+        times = []
+        with self._lock:
+            for entry in reversed(self._history):
+                if entry.number <= after:
+                    break
+                if entry.number <= upto:
+                    times.append(entry.arrived)
+        return times
 
     def get(self, key: str) -> Lease | None:
         with self._lock:
@@ -109,10 +151,3 @@ class LeaseTable:
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         return self._synced.wait(timeout)
-
-    def changed_between(self, after: int, upto: int) -> list[float]:
-        """Arrival times of the changes of generations in (after, upto]."""
-        with self._lock:
-            return [
-                self._changed_at[g] for g in range(after + 1, upto + 1) if g in self._changed_at
-            ]

@@ -23,6 +23,7 @@ import enum
 import logging
 import threading
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ from cloudroutes.routes import Action, Change, Destination, Outcome, Plan, Route
 
 log = logging.getLogger(__name__)
 
+# Maps leases to the routes a table should hold. Each route names its lease in ``lease_key``,
+# and a lease's routes depend on that lease alone (and on this node), so the reconciler can
+# recompute just the leases that changed.
 DesiredRoutes = Callable[[list[Lease]], Iterable[Route]]
 
 
@@ -103,6 +107,45 @@ class PassResult:
         return all(classify(o.change, o.error) is RouteState.PROGRAMMED for o in self.outcomes)
 
 
+class _DesiredState:
+    """The desired routes, kept per lease so one lease change recomputes one lease's routes.
+
+    Two leases claiming one destination (a store that is not healthy) resolve to the smallest
+    route, as ``by_destination`` does.
+    """
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self.by_lease: dict[str, list[Route]] = defaultdict(list)
+        self.claims: dict[Destination, set[Route]] = defaultdict(set)
+        self.routes: dict[Destination, Route] = {}
+        for route in routes:
+            self._add(route)
+        self.routes = {d: min(c) for d, c in self.claims.items()}
+
+    def _add(self, route: Route) -> None:
+        self.by_lease[route.lease_key].append(route)
+        self.claims[route.destination].add(route)
+
+    def update(self, leases: dict[str, Lease | None], desired: DesiredRoutes) -> set[Destination]:
+        """Recompute the routes of ``leases`` (None: removed); return what may have moved."""
+        touched: set[Destination] = set()
+        for key in leases:
+            for route in self.by_lease.pop(key, ()):
+                self.claims[route.destination].discard(route)
+                touched.add(route.destination)
+        for route in desired([lease for lease in leases.values() if lease is not None]):
+            self._add(route)
+            touched.add(route.destination)
+        for destination in touched:
+            claims = self.claims.get(destination)
+            if claims:
+                self.routes[destination] = min(claims)
+            else:
+                self.claims.pop(destination, None)
+                self.routes.pop(destination, None)
+        return touched
+
+
 class Reconciler:
     def __init__(
         self,
@@ -122,6 +165,8 @@ class Reconciler:
         self._clock = clock
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
+        self._want = _DesiredState()
+        self._want_generation: int | None = None
         self._actual: dict[Destination, Route] | None = None
         self._status: dict[Destination, RouteStatus] = {}
         self._generation_done = 0
@@ -129,6 +174,9 @@ class Reconciler:
         self._throttle_attempt = 0
         self._not_before = 0.0
         self._quota_blocked = False
+        # Creates refused for quota, planned again as soon as a delete frees room.
+        self._awaiting_room: set[Destination] = set()
+        self._replan: set[Destination] = set()
         self._passes = 0
         leases.subscribe(self.wake)
 
@@ -146,40 +194,65 @@ class Reconciler:
 
     # --- one pass ---------------------------------------------------------------------------
 
-    def desired(self) -> tuple[dict[Destination, Route], int]:
-        leases, generation = self.leases.snapshot()
-        return by_destination(self._desired_fn(leases)), generation
-
     def plan(self) -> Plan:
         """What a pass would change now, without changing anything (always a fresh read)."""
-        want, _ = self.desired()
-        return make_plan(want.values(), self.table.observe())
+        leases, _ = self.leases.snapshot()
+        return make_plan(by_destination(self._desired_fn(leases)).values(), self.table.observe())
 
     def reconcile(self, *, resync: bool = False) -> PassResult:
+        """One pass. Between resyncs it trusts its own picture of the table and plans only the
+        destinations whose leases changed, so a lease event costs O(changes), not O(leases).
+        A resync, or a picture made doubtful by a failure or by drift, plans everything."""
         started = self._clock()
-        want, generation = self.desired()
+        scope = self._update_want(full=resync)
         with self._lock:
-            fresh = resync or self._actual is None
-            if fresh:
+            if resync or self._actual is None:
                 observed = self.table.observe()
                 self._actual = by_destination(observed)
+                scope = None
                 if resync:
                     self._quota_blocked = False
+            actual = self._actual
+            if scope is None:
+                self._replan.clear()
+                self._awaiting_room.clear()
             else:
-                observed = set(self._actual.values())
-        plan = make_plan(want.values(), observed)
+                scope |= self._replan
+                self._replan.clear()
+        want = self._want.routes
+        if scope is None:
+            plan = make_plan(want.values(), observed)
+        else:
+            plan = make_plan(
+                [want[d] for d in scope if d in want], [actual[d] for d in scope if d in actual]
+            )
         if self._quota_blocked:
             blocked = plan.of(Action.ADD)
             plan = plan.without([Action.ADD])
         else:
             blocked = []
         outcomes = tuple(self._apply(plan)) if plan else ()
-        self._record(want, plan, outcomes, blocked)
-        result = PassResult(plan=plan, outcomes=outcomes, observed_fresh=fresh)
-        self._schedule(result, blocked)
-        self._observe_metrics(want, generation, result, self._clock() - started)
+        self._record(scope, outcomes, blocked)
+        result = PassResult(plan=plan, outcomes=outcomes, observed_fresh=scope is None)
+        self._schedule(result)
+        self._observe_metrics(result, self._clock() - started)
         self._passes += 1
         return result
+
+    def _update_want(self, *, full: bool) -> set[Destination] | None:
+        """Bring the desired routes up to the lease table; return the destinations that may
+        have changed, or None when everything was recomputed."""
+        changes = None
+        if not full and self._want_generation is not None:
+            changes = self.leases.changes_since(self._want_generation)
+        if changes is None:
+            leases, generation = self.leases.snapshot()
+            self._want = _DesiredState(self._desired_fn(leases))
+            self._want_generation = generation
+            return None
+        scope = self._want.update(changes.leases, self._desired_fn)
+        self._want_generation = changes.generation
+        return scope
 
     def _apply(self, plan: Plan) -> list[Outcome]:
         try:
@@ -196,21 +269,21 @@ class Reconciler:
         return outcomes
 
     def _record(
-        self,
-        want: dict[Destination, Route],
-        plan: Plan,
-        outcomes: tuple[Outcome, ...],
-        blocked: list[Change],
+        self, scope: set[Destination] | None, outcomes: tuple[Outcome, ...], blocked: list[Change]
     ) -> None:
+        want = self._want.routes
         with self._lock:
-            status: dict[Destination, RouteStatus] = {}
             actual = self._actual if self._actual is not None else {}
-            for destination, route in want.items():
-                if actual.get(destination) == route:
+            status = {} if scope is None else self._status
+            for destination in want if scope is None else scope:
+                route = want.get(destination)
+                if route is None:
+                    status.pop(destination, None)
+                elif actual.get(destination) == route:
                     status[destination] = RouteStatus(route, RouteState.PROGRAMMED)
                 else:
                     status[destination] = RouteStatus(route, RouteState.PENDING)
-            failed = False
+            doubtful = False
             for outcome in outcomes:
                 change = outcome.change
                 state = classify(change, outcome.error)
@@ -223,32 +296,36 @@ class Reconciler:
                     if change.action is Action.DELETE:
                         if actual.get(destination) == change.route:
                             del actual[destination]
-                        self._quota_blocked = False
+                        if self._quota_blocked:
+                            self._quota_blocked = False
+                            self._replan |= self._awaiting_room
+                            self._awaiting_room.clear()
+                            self._wakeup.set()
                     else:
                         actual[destination] = change.route
                         status[destination] = RouteStatus(change.route, RouteState.PROGRAMMED)
                     continue
-                failed = True
                 reason = str(outcome.error)
                 log.warning("%s: %s failed (%s): %s", self.table.name, change, state.value, reason)
                 if state is RouteState.QUOTA_BLOCKED:
                     self._quota_blocked = True
+                    self._awaiting_room.add(destination)
+                # A transient failure may have left the table in any state: read it again.
+                # A refusal (quota, conflict, rejected) changed nothing; it waits for a resync.
+                doubtful |= state in (RouteState.RETRY, RouteState.THROTTLED)
                 if change.action is not Action.DELETE:
                     status[destination] = RouteStatus(change.route, state, reason)
             for change in blocked:
+                self._awaiting_room.add(change.route.destination)
                 status[change.route.destination] = RouteStatus(
                     change.route,
                     RouteState.QUOTA_BLOCKED,
                     "route table is full; waiting for room (delete routes or raise the quota)",
                 )
-            if failed:
-                # Our picture of the table may be wrong after a failure: read it again.
-                self._actual = None
-            else:
-                self._actual = actual
+            self._actual = None if doubtful else actual
             self._status = status
 
-    def _schedule(self, result: PassResult, blocked: list[Change]) -> None:
+    def _schedule(self, result: PassResult) -> None:
         states = {classify(o.change, o.error) for o in result.outcomes}
         now = self._clock()
         if RouteState.THROTTLED in states:
@@ -265,24 +342,21 @@ class Reconciler:
             self._retry_attempt = 0
             self._not_before = 0.0
 
-    def _observe_metrics(
-        self, want: dict[Destination, Route], generation: int, result: PassResult, took: float
-    ) -> None:
+    def _observe_metrics(self, result: PassResult, took: float) -> None:
         if self.metrics is None:
             return
         name = self.table.name
         self.metrics.reconcile_duration.labels(name).observe(took)
-        counts = {state: 0 for state in RouteState}
-        for status in self.status().values():
-            counts[status.state] += 1
-        self.metrics.routes_desired.labels(name).set(len(want))
+        counts = Counter(status.state for status in self.status().values())
+        self.metrics.routes_desired.labels(name).set(len(self._want.routes))
         self.metrics.routes_programmed.labels(name).set(counts[RouteState.PROGRAMMED])
         for state in RouteState:
             if state is not RouteState.PROGRAMMED:
                 self.metrics.routes_failed.labels(name, state.value).set(counts[state])
+        generation = self._want_generation or 0
         if result.clean and generation > self._generation_done:
             now = time.monotonic()
-            for arrived in self.leases.changed_between(self._generation_done, generation):
+            for arrived in self.leases.arrival_times(self._generation_done, generation):
                 self.metrics.lease_to_route_latency.labels(name).observe(now - arrived)
             self._generation_done = generation
 

@@ -133,12 +133,17 @@ def test_quota_blocks_creates_until_room_is_freed() -> None:
     rec = make(table, leases)
     rec.reconcile()
     assert rec.status()[net(3)].state is RouteState.QUOTA_BLOCKED
+    assert rec.status()[net(3)].reason == "route limit 2 reached"
     calls = len(table.calls)
-    rec.reconcile()  # blocked: no more create attempts against a full table
-    assert rec.status()[net(3)].state is RouteState.QUOTA_BLOCKED
-    assert "route table is full" in rec.status()[net(3)].reason
-    assert table.calls[calls:] == ["observe"]
-    leases.apply([LeaseEvent(EventType.REMOVED, lease(1))], revision=2)
+    leases.apply([LeaseEvent(EventType.ADDED, lease(4))], revision=2)
+    rec.reconcile()  # blocked: no create attempts against a full table
+    assert rec.status()[net(4)].state is RouteState.QUOTA_BLOCKED
+    assert "route table is full" in rec.status()[net(4)].reason
+    assert table.calls[calls:] == []
+    rec.reconcile(resync=True)  # a resync tries again, in case the quota was raised
+    assert rec.status()[net(3)].reason == "route limit 2 reached"
+    leases.apply([LeaseEvent(EventType.REMOVED, lease(4))], revision=3)
+    leases.apply([LeaseEvent(EventType.REMOVED, lease(1))], revision=4)
     rec.reconcile()  # the delete frees room ...
     rec.reconcile()  # ... and the blocked create goes through
     assert set(table.owned()) == {net(2), net(3)}
@@ -220,3 +225,39 @@ def test_loop_coalesces_a_burst_of_lease_events_and_measures_latency() -> None:
         "cloudroutes_lease_event_to_route_seconds_count", {"table": "memory"}
     )
     assert latency == 200
+
+
+def test_a_lease_event_recomputes_only_that_lease() -> None:
+    table, leases = MemoryRouteTable(), LeaseTable()
+    leases.replace_all([lease(n, host=n) for n in range(1, 201)], revision=1)
+    asked: list[int] = []
+
+    def counting(batch: list[Lease]) -> list[Route]:
+        asked.append(len(batch))
+        return to_instances(batch)
+
+    rec = Reconciler(table, leases, counting)
+    rec.reconcile()
+    leases.apply([LeaseEvent(EventType.ADDED, lease(7, host=99))], revision=2)
+    result = rec.reconcile()
+    assert asked == [200, 1]
+    assert [str(c) for c in result.plan] == ["replace 10.5.7.0/24 via i-7 -> i-99"]
+    assert table.owned()[net(7)] == Route(net(7), "i-99")
+    assert table.calls.count("observe") == 1
+
+
+def test_lease_table_reports_changes_since_a_generation() -> None:
+    leases = LeaseTable()
+    leases.replace_all([lease(1), lease(2)], revision=1)
+    _, first = leases.snapshot()
+    leases.apply([LeaseEvent(EventType.REMOVED, lease(1))], revision=2)
+    leases.apply([LeaseEvent(EventType.ADDED, lease(3))], revision=3)
+    leases.apply([LeaseEvent(EventType.ADDED, lease(3))], revision=4)  # no change: no generation
+    changes = leases.changes_since(first)
+    assert changes is not None
+    assert changes.leases == {"10.5.1.0-24": None, "10.5.3.0-24": lease(3)}
+    assert changes.generation == first + 2
+    leases.replace_all([lease(2), lease(3, host=9)], revision=5)  # a re-list: only the diff
+    after = leases.changes_since(changes.generation)
+    assert after is not None and after.leases == {"10.5.3.0-24": lease(3, host=9)}
+    assert leases.changes_since(-5) is None  # too far back: the reader must take a snapshot
