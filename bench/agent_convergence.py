@@ -9,7 +9,7 @@ is set against ``ip -batch`` adding the same routes into a fresh namespace in th
     writing alone, and the time the agent spent in reconcile passes meanwhile.
 (b) cold start: the leases are in etcd and the node has none of their routes. Timed from the
     agent's process being made to the last route in the kernel: interpreter start, imports,
-    config, acquiring its own lease, listing the leases, their TTL lookups and the first pass.
+    config, acquiring its own lease, listing the leases and the first pass.
 (c) the reconcile stage alone: the agent's own ``cloudroutes_reconcile_duration_seconds`` of
     the cold start's first pass, which programs every route at once (the agent lists the
     leases before its reconciler starts).
@@ -63,7 +63,7 @@ def measure(n: int) -> Iterator[Figure]:
         acquired = lab.logged_after_start("acquired lease")
         listed = lab.logged_after_start("listed")
         yield figure("    start -> own lease acquired (agent log)", acquired)
-        yield figure("    acquired -> leases listed with their TTLs (agent log)", listed - acquired)
+        yield figure("    acquired -> leases listed (agent log)", listed - acquired)
         # The first pass programs everything; a later one (a wake-up with nothing to do) would
         # only add a little, and is named in the figure when there is one.
         count = cold[PASSES]
