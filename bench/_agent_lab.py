@@ -42,14 +42,12 @@ from cloudroutes.lab.cluster import LabCluster, LabNode
 from cloudroutes.lab.netns import Netns
 from cloudroutes.lease import LeaseAttrs, encode_attrs, subnet_key
 from cloudroutes.routes import Route
-from providers.kernel import (
-    RT_TABLE_MAIN,
+from providers.kernel import RT_TABLE_MAIN, RTPROT_CLOUDROUTES, KernelRouteTable
+from providers.netlink import (
     RTM_DELROUTE,
     RTM_NEWROUTE,
     RTMGRP_IPV4_ROUTE,
-    RTPROT_CLOUDROUTES,
     DestKey,
-    KernelRouteTable,
     Netlink,
     dest_key,
     in_netns,

@@ -9,15 +9,14 @@ from ipaddress import ip_network
 
 import pytest
 
-from providers.kernel import (
+from providers.kernel import RT_TABLE_MAIN, RTPROT_CLOUDROUTES
+from providers.netlink import (
     NLM_F_ACK_TLVS,
     NLM_F_CAPPED,
-    RT_TABLE_MAIN,
     RTA_GATEWAY,
     RTA_MULTIPATH,
     RTN_UNICAST,
     RTNH_F_ONLINK,
-    RTPROT_CLOUDROUTES,
     dest_key,
     key_destination,
     parse_ack,
