@@ -92,7 +92,8 @@ def backend_factory(name: str) -> BackendFactory:
                 factory = ep.value
                 break
     if factory is None:
-        raise ConfigError(f"unknown backend type: {name}")
+        known = ", ".join(backend_names())
+        raise ConfigError(f"unknown backend type: {name} (this build knows {known})")
     if isinstance(factory, str):
         module, _, attr = factory.partition(":")
         factory = getattr(importlib.import_module(module), attr)

@@ -50,17 +50,6 @@ class NetworkConfig:
     def backend_type(self) -> str:
         return self.backend.type
 
-    def ipv4_subnets(self) -> range:
-        """Indexes of the IPv4 subnets in [SubnetMin, SubnetMax], in SubnetLen steps."""
-        assert self.subnet_min is not None and self.subnet_max is not None
-        step = 1 << (32 - self.subnet_len)
-        return range(int(self.subnet_min), int(self.subnet_max) + 1, step)
-
-    def ipv6_subnets(self) -> range:
-        assert self.ipv6_subnet_min is not None and self.ipv6_subnet_max is not None
-        step = 1 << (128 - self.ipv6_subnet_len)
-        return range(int(self.ipv6_subnet_min), int(self.ipv6_subnet_max) + 1, step)
-
 
 def parse_config(text: str | bytes, *, source: str = "config", check: bool = True) -> NetworkConfig:
     """Parse and (unless ``check`` is false, as in kube mode) validate a net-conf document.

@@ -100,7 +100,6 @@ def classify(change: Change, error: RouteError | Exception | None) -> RouteState
 class PassResult:
     plan: Plan
     outcomes: tuple[Outcome, ...]
-    observed_fresh: bool
 
     @property
     def clean(self) -> bool:
@@ -233,7 +232,7 @@ class Reconciler:
             blocked = []
         outcomes = tuple(self._apply(plan)) if plan else ()
         self._record(scope, outcomes, blocked)
-        result = PassResult(plan=plan, outcomes=outcomes, observed_fresh=scope is None)
+        result = PassResult(plan=plan, outcomes=outcomes)
         self._schedule(result)
         self._observe_metrics(result, self._clock() - started)
         self._passes += 1
