@@ -144,9 +144,16 @@ class Agent:
     def _start_health(self) -> None:
         if not self.options.healthz_port:
             return
-        self.health = HealthServer(
-            self.options.healthz_ip, self.options.healthz_port, self.metrics, self.status
-        )
+        where = f"{self.options.healthz_ip}:{self.options.healthz_port}"
+        try:
+            self.health = HealthServer(
+                self.options.healthz_ip, self.options.healthz_port, self.metrics, self.status
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /healthz on {where}: {exc.strerror}; "
+                "choose another --healthz-ip/--healthz-port"
+            ) from None
         self.health.start()
 
     def _masquerade(self, config: NetworkConfig, spec: MasqSpec, *, masq: bool) -> Rules:

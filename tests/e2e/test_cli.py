@@ -95,3 +95,20 @@ def test_unreachable_etcd_is_one_line(lab: LabCluster) -> None:
     assert result.stderr.count("\n") == 1
     assert "cannot reach etcd at http://127.0.0.1:9" in result.stderr
     assert "--etcd-endpoints" in result.stderr
+
+
+def test_agent_health_port_in_use_is_one_line(lab: LabCluster) -> None:
+    lab.set_config(HOST_GW)
+    node = lab.nodes[0]
+    lab.start_agent(node, "--healthz-port=9302")
+    lab.wait_ready(node)
+    second = node.ns.run(
+        lab.cli, "agent", f"--etcd-endpoints={lab.endpoints}", "--iface=eth0",
+        f"--subnet-file={node.run_dir / 'second.env'}", "--healthz-port=9302", check=False,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1] == (
+        "cloudroutes: error: cannot serve /healthz on 0.0.0.0:9302: Address already in use; "
+        "choose another --healthz-ip/--healthz-port"
+    )
+    assert not (node.run_dir / "second.env").exists()
