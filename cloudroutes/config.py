@@ -54,22 +54,24 @@ class NetworkConfig:
 def parse_config(text: str | bytes, *, source: str = "config", check: bool = True) -> NetworkConfig:
     """Parse and (unless ``check`` is false, as in kube mode) validate a net-conf document.
 
-    Raises ConfigError with flannel's message, prefixed by where the config came from.
+    Raises ConfigError with flannel's message, prefixed by where the config came from; a
+    document that is not a JSON object names only where it came from.
     """
     try:
-        return _parse(text, source=source, check=check)
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f'{source}: not a JSON object; write one such as {{"Network": "10.5.0.0/16"}}'
+        )
+    try:
+        return _parse(FoldedObject(doc), source=source, check=check)
     except ConfigError as exc:
         raise ConfigError(f"invalid network config ({source}): {exc}") from None
 
 
-def _parse(text: str | bytes, *, source: str, check: bool) -> NetworkConfig:
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError('the config must be a JSON object such as {"Network": "10.5.0.0/16"}')
-    obj = FoldedObject(doc)
+def _parse(obj: FoldedObject, *, source: str, check: bool) -> NetworkConfig:
 
     enable_ipv4 = _bool(obj, "EnableIPv4", True)
     enable_ipv6 = _bool(obj, "EnableIPv6", False)
@@ -123,21 +125,25 @@ def _parse(text: str | bytes, *, source: str, check: bool) -> NetworkConfig:
 def _check_family(
     network: Any, subnet_len: int, subnet_min: Any, subnet_max: Any, *, bits: int, prefix: str
 ) -> tuple[int, Any, Any]:
-    """flannel's CheckNetworkConfig for one address family; returns the defaulted values."""
+    """flannel's CheckNetworkConfig for one address family; returns the defaulted values.
+
+    The texts are flannel's, word for word (its IPv6 length errors say "SubnetLen" too).
+    """
     if network is None:
         raise ConfigError(
             f"please define a correct {prefix}Network parameter in the flannel config"
         )
+    _check_routable(network, f"{prefix}Network")
     max_len = bits - 2
     smallest = bits - 4
     if subnet_len > 0:
         if subnet_len > max_len:
-            raise ConfigError(f"{prefix}SubnetLen must be less than /{max_len + 1}")
+            raise ConfigError(f"SubnetLen must be less than /{max_len + 1}")
         if subnet_len < network.prefixlen + 2:
             raise ConfigError("network must be able to accommodate at least four subnets")
     elif network.prefixlen > smallest:
         raise ConfigError(
-            f"{'IPv6 network' if prefix else 'network'} is too small. "
+            f"{prefix + 'Network' if prefix else 'network'} is too small. "
             f"Minimum useful network prefix is /{smallest}"
         )
     elif network.prefixlen <= (22 if bits == 32 else 62):
@@ -157,10 +163,42 @@ def _check_family(
     elif subnet_max not in network:
         raise ConfigError(f"{prefix}SubnetMax is not in the range of the {prefix}Network")
     if int(subnet_min) % size:
-        raise ConfigError(f"{prefix}SubnetMin is not on a {prefix}SubnetLen boundary: {subnet_min}")
+        raise ConfigError(f"{prefix}SubnetMin is not on a SubnetLen boundary: {subnet_min}")
     if int(subnet_max) % size:
-        raise ConfigError(f"{prefix}SubnetMax is not on a {prefix}SubnetLen boundary: {subnet_max}")
+        raise ConfigError(f"{prefix}SubnetMax is not on a SubnetLen boundary: {subnet_max}")
+    if subnet_min > subnet_max:
+        # flannel accepts this and then finds no subnet to lease on every node.
+        raise ConfigError(
+            f"{prefix}SubnetMin {subnet_min} is above {prefix}SubnetMax {subnet_max}, "
+            "which leaves no subnet to lease; swap them or widen the range"
+        )
     return subnet_len, subnet_min, subnet_max
+
+
+# Ranges a pod network must not touch (flannel does not check; a node would route them away).
+# Link-local is refused too: routers never forward it (RFC 3927, RFC 4291), and 169.254.0.0/16
+# holds the cloud metadata service that the cloud backends must keep reaching.
+_RESERVED = (
+    (IPv4Network("0.0.0.0/8"), "the 'this network' range"),
+    (IPv4Network("127.0.0.0/8"), "the loopback range"),
+    (IPv4Network("169.254.0.0/16"), "the link-local range"),
+    (IPv4Network("224.0.0.0/4"), "the multicast range"),
+    (IPv4Network("240.0.0.0/4"), "the reserved range"),
+    (IPv6Network("::/128"), "the unspecified address"),
+    (IPv6Network("::1/128"), "the loopback address"),
+    (IPv6Network("fe80::/10"), "the link-local range"),
+    (IPv6Network("ff00::/8"), "the multicast range"),
+)
+
+
+def _check_routable(network: IPv4Network | IPv6Network, name: str) -> None:
+    for reserved, what in _RESERVED:
+        if reserved.version == network.version and network.overlaps(reserved):  # type: ignore[arg-type]
+            example = "10.244.0.0/16" if network.version == 4 else "fd00:10:244::/56"
+            raise ConfigError(
+                f"{name} {network} overlaps {what} {reserved}, which cannot carry pod "
+                f"traffic between nodes; choose a private range such as {example}"
+            )
 
 
 def _bool(obj: FoldedObject, name: str, default: bool) -> bool:
@@ -191,11 +229,15 @@ def _net(obj: FoldedObject, name: str, kind: type) -> Any:
             f"{name} must be a CIDR string such as {example}, got {json.dumps(value)}"
         )
     try:
-        return kind(value, strict=False)
+        network = kind(value, strict=False)
     except (ValueError, ipaddress.AddressValueError, ipaddress.NetmaskValueError):
         raise ConfigError(
             f"{name} {json.dumps(value)} is not a valid CIDR; write it like {example}"
         ) from None
+    # flannel's Empty(): the zero network (0.0.0.0/0, ::/0) means no Network at all.
+    if network.prefixlen == 0 and int(network.network_address) == 0:
+        return None
+    return network
 
 
 def _addr(obj: FoldedObject, name: str, kind: type) -> Any:
@@ -203,9 +245,13 @@ def _addr(obj: FoldedObject, name: str, kind: type) -> Any:
     if value in (None, ""):
         return None
     try:
-        return kind(value)
+        if not isinstance(value, str):
+            raise ValueError(value)
+        address = kind(value)
     except (ValueError, ipaddress.AddressValueError):
         raise ConfigError(f"{name} {json.dumps(value)} is not a valid address") from None
+    # As in flannel, the zero address (0.0.0.0, ::) means unset: the default applies.
+    return address if int(address) else None
 
 
 def _backend(obj: FoldedObject) -> BackendOptions:
