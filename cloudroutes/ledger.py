@@ -107,7 +107,7 @@ def encode_entry(entry: LedgerEntry) -> bytes:
     value: dict[str, Any] = {"destination": str(entry.destination), "target": entry.target}
     if entry.previous_target is not None:
         value["previous_target"] = entry.previous_target
-    value.update(lease=entry.lease, written=round(entry.written, 3), by=entry.by)
+    value.update(lease=entry.lease, written=entry.written, by=entry.by)
     return json.dumps(value, separators=(",", ":")).encode()
 
 
