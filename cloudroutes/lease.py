@@ -4,17 +4,23 @@ A lease is stored at ``<prefix>/subnets/<key>`` where the key is ``10.5.34.0-24`
 stack, ``10.5.34.0-24&fc00::-64``. Its value is JSON with the fields PublicIP, PublicIPv6,
 BackendType, BackendData and BackendV6Data, in that order, empty ones omitted as flanneld does.
 BackendData is kept as decoded JSON, so fields we do not know survive a round trip.
+
+Keys and values come from a shared store anyone can write to: both parsers refuse anything
+flanneld would not have written (with one ConfigError line, or None for a key), and never
+raise anything else, whatever the bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, TypeVar
 
 from cloudroutes.errors import ConfigError
 from cloudroutes.jsonfields import FoldedObject
@@ -22,7 +28,15 @@ from cloudroutes.jsonfields import FoldedObject
 NO_IPV4 = IPv4Address("0.0.0.0")
 NO_SUBNET = IPv4Network("0.0.0.0/0")
 
-_KEY = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
+_KEY = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+# No flannel backend nests its BackendData more than two levels; deeper values are refused
+# before anything (comparison, encoding) recurses through them.
+MAX_DEPTH = 32
+# A flannel lease value is about 150 bytes; this bounds what one bad value costs in memory.
+MAX_VALUE_BYTES = 64 * 1024
+
+_Address = TypeVar("_Address", IPv4Address, IPv6Address)
+_FAMILY: dict[type, str] = {IPv4Address: "IPv4", IPv6Address: "IPv6"}
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,13 @@ def subnet_key(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = Non
 
 
 def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None] | None:
-    """Parse a lease key; None when it is not a lease key (flannel skips those with a warning)."""
-    match = _KEY.search(key)
+    """Parse a lease key (the part after ``<prefix>/subnets/``); None when it is not one.
+
+    flannel's regex is unanchored; here the whole key must be a lease key written the way
+    flanneld writes it (network address, canonical form), so that ``x10.5.1.0-24`` or
+    ``10.5.1.7-24`` can never stand for, and shadow, the lease at ``10.5.1.0-24``.
+    """
+    match = _KEY.fullmatch(key)
     if not match:
         return None
     try:
@@ -91,7 +110,12 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None] 
         v6 = IPv6Network(f"{match[3]}/{match[4]}") if match[3] else None
     except ValueError:
         return None
-    return (None if v4 == NO_SUBNET else v4), v6
+    subnet = None if v4 == NO_SUBNET else v4
+    if subnet is None and v6 is None:
+        return None  # 0.0.0.0-0 alone holds no subnet at all
+    if subnet_key(subnet, v6) != key:
+        return None
+    return subnet, v6
 
 
 def encode_attrs(attrs: LeaseAttrs) -> bytes:
@@ -110,27 +134,117 @@ def encode_attrs(attrs: LeaseAttrs) -> bytes:
 
 
 def decode_attrs(value: bytes | str, *, where: str = "lease") -> LeaseAttrs:
-    """Read a lease value written by flanneld or by us. Raises ConfigError on a bad value."""
-    try:
-        doc = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: value is not JSON ({exc})") from None
+    """Read a lease value written by flanneld or by us.
+
+    Raises ConfigError (one line naming ``where``) on any value flanneld would refuse or
+    could not have written, and never anything else.
+    """
+    doc = _parse_json(value, where)
     if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: value must be a JSON object")
+        raise ConfigError(f"{where}: value must be a JSON object, not {_json_kind(doc)}")
     obj = FoldedObject(doc)
-    try:
-        public_ip = IPv4Address(obj.get("PublicIP") or "0.0.0.0")
-        raw_v6 = obj.get("PublicIPv6")
-        public_ipv6 = IPv6Address(raw_v6) if raw_v6 else None
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    backend_type = obj.get("BackendType") or ""
-    if not isinstance(backend_type, str):
-        raise ConfigError(f"{where}: BackendType must be a string")
+    public_ip = _address(obj, "PublicIP", IPv4Address, where)
+    public_ipv6 = _address(obj, "PublicIPv6", IPv6Address, where)
+    backend_type = obj.get("BackendType")
+    if backend_type is not None and not isinstance(backend_type, str):
+        raise ConfigError(f"{where}: BackendType must be a string, not {_json_kind(backend_type)}")
     return LeaseAttrs(
-        public_ip=public_ip,
+        public_ip=public_ip or NO_IPV4,
         public_ipv6=public_ipv6,
-        backend_type=backend_type,
+        backend_type=backend_type or "",
         backend_data=obj.get("BackendData"),
         backend_v6_data=obj.get("BackendV6Data"),
     )
+
+
+def _parse_json(value: bytes | str, where: str) -> Any:
+    size = len(value)
+    if size > MAX_VALUE_BYTES:
+        raise ConfigError(f"{where}: value is {size} bytes, more than a lease value can be")
+    try:
+        # Strict UTF-8, as Go reads JSON: json.loads(bytes) would also guess UTF-16 or -32.
+        text = value.decode() if isinstance(value, bytes) else value
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: value is not UTF-8 text") from None
+    try:
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{where}: value is not JSON ({exc.msg} at character {exc.pos})"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: value is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError:
+        # NaN, Infinity, or a number too long to convert or too large for a float (Go's
+        # RawMessage would keep those, but they could not be written back as JSON).
+        raise ConfigError(f"{where}: value holds a number JSON cannot carry") from None
+    if _depth(doc) > MAX_DEPTH:
+        raise ConfigError(f"{where}: value is nested more than {MAX_DEPTH} levels deep")
+    return doc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity: Python reads them, JSON (and Go) does not
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(text)
+    return number
+
+
+def _depth(doc: Any) -> int:
+    """How deeply arrays and objects nest in ``doc``, walked without recursion."""
+    deepest = 0
+    pending = [(doc, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return depth
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _address(obj: FoldedObject, name: str, kind: type[_Address], where: str) -> _Address | None:
+    """A dotted address field: absent is None; anything but an address string is refused.
+
+    Python would take 167772161 or true for an IPv4 address; flanneld takes only a string.
+    """
+    raw = obj.get(name)
+    if raw is None and (name != "PublicIP" or name not in obj):
+        return None  # PublicIPv6 is null when unset; PublicIP may only be absent
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}: {name} must be an address string, not {_json_kind(raw)}")
+    try:
+        if "%" in raw:
+            raise ValueError(raw)  # a scoped address: Go's ParseIP refuses the zone
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {name} {_shown(raw)} is not an {_FAMILY[kind]} address"
+        ) from None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A value for a message: quoted, and cut short so a huge one cannot flood the log."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
