@@ -12,7 +12,7 @@ LINT_DIRS := $(wildcard cloudroutes providers tests bench)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: system-deps venv demo test bench lint format clean
+.PHONY: system-deps venv demo test bench lint format clean test-localstack
 
 system-deps:
 	@missing=0; \
@@ -41,6 +41,17 @@ test: system-deps venv
 
 bench: system-deps venv
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The AWS integration tests against a LocalStack started by the user (see localstack/README.md);
+# without LOCALSTACK_ENDPOINT they run against moto as part of `make test`.
+test-localstack: system-deps venv
+	@if [ -z "$(LOCALSTACK_ENDPOINT)" ]; then \
+		echo "test-localstack: LOCALSTACK_ENDPOINT is not set; start LocalStack with" \
+			"'docker compose -f localstack/docker-compose.yml up -d --wait' and run" \
+			"'make test-localstack LOCALSTACK_ENDPOINT=http://127.0.0.1:4566'" >&2; \
+		exit 2; \
+	fi
+	LOCALSTACK_ENDPOINT='$(LOCALSTACK_ENDPOINT)' $(PY) -m pytest tests/integration -k aws $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_DIRS)
