@@ -203,9 +203,12 @@ def _nft_match(match: Match, family: str) -> str:
     return " ".join(parts)
 
 
-def nft_tables(spec: MasqSpec, *, masq: bool, forward: bool) -> dict[str, str]:
+def nft_tables(
+    spec: MasqSpec, *, masq: bool, forward: bool, random_fully: bool = True
+) -> dict[str, str]:
     """Our tables, keyed "ip flannel-ipv4" / "ip6 flannel-ipv6", each as `nft list` prints it."""
     tables = {}
+    masquerade = "masquerade fully-random" if random_fully else "masquerade"
     for network, subnet in spec.families():
         family = "ip" if network.version == 4 else "ip6"
         chains = []
@@ -213,7 +216,7 @@ def nft_tables(spec: MasqSpec, *, masq: bool, forward: bool) -> dict[str, str]:
             comment = f'comment "{MASQ_COMMENT}"'
             rules = [f"meta mark & 0x00004000 == 0x00004000 return {comment}"]  # kube-proxy's
             for match, nat in _masq_matches(network, subnet):
-                verdict = "masquerade fully-random" if nat else "return"
+                verdict = masquerade if nat else "return"
                 rules.append(f"{_nft_match(match, family)} {verdict} {comment}")
             chains.append(("postrtg", "type nat hook postrouting priority srcnat", rules))
         if forward:
@@ -397,7 +400,8 @@ def masquerade_rules(
     """The rules the agent installs: masquerade when ``--ip-masq``, forward when
     ``--iptables-forward-rules``, with nft when the config says ``EnableNFTables``.
 
-    ``random_fully`` None asks iptables whether it supports --random-fully (once per netns).
+    ``random_fully`` None asks iptables whether it supports --random-fully (once per netns);
+    False (``--ip-masq-fully-random-disable``) masquerades without it, in nftables too.
     ``netns`` runs the tools in that namespace (tests and the demo).
     Raises MasqToolMissing at once when rules are wanted and the tool is not installed.
     """
@@ -405,7 +409,10 @@ def masquerade_rules(
     if masq or forward:
         runner.require("nft" if nftables else "iptables")
     if nftables:
-        return NftRules(nft_tables(spec, masq=masq, forward=forward), runner)
+        tables = nft_tables(
+            spec, masq=masq, forward=forward, random_fully=random_fully is not False
+        )
+        return NftRules(tables, runner)
     if random_fully is None:
         random_fully = masq and supports_random_fully(runner)
     chains = iptables_chains(spec, masq=masq, forward=forward, random_fully=random_fully)

@@ -121,6 +121,22 @@ def test_apply_shows_flannels_rules_in_order(variant: Variant, node: Netns) -> N
     assert rules.is_intact()
 
 
+def test_fully_random_disabled_masquerades_plainly(variant: Variant, node: Netns) -> None:
+    # --ip-masq-fully-random-disable, as the agent passes it.
+    rules = masquerade_rules(
+        SPEC, nftables=variant.nftables, masq=True, random_fully=False, netns=node.name
+    )
+    rules.apply()
+    listing = variant.listing(node)
+    if variant.nftables:
+        masq = 'ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade comment "flanneld masq"'
+    else:
+        masq = '-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE'
+    assert masq in listing
+    assert not [line for line in listing if "random" in line]
+    assert rules.is_intact()
+
+
 def test_apply_twice_keeps_one_copy(variant: Variant, node: Netns) -> None:
     rules = variant.rules(node, SPEC)
     rules.apply()

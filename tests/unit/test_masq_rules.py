@@ -345,3 +345,10 @@ def test_keep_repairs_once_and_logs_one_line(caplog: pytest.LogCaptureFixture) -
     assert caplog.messages == [
         "rebuilt masquerade/forward rules: iptables nat FLANNEL-POSTRTG changed"
     ]
+
+
+def test_nft_without_fully_random_when_disabled() -> None:
+    # --ip-masq-fully-random-disable: flanneld's nftables rules say plain "masquerade".
+    plain = nft_script(nft_tables(DUAL, masq=True, forward=True, random_fully=False))
+    assert plain == NFT_DUAL.replace("masquerade fully-random", "masquerade")
+    assert "fully-random" not in plain
