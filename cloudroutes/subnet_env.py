@@ -56,19 +56,58 @@ def write_subnet_env(path: str | Path, env: SubnetEnv) -> None:
         raise
 
 
+def check_subnet_file(path: str | Path) -> None:
+    """Refuse a --subnet-file that could not be written, before the agent takes anything.
+
+    Nothing is created: the first directory on the path that exists must be a writable
+    directory (write_subnet_env creates the rest), and the file, if there, a regular file.
+    """
+    target = Path(path)
+    fix = "give a file path such as /run/flannel/subnet.env"
+    if not target.name or str(path).endswith("/") or target.is_dir():
+        raise ConfigError(f"--subnet-file {path} is a directory; {fix}")
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"--subnet-file {path} is not a regular file; {fix}")
+    parent = target.absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"--subnet-file {path}: {parent} is not a directory, so the file cannot be "
+            f"created; {fix}"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--subnet-file {path}: cannot write in {parent} (read-only or no permission); "
+            "make it writable for the agent or choose another path"
+        )
+
+
 def read_subnet_env(path: str | Path) -> dict[str, str]:
-    """KEY=VALUE pairs of an existing file; empty when there is none."""
+    """KEY=VALUE pairs of an existing file; empty when there is none.
+
+    Read as flanneld reads it (godotenv): ``export`` prefixes, comments and quoted values are
+    accepted, so a file written by hand or by another tool still gives the previous subnet.
+    """
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read subnet file {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(f"cannot read subnet file {path}: {why}") from None
     values = {}
     for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and key and not key.startswith("#"):
-            values[key] = value
+        line = line.strip()
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or key.startswith("#"):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
     return values
 
 
