@@ -244,7 +244,7 @@ class RouteWatch:
         return self.wait(lambda routes: dest not in routes, timeout, "a route to go")
 
     def _resync(self) -> None:
-        routes = {dest_key(r.destination) for r in self._dumps.observe()}
+        routes = {dest_key(key) for key in self._dumps.observe().owned}
         with self._cond:
             self._present = routes
             self._changed(time.monotonic())

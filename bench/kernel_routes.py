@@ -108,7 +108,7 @@ def measure(n: int) -> Iterator[Figure]:
         assert node is not None
         table = KernelRouteTable(netns=node.ns.name)
         observed = best_of(REPEAT, table.observe)
-        assert len(table.observe()) == n
+        assert len(table.observe().owned) == n
         yield Figure(
             f"observe {n} routes",
             observed,

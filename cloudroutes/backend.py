@@ -6,8 +6,10 @@ A backend says only what is particular to it:
   effects, so a bad config is rejected before anything is programmed;
 - ``prepare()`` readies the node (devices, cloud attributes) and returns the attributes this
   node publishes in its lease;
-- ``bind(own)`` returns its route tables, each with the function that maps the lease table to
-  the routes that table should hold.
+- ``bind(own)`` returns its route tables, each with the function that maps one lease to the
+  entries that table should hold for it;
+- ``accepts`` (optional): the BackendTypes of the leases it can route; leases of other types
+  are reported as refused, never silently dropped.
 
 Backends are registered by name: the built-in ones in ``providers/__init__.py``, third-party
 ones through the entry-point group ``cloudroutes.providers``. The core never imports a provider
@@ -26,8 +28,8 @@ from typing import Protocol
 from cloudroutes.config import NetworkConfig
 from cloudroutes.errors import ConfigError
 from cloudroutes.lease import Lease, LeaseAttrs
-from cloudroutes.reconciler import DesiredRoutes
-from cloudroutes.routes import RouteTable
+from cloudroutes.reconciler import DesiredEntries
+from cloudroutes.routes import Action, RouteTable
 
 ENTRY_POINT_GROUP = "cloudroutes.providers"
 
@@ -49,12 +51,21 @@ class ExternalInterface:
 class BackendContext:
     config: NetworkConfig
     iface: ExternalInterface
+    # flanneld's --ip-blackhole-route: kernel backends add a blackhole route for the node's
+    # own subnet.
+    blackhole_own_subnet: bool = False
 
 
 @dataclass(frozen=True)
 class RouteTableBinding:
+    """A route table and the entries each lease wants in it."""
+
     table: RouteTable
-    desired: DesiredRoutes
+    desired: DesiredEntries
+    # The only actions its reconciler may take (a garbage collector only deletes); None: all.
+    actions: frozenset[Action] | None = None
+    # Whether its reconciler may act now (it holds the election this table needs); None: always.
+    active: Callable[[], bool] | None = None
 
 
 class Backend(Protocol):

@@ -38,8 +38,20 @@ class StoreUnavailable(CloudroutesError):
     """The lease store could not be reached; retrying later may succeed."""
 
 
+class LeaseRefused(CloudroutesError):
+    """A lease read from the store is not one this node will route (outside the Network, a
+    bad next hop, another backend): the lease is reported, the rest keeps converging."""
+
+
 class RouteError(CloudroutesError):
-    """A route table failed one change. Subclasses say what the reconciler should do next."""
+    """A route table failed one change. Subclasses say what the reconciler should do next.
+
+    ``retry_after`` carries the API's own advice, in seconds, when it gave one.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Transient(RouteError):

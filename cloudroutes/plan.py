@@ -1,57 +1,76 @@
-"""Diffing desired routes against observed owned routes into a plan."""
+"""Diffing desired entries against what a table holds into a plan. Pure logic."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
-from cloudroutes.routes import Action, Change, Destination, Plan, Route
-
-
-def by_destination(routes: Iterable[Route]) -> dict[Destination, Route]:
-    """One route per destination. Overlapping claims (two leases on one subnet, which a healthy
-    store never holds) resolve to the smallest route, so every node picks the same one."""
-    chosen: dict[Destination, Route] = {}
-    for route in routes:
-        held = chosen.get(route.destination)
-        if held is None or route < held:
-            chosen[route.destination] = route
-    return chosen
+from cloudroutes.routes import (
+    Action,
+    Change,
+    Entry,
+    EntryKey,
+    EntryState,
+    Foreign,
+    Observed,
+    Plan,
+)
 
 
-def make_plan(desired: Iterable[Route], observed: Iterable[Route]) -> Plan:
-    """Deletes first (they free quota), then replaces, then adds; each list sorted."""
-    want = by_destination(desired)
-    have: dict[Destination, list[Route]] = defaultdict(list)
-    for route in observed:
-        have[route.destination].append(route)
+@dataclass(frozen=True)
+class Diff:
+    """A plan, and the wanted keys it leaves alone because someone else holds them."""
 
+    plan: Plan
+    conflicts: dict[EntryKey, Foreign] = field(default_factory=dict)
+
+
+def make_plan(
+    desired: Mapping[EntryKey, Entry],
+    owned: Mapping[EntryKey, Observed],
+    foreign: Mapping[EntryKey, Foreign] | None = None,
+    keys: Iterable[EntryKey] | None = None,
+) -> Diff:
+    """The changes for ``keys`` (every key when None).
+
+    An owned entry equal to the wanted one is left alone, also while pending (it was accepted;
+    asking again would make it twice); a broken or different one is replaced. A wanted key
+    held by a foreign entry is adopted when the table allows it and the entry is exactly the
+    wanted one, and is otherwise a conflict: reported, never changed.
+    """
+    foreign = foreign or {}
+    scope = set(desired) | set(owned) if keys is None else set(keys)
     deletes: list[Change] = []
     replaces: list[Change] = []
     adds: list[Change] = []
-    for destination, present in have.items():
-        target = want.get(destination)
-        if target is None:
-            deletes.extend(Change(Action.DELETE, r, current=r) for r in sorted(present))
+    conflicts: dict[EntryKey, Foreign] = {}
+    for key in scope:
+        want = desired.get(key)
+        have = owned.get(key)
+        if want is None:
+            if have is not None:
+                deletes.append(Change(Action.DELETE, have.entry, current=have.entry))
             continue
-        if target in present:
-            extra = [r for r in present if r != target]
+        if have is not None:
+            if have.entry != want or have.state is EntryState.BROKEN:
+                replaces.append(Change(Action.REPLACE, want, current=have.entry))
+            continue
+        held = foreign.get(key)
+        if held is None:
+            adds.append(Change(Action.ADD, want))
+        elif held.adoptable and held.entry == want:
+            replaces.append(Change(Action.ADOPT, want, current=held.entry))
         else:
-            present = sorted(present)
-            replaces.append(Change(Action.REPLACE, target, current=present[0]))
-            extra = present[1:]
-        deletes.extend(Change(Action.DELETE, r, current=r) for r in sorted(extra))
-    for destination, target in want.items():
-        if destination not in have:
-            adds.append(Change(Action.ADD, target))
+            conflicts[key] = held
 
-    def order(change: Change) -> tuple[int, int, Route]:
-        return (
-            change.route.destination.version,
-            int(change.route.destination.network_address),
-            change.route,
-        )
+    def order(change: Change) -> tuple[object, ...]:
+        return change.entry.sort_key()
 
-    return Plan(
-        tuple(sorted(deletes, key=order) + sorted(replaces, key=order) + sorted(adds, key=order))
+    return Diff(
+        Plan(
+            tuple(
+                sorted(deletes, key=order) + sorted(replaces, key=order) + sorted(adds, key=order)
+            )
+        ),
+        conflicts,
     )

@@ -1,33 +1,41 @@
 """The one reconcile loop, for kernel and cloud route tables alike.
 
-Level-triggered: each pass reads the desired routes (from the lease table) and the routes the
-table owns, diffs them into a plan and applies it. Lease changes wake it, coalesced; a
-periodic resync re-reads the table and repairs drift. Between resyncs the reconciler trusts
-its own successful writes, so a lease change costs one change, not a full table read.
+Level-triggered: each pass takes the desired entries (from the lease table) and the entries the
+table holds, diffs them into a plan and applies it. Lease changes wake it, coalesced; a
+periodic resync reads the table again and repairs drift. Between reads the reconciler keeps its
+own picture of the table, updated by its writes, so a lease change costs one change, not a
+full read.
 
-Each route's outcome is classified by the error class the table raised:
+Each entry's outcome is classified by the error class the table raised:
 
 =================  ==========================================================================
-programmed         the route is in the table
-retry              a transient failure; the pass is retried with backoff
-throttled          the API asked us to slow down; the whole table backs off
-quota-blocked      the table is full; no creates until a delete frees room or a resync
-failed             refused for good (conflict with a route we do not own, bad next hop);
-                   tried again at the next resync
+programmed         the entry is in the table
+pending            accepted by the table, not in effect yet; read again after the settle time
+retry              a transient failure; retried with backoff, after reading the table again
+throttled          the API asked us to slow down; every table sharing the gate waits it out
+quota-blocked      the table is full; no creates until room appears (a delete, a raised quota)
+failed             refused for good (a conflict with an entry we do not own, a bad next hop,
+                   a missing permission); retried with a growing backoff, logged once
 =================  ==========================================================================
+
+A lease whose entries cannot be computed (refused by vetting, or a backend error) is that
+lease's failure alone: every other lease keeps converging.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
+import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cloudroutes.errors import (
+    LeaseRefused,
     QuotaExceeded,
     RouteError,
     RouteNotFound,
@@ -37,15 +45,33 @@ from cloudroutes.errors import (
 from cloudroutes.lease import Lease
 from cloudroutes.lease_table import LeaseTable
 from cloudroutes.metrics import Metrics
-from cloudroutes.plan import by_destination, make_plan
-from cloudroutes.routes import Action, Change, Destination, Outcome, Plan, Route, RouteTable
+from cloudroutes.plan import make_plan
+from cloudroutes.routes import (
+    UNKNOWN,
+    Action,
+    Change,
+    Entry,
+    EntryKey,
+    EntryState,
+    Foreign,
+    Observation,
+    Observed,
+    Outcome,
+    Plan,
+    RouteTable,
+    TableLimits,
+)
 
 log = logging.getLogger(__name__)
 
-# Maps leases to the routes a table should hold. Each route names its lease in ``lease_key``,
-# and a lease's routes depend on that lease alone (and on this node), so the reconciler can
-# recompute just the leases that changed.
-DesiredRoutes = Callable[[list[Lease]], Iterable[Route]]
+# Maps one lease to the entries a table should hold for it. Entries depend on that lease alone
+# (and on this node), so the reconciler recomputes just the leases that changed. Raising
+# LeaseRefused (or anything else) makes it that lease's failure, with the message as reason.
+DesiredEntries = Callable[[Lease], Iterable[Entry]]
+
+# How often a reconciler that may not act (it lost an election) looks again.
+STANDBY_POLL = 0.5
+FULL_TABLE = "route table is full; waiting for room (delete routes or raise the quota)"
 
 
 class RouteState(enum.Enum):
@@ -59,7 +85,7 @@ class RouteState(enum.Enum):
 
 @dataclass(frozen=True)
 class RouteStatus:
-    route: Route
+    entry: Entry
     state: RouteState
     reason: str = ""
 
@@ -80,11 +106,38 @@ class ReconcilePolicy:
     coalesce: float = 0.005
     retry: Backoff = Backoff(0.2, 30.0)
     throttle: Backoff = Backoff(2.0, 300.0)
+    # An entry the table refused for good is tried again on this backoff, not every pass.
+    refused: Backoff = Backoff(5.0, 300.0)
+    # Each wait is scaled by a random factor in [1 - jitter, 1 + jitter], so agents that failed
+    # together do not retry together.
+    jitter: float = 0.2
 
 
-def classify(change: Change, error: RouteError | Exception | None) -> RouteState:
+class Gate:
+    """A time before which no table behind it may be called. Tables of one cloud account share
+    one, so that throttling seen by one table pauses them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+
+    @property
+    def not_before(self) -> float:
+        with self._lock:
+            return self._not_before
+
+    def hold_until(self, when: float) -> None:
+        with self._lock:
+            self._not_before = max(self._not_before, when)
+
+    def release(self) -> None:
+        with self._lock:
+            self._not_before = 0.0
+
+
+def classify(change: Change, error: Exception | None, pending: bool = False) -> RouteState:
     if error is None:
-        return RouteState.PROGRAMMED
+        return RouteState.PENDING if pending else RouteState.PROGRAMMED
     if isinstance(error, RouteNotFound) and change.action is Action.DELETE:
         return RouteState.PROGRAMMED
     if isinstance(error, Throttled):
@@ -103,46 +156,113 @@ class PassResult:
 
     @property
     def clean(self) -> bool:
-        return all(classify(o.change, o.error) is RouteState.PROGRAMMED for o in self.outcomes)
+        return all(
+            classify(o.change, o.error, o.pending) is RouteState.PROGRAMMED for o in self.outcomes
+        )
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a pass would do now: the plan, the wanted keys held by others, and the leases
+    refused, for `cloudroutes plan`."""
+
+    plan: Plan
+    conflicts: dict[EntryKey, Foreign]
+    refused: dict[str, str]
 
 
 class _DesiredState:
-    """The desired routes, kept per lease so one lease change recomputes one lease's routes.
+    """The desired entries, kept per lease so one lease change recomputes one lease.
 
-    Two leases claiming one destination (a store that is not healthy) resolve to the smallest
-    route, as ``by_destination`` does.
+    Claims are keyed by lease: two leases that want the same entry both hold a claim, and
+    removing one leaves the other's. Two claims on one key with different entries (a store
+    that is not healthy) resolve to the smallest, so every node picks the same one.
     """
 
-    def __init__(self, routes: Iterable[Route] = ()) -> None:
-        self.by_lease: dict[str, list[Route]] = defaultdict(list)
-        self.claims: dict[Destination, set[Route]] = defaultdict(set)
-        self.routes: dict[Destination, Route] = {}
-        for route in routes:
-            self._add(route)
-        self.routes = {d: min(c) for d, c in self.claims.items()}
+    def __init__(self, desired: DesiredEntries) -> None:
+        self._desired = desired
+        self.by_lease: dict[str, list[Entry]] = {}
+        self.claims: dict[EntryKey, dict[str, Entry]] = {}
+        self.entries: dict[EntryKey, Entry] = {}
+        self.refused: dict[str, str] = {}
 
-    def _add(self, route: Route) -> None:
-        self.by_lease[route.lease_key].append(route)
-        self.claims[route.destination].add(route)
+    def compute(self, lease: Lease) -> tuple[list[Entry], str | None]:
+        """A lease's entries, or why there are none; never raises, changes nothing."""
+        try:
+            return list(self._desired(lease)), None
+        except LeaseRefused as exc:
+            return [], str(exc)
+        except Exception as exc:
+            log.debug("computing the entries of lease %s failed", lease.key, exc_info=True)
+            return [], f"cannot compute its routes: {exc or type(exc).__name__}"
 
-    def update(self, leases: dict[str, Lease | None], desired: DesiredRoutes) -> set[Destination]:
-        """Recompute the routes of ``leases`` (None: removed); return what may have moved."""
-        touched: set[Destination] = set()
-        for key in leases:
-            for route in self.by_lease.pop(key, ()):
-                self.claims[route.destination].discard(route)
-                touched.add(route.destination)
-        for route in desired([lease for lease in leases.values() if lease is not None]):
-            self._add(route)
-            touched.add(route.destination)
-        for destination in touched:
-            claims = self.claims.get(destination)
+    def set(self, lease_key: str, lease: Lease | None) -> set[EntryKey]:
+        """Recompute one lease (None: removed); return the keys that may have changed."""
+        entries, refusal = self.compute(lease) if lease is not None else ([], None)
+        touched: set[EntryKey] = set()
+        for entry in self.by_lease.pop(lease_key, ()):
+            claims = self.claims.get(entry.key)
+            if claims is not None:
+                claims.pop(lease_key, None)
+            touched.add(entry.key)
+        if entries:
+            self.by_lease[lease_key] = entries
+        for entry in entries:
+            self.claims.setdefault(entry.key, {})[lease_key] = entry
+            touched.add(entry.key)
+        if refusal is None:
+            self.refused.pop(lease_key, None)
+        else:
+            self.refused[lease_key] = refusal
+        for key in touched:
+            claims = self.claims.get(key)
             if claims:
-                self.routes[destination] = min(claims)
+                self.entries[key] = min(claims.values(), key=lambda e: (e.sort_key(), e.lease_key))
             else:
-                self.claims.pop(destination, None)
-                self.routes.pop(destination, None)
+                self.claims.pop(key, None)
+                self.entries.pop(key, None)
         return touched
+
+
+@dataclass
+class _Picture:
+    """What the reconciler believes the table holds: the last read, plus its own writes."""
+
+    owned: dict[EntryKey, Observed]
+    foreign: dict[EntryKey, Foreign]
+    limit: int | None
+    used: int
+
+    @classmethod
+    def of(cls, observation: Observation) -> _Picture:
+        capacity = observation.capacity
+        return cls(
+            owned=dict(observation.owned),
+            foreign=dict(observation.foreign),
+            limit=capacity.limit if capacity else None,
+            used=capacity.used if capacity else len(observation.owned),
+        )
+
+
+@dataclass
+class _Hold:
+    """An entry the table refused for good: not tried again before ``until``."""
+
+    until: float
+    attempts: int
+
+
+@dataclass
+class _Said:
+    """The last state logged per key, so the log says each change of state once."""
+
+    states: dict[object, tuple[str, str]] = field(default_factory=dict)
+
+    def changed(self, key: object, state: str, reason: str) -> bool:
+        if self.states.get(key) == (state, reason):
+            return False
+        self.states[key] = (state, reason)
+        return True
 
 
 class Reconciler:
@@ -150,33 +270,53 @@ class Reconciler:
         self,
         table: RouteTable,
         leases: LeaseTable,
-        desired: DesiredRoutes,
+        desired: DesiredEntries,
         *,
         metrics: Metrics | None = None,
         policy: ReconcilePolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        actions: frozenset[Action] | None = None,
+        active: Callable[[], bool] | None = None,
     ) -> None:
+        """``actions``: the only actions this reconciler may take (a garbage collector may only
+        delete); None: all. ``active``: whether it may act now (it holds the election its
+        table needs); while not, it reads and writes nothing, and it reads the whole table
+        when it becomes active."""
         self.table = table
         self.leases = leases
         self._desired_fn = desired
         self.metrics = metrics
         self.policy = policy or ReconcilePolicy()
+        self.limits: TableLimits = getattr(table, "limits", None) or TableLimits()
+        self.gate: Gate = getattr(table, "gate", None) or Gate()
         self._clock = clock
+        self._rng = rng or random.Random()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
-        self._want = _DesiredState()
+        self._want = _DesiredState(desired)
         self._want_generation: int | None = None
-        self._actual: dict[Destination, Route] | None = None
-        self._status: dict[Destination, RouteStatus] = {}
+        self._picture: _Picture | None = None
+        self._status: dict[EntryKey, RouteStatus] = {}
         self._generation_done = 0
         self._retry_attempt = 0
         self._throttle_attempt = 0
         self._not_before = 0.0
-        self._quota_blocked = False
-        # Creates refused for quota, planned again as soon as a delete frees room.
-        self._awaiting_room: set[Destination] = set()
-        self._replan: set[Destination] = set()
+        self._settle_at: float | None = None
+        self._quota_full = False
+        # Keys whose creates were refused for quota, planned again when room appears.
+        self._awaiting_room: set[EntryKey] = set()
+        # Keys to plan in the next pass though their leases did not change.
+        self._replan: set[EntryKey] = set()
+        self._holds: dict[EntryKey, _Hold] = {}
+        # Our recent writes: (entry or None for a delete, when), for tables whose reads lag.
+        self._recent: dict[EntryKey, tuple[Entry | None, float]] = {}
+        self._said = _Said()
+        self._refused: dict[str, str] = {}
         self._passes = 0
+        self._actions = actions
+        self._active = active
+        self._was_active = False
         leases.subscribe(self.wake)
 
     # --- triggers -------------------------------------------------------------------------
@@ -186,160 +326,369 @@ class Reconciler:
         self._wakeup.set()
 
     def invalidate(self) -> None:
-        """The table changed behind our back: re-read it on the next pass, which comes now."""
+        """The table changed behind our back: read it again in the next pass, which comes now.
+        What it refused before may go through now (a link came up), so nothing stays held."""
         with self._lock:
-            self._actual = None
+            self._picture = None
+            for hold in self._holds.values():
+                hold.until = 0.0
         self._wakeup.set()
 
     # --- one pass ---------------------------------------------------------------------------
 
-    def plan(self) -> Plan:
-        """What a pass would change now, without changing anything (always a fresh read)."""
+    def preview(self) -> Preview:
+        """What a pass would change now, changing nothing (always a fresh read)."""
         leases, _ = self.leases.snapshot()
-        return make_plan(by_destination(self._desired_fn(leases)).values(), self.table.observe())
+        want = _DesiredState(self._desired_fn)
+        for lease in leases:
+            want.set(lease.key, lease)
+        observation = self.table.observe()
+        diff = make_plan(want.entries, observation.owned, observation.foreign)
+        return Preview(diff.plan, diff.conflicts, dict(want.refused))
+
+    def plan(self) -> Plan:
+        return self.preview().plan
 
     def reconcile(self, *, resync: bool = False) -> PassResult:
-        """One pass. Between resyncs it trusts its own picture of the table and plans only the
-        destinations whose leases changed, so a lease event costs O(changes), not O(leases).
-        A resync, or a picture made doubtful by a failure or by drift, plans everything."""
+        """One pass. Between reads it trusts its own picture of the table and plans only the
+        keys whose leases changed, so a lease event costs O(changes), not O(leases). A resync,
+        a settle time come, or a picture made doubtful by a failure or drift, reads the table
+        and plans everything."""
         started = self._clock()
+        if not self.is_active():
+            return PassResult(plan=Plan(), outcomes=())
         scope = self._update_want(full=resync)
         with self._lock:
-            if resync or self._actual is None:
-                observed = self.table.observe()
-                self._actual = by_destination(observed)
-                scope = None
-                if resync:
-                    self._quota_blocked = False
-            actual = self._actual
+            need_read = resync or self._picture is None or self._settle_due(started)
+        if need_read:
+            observation = self.table.observe()  # no lock held: /status never waits on a cloud
+            with self._lock:
+                self._picture = _Picture.of(observation)
+                self._overlay_recent(self._picture, started)
+                self._settle_at = None
+            scope = None
+        with self._lock:
+            picture = self._picture
+            assert picture is not None
             if scope is None:
                 self._replan.clear()
                 self._awaiting_room.clear()
             else:
-                scope |= self._replan
+                scope |= self._replan | self._due_holds(started)
                 self._replan.clear()
-        want = self._want.routes
-        if scope is None:
-            plan = make_plan(want.values(), observed)
-        else:
-            plan = make_plan(
-                [want[d] for d in scope if d in want], [actual[d] for d in scope if d in actual]
-            )
-        if self._quota_blocked:
-            blocked = plan.of(Action.ADD)
-            plan = plan.without([Action.ADD])
-        else:
-            blocked = []
-        outcomes = tuple(self._apply(plan)) if plan else ()
-        self._record(scope, outcomes, blocked)
-        result = PassResult(plan=plan, outcomes=outcomes)
-        self._schedule(result)
+            diff = make_plan(self._want.entries, picture.owned, picture.foreign, keys=scope)
+            plan = diff.plan
+            if self._actions is not None:
+                plan = Plan(tuple(c for c in plan if c.action in self._actions))
+            plan, held = self._without_held(plan, started)
+            plan, blocked = self._within_room(plan, picture, probe=resync)
+            plan, deferred = self._within_cap(plan)
+        deadline = (
+            started + self.limits.pass_deadline if self.limits.pass_deadline is not None else None
+        )
+        outcomes, unstarted = self._apply(plan, deadline)
+        self._record(scope, diff.conflicts, outcomes, blocked, [*deferred, *unstarted], held)
+        result = PassResult(plan=plan, outcomes=tuple(outcomes))
+        self._schedule(result, bool(deferred or unstarted))
         self._observe_metrics(result, self._clock() - started)
         self._passes += 1
         return result
 
-    def _update_want(self, *, full: bool) -> set[Destination] | None:
-        """Bring the desired routes up to the lease table; return the destinations that may
-        have changed, or None when everything was recomputed."""
+    def is_active(self) -> bool:
+        """Whether this reconciler may act now; on becoming active it forgets its picture, so
+        its first pass reads the whole table (another writer may have changed it)."""
+        if self._active is None:
+            return True
+        active = self._active()
+        if active and not self._was_active:
+            with self._lock:
+                self._picture = None
+            self._want_generation = None
+        elif not active and self._was_active:
+            with self._lock:
+                self._status = {}
+        self._was_active = active
+        return active
+
+    def _update_want(self, *, full: bool) -> set[EntryKey] | None:
+        """Bring the desired entries up to the lease table; return the keys that may have
+        changed, or None when everything was recomputed (a resync, or fallen too far behind)."""
         changes = None
         if not full and self._want_generation is not None:
             changes = self.leases.changes_since(self._want_generation)
         if changes is None:
             leases, generation = self.leases.snapshot()
-            self._want = _DesiredState(self._desired_fn(leases))
+            want = _DesiredState(self._desired_fn)
+            for lease in leases:
+                want.set(lease.key, lease)
+            self._want = want
             self._want_generation = generation
+            self._holds.clear()
+            self._report_refusals()
             return None
-        scope = self._want.update(changes.leases, self._desired_fn)
+        scope: set[EntryKey] = set()
+        for key, lease in changes.leases.items():
+            touched = self._want.set(key, lease)
+            scope |= touched
+            for entry_key in touched:
+                self._holds.pop(entry_key, None)  # the lease changed: try its entries now
         self._want_generation = changes.generation
+        if changes.leases:
+            self._report_refusals()
         return scope
 
-    def _apply(self, plan: Plan) -> list[Outcome]:
+    def _settle_due(self, now: float) -> bool:
+        return self._settle_at is not None and now >= self._settle_at
+
+    def _overlay_recent(self, picture: _Picture, now: float) -> None:
+        """A read that lags our writes would plan them again: take a change we made within the
+        table's read lag and not seen yet as pending (a delete as done)."""
+        lag = self.limits.read_lag
+        for key, (entry, when) in list(self._recent.items()):
+            if now - when > lag:
+                del self._recent[key]
+                continue
+            seen = picture.owned.get(key)
+            if entry is None:
+                if seen is not None:
+                    del picture.owned[key]
+                    picture.used -= 1
+            elif seen is None or seen.entry != entry:
+                if seen is None:
+                    picture.used += 1
+                picture.owned[key] = Observed(entry, EntryState.PENDING)
+                if self._settle_at is None:
+                    self._settle_at = when + lag
+
+    def _due_holds(self, now: float) -> set[EntryKey]:
+        return {key for key, hold in self._holds.items() if hold.until <= now}
+
+    def _without_held(self, plan: Plan, now: float) -> tuple[Plan, list[Change]]:
+        if not self._holds:
+            return plan, []
+        keep, held = [], []
+        for change in plan:
+            hold = self._holds.get(change.key)
+            (held if hold is not None and hold.until > now else keep).append(change)
+        return Plan(tuple(keep)), held
+
+    def _within_room(
+        self, plan: Plan, picture: _Picture, *, probe: bool
+    ) -> tuple[Plan, list[Change]]:
+        """Plan only as many creates as there is room for, in plan order; a full table costs
+        no doomed calls. After a quota error, a resync tries one create, in case the quota was
+        raised."""
+        room = math.inf
+        if picture.limit is not None:
+            frees = sum(1 for c in plan if c.action is Action.DELETE)
+            room = max(0, picture.limit - picture.used + frees)
+        if self._quota_full:
+            room = min(room, 1 if probe else 0)
+        adds = [c for c in plan if c.action is Action.ADD]
+        if len(adds) <= room:
+            return plan, []
+        blocked = adds[int(room) :]
+        dropped = {id(c) for c in blocked}
+        return Plan(tuple(c for c in plan if id(c) not in dropped)), blocked
+
+    def _within_cap(self, plan: Plan) -> tuple[Plan, list[Change]]:
+        cap = self.limits.max_changes
+        if cap is None or len(plan) <= cap:
+            return plan, []
+        return Plan(plan.changes[:cap]), list(plan.changes[cap:])
+
+    def _apply(self, plan: Plan, deadline: float | None) -> tuple[list[Outcome], list[Change]]:
+        """The outcomes, matched to changes by key, and the changes the table did not start."""
+        if not plan:
+            return [], []
         try:
-            outcomes = list(self.table.apply(plan))
+            outcomes = list(self.table.apply(plan, deadline))
         except RouteError as exc:
-            return [Outcome(c, exc) for c in plan]
-        answered = {id(o.change) for o in outcomes}
-        missing = [c for c in plan if id(c) not in answered]
-        if missing:
+            return [Outcome(c, exc) for c in plan], []
+        answered = {o.change.key for o in outcomes}
+        missing = [c for c in plan if c.key not in answered]
+        if missing and deadline is None:
             log.error(
                 "route table %s gave no outcome for %d changes", self.table.name, len(missing)
             )
-            outcomes += [Outcome(c, Transient("no outcome reported")) for c in missing]
-        return outcomes
+            return outcomes + [Outcome(c, Transient("no outcome reported")) for c in missing], []
+        return outcomes, missing
 
     def _record(
-        self, scope: set[Destination] | None, outcomes: tuple[Outcome, ...], blocked: list[Change]
+        self,
+        scope: set[EntryKey] | None,
+        conflicts: dict[EntryKey, Foreign],
+        outcomes: list[Outcome],
+        blocked: list[Change],
+        deferred: list[Change],
+        held: list[Change],
     ) -> None:
-        want = self._want.routes
+        now = self._clock()
+        want = self._want.entries
         with self._lock:
-            actual = self._actual if self._actual is not None else {}
+            picture = self._picture
+            assert picture is not None
             status = {} if scope is None else self._status
-            for destination in want if scope is None else scope:
-                route = want.get(destination)
-                if route is None:
-                    status.pop(destination, None)
-                elif actual.get(destination) == route:
-                    status[destination] = RouteStatus(route, RouteState.PROGRAMMED)
-                else:
-                    status[destination] = RouteStatus(route, RouteState.PENDING)
+            for key in want if scope is None else scope:
+                entry = want.get(key)
+                if entry is None:
+                    status.pop(key, None)
+                    self._said.states.pop(key, None)
+                    continue
+                seen = picture.owned.get(key)
+                if seen is not None and seen.entry == entry:
+                    if seen.state is EntryState.PENDING:
+                        status[key] = RouteStatus(
+                            entry, RouteState.PENDING, "accepted, not in effect yet"
+                        )
+                    elif seen.state is EntryState.ACTIVE:
+                        status[key] = RouteStatus(entry, RouteState.PROGRAMMED)
+                    else:
+                        status[key] = RouteStatus(entry, RouteState.PENDING)
+                elif scope is None or key not in status:
+                    status[key] = RouteStatus(entry, RouteState.PENDING)
+            for key, foreign in conflicts.items():
+                status[key] = RouteStatus(want[key], RouteState.FAILED, foreign.conflict(key))
             doubtful = False
             for outcome in outcomes:
-                change = outcome.change
-                state = classify(change, outcome.error)
-                if self.metrics:
-                    self.metrics.route_changes.labels(
-                        self.table.name, change.action.value, state.value
-                    ).inc()
-                destination = change.route.destination
-                if state is RouteState.PROGRAMMED:
-                    if change.action is Action.DELETE:
-                        if actual.get(destination) == change.route:
-                            del actual[destination]
-                        if self._quota_blocked:
-                            self._quota_blocked = False
-                            self._replan |= self._awaiting_room
-                            self._awaiting_room.clear()
-                            self._wakeup.set()
-                    else:
-                        actual[destination] = change.route
-                        status[destination] = RouteStatus(change.route, RouteState.PROGRAMMED)
-                    continue
-                reason = str(outcome.error)
-                log.warning("%s: %s failed (%s): %s", self.table.name, change, state.value, reason)
-                if state is RouteState.QUOTA_BLOCKED:
-                    self._quota_blocked = True
-                    self._awaiting_room.add(destination)
-                # A transient failure may have left the table in any state: read it again.
-                # A refusal (quota, conflict, rejected) changed nothing; it waits for a resync.
-                doubtful |= state in (RouteState.RETRY, RouteState.THROTTLED)
-                if change.action is not Action.DELETE:
-                    status[destination] = RouteStatus(change.route, state, reason)
+                doubtful |= self._record_outcome(outcome, picture, status, now)
             for change in blocked:
-                self._awaiting_room.add(change.route.destination)
-                status[change.route.destination] = RouteStatus(
-                    change.route,
-                    RouteState.QUOTA_BLOCKED,
-                    "route table is full; waiting for room (delete routes or raise the quota)",
-                )
-            self._actual = None if doubtful else actual
+                self._awaiting_room.add(change.key)
+                status[change.key] = RouteStatus(change.entry, RouteState.QUOTA_BLOCKED, FULL_TABLE)
+            for change in deferred:
+                self._replan.add(change.key)
+            for change in held:
+                old = status.get(change.key)
+                if old is not None and old.state is RouteState.FAILED:
+                    status[change.key] = RouteStatus(change.entry, old.state, old.reason)
+            if doubtful:
+                self._picture = None
             self._status = status
+            touched = want.keys() if scope is None else scope
+            for key in (*touched, *conflicts, *(o.change.key for o in outcomes)):
+                st = status.get(key)
+                if st is not None:
+                    self._announce(key, st)
 
-    def _schedule(self, result: PassResult) -> None:
-        states = {classify(o.change, o.error) for o in result.outcomes}
+    def _record_outcome(
+        self,
+        outcome: Outcome,
+        picture: _Picture,
+        status: dict[EntryKey, RouteStatus],
+        now: float,
+    ) -> bool:
+        """Fold one outcome into the picture and the status; True when the picture is now
+        doubtful and the table must be read again."""
+        change = outcome.change
+        key = change.key
+        state = classify(change, outcome.error, outcome.pending)
+        if self.metrics:
+            self.metrics.route_changes.labels(
+                self.table.name, change.action.value, state.value
+            ).inc()
+        if state in (RouteState.PROGRAMMED, RouteState.PENDING):
+            self._holds.pop(key, None)
+            if change.action is Action.DELETE:
+                if picture.owned.pop(key, None) is not None:
+                    picture.used -= 1
+                self._recent[key] = (None, now)
+                if self._quota_full:
+                    self._quota_full = False
+                    self._replan |= self._awaiting_room
+                    self._awaiting_room.clear()
+                    self._wakeup.set()
+                return False
+            if change.action is Action.ADD and key not in picture.owned:
+                picture.used += 1
+            mark = EntryState.PENDING if outcome.pending else EntryState.ACTIVE
+            picture.owned[key] = Observed(change.entry, mark)
+            picture.foreign.pop(key, None)
+            self._recent[key] = (change.entry, now)
+            if outcome.pending:
+                status[key] = RouteStatus(change.entry, state, "accepted, not in effect yet")
+                settle = now + self.limits.settle
+                self._settle_at = (
+                    settle if self._settle_at is None else min(self._settle_at, settle)
+                )
+            else:
+                status[key] = RouteStatus(change.entry, state)
+            return False
+        reason = str(outcome.error)
+        if state in (RouteState.THROTTLED, RouteState.RETRY):
+            self._replan.add(key)  # nothing changed, or the read decides: plan it again
+        if state is RouteState.QUOTA_BLOCKED:
+            self._quota_full = True
+            self._awaiting_room.add(key)
+        elif state is RouteState.FAILED:
+            hold = self._holds.get(key)
+            attempts = hold.attempts + 1 if hold else 1
+            wait = self._jittered(self.policy.refused.delay(attempts))
+            self._holds[key] = _Hold(now + wait, attempts)
+        if change.action is not Action.DELETE:
+            status[key] = RouteStatus(change.entry, state, reason)
+        elif state is not RouteState.PROGRAMMED:
+            self._announce(("delete", key), RouteStatus(change.entry, state, reason))
+        if state is RouteState.RETRY:
+            present = outcome.present
+            if present is UNKNOWN:
+                return True  # a transient failure may have left anything: read again
+            if present is None:
+                if picture.owned.pop(key, None) is not None:
+                    picture.used -= 1
+            else:
+                picture.owned[key] = Observed(present)  # type: ignore[arg-type]
+        return False
+
+    def _announce(self, key: object, st: RouteStatus) -> None:
+        """Log a key's state when it changes: once per change, not at every pass."""
+        if not self._said.changed(key, st.state.value, st.reason):
+            return
+        if st.state is RouteState.PROGRAMMED or st.state is RouteState.PENDING:
+            return
+        action = f"delete {st.entry}" if isinstance(key, tuple) else str(st.entry)
+        log.warning("%s: %s: %s: %s", self.table.name, action, st.state.value, st.reason)
+
+    def _report_refusals(self) -> None:
+        refused = self._want.refused
+        for lease_key, reason in refused.items():
+            if self._said.changed(("lease", lease_key), "refused", reason):
+                log.warning("%s: not routing lease %s: %s", self.table.name, lease_key, reason)
+                if self.metrics:
+                    self.metrics.lease_refusals.labels(self.table.name).inc()
+        for said in [k for k in self._said.states if isinstance(k, tuple) and k[0] == "lease"]:
+            if said[1] not in refused:
+                del self._said.states[said]
+        with self._lock:
+            self._refused = dict(refused)
+        if self.metrics:
+            self.metrics.leases_refused.labels(self.table.name).set(len(refused))
+
+    def _jittered(self, delay: float) -> float:
+        spread = self.policy.jitter
+        return delay * self._rng.uniform(1 - spread, 1 + spread)
+
+    def _schedule(self, result: PassResult, more: bool) -> None:
+        outcomes = result.outcomes
+        states = {classify(o.change, o.error, o.pending) for o in outcomes}
         now = self._clock()
         if RouteState.THROTTLED in states:
             self._throttle_attempt += 1
-            self._not_before = now + self.policy.throttle.delay(self._throttle_attempt)
+            wait = self.policy.throttle.delay(self._throttle_attempt)
+            advice = [o.error.retry_after for o in outcomes if isinstance(o.error, Throttled)]
+            wait = max([wait, *[a for a in advice if a]])
+            self.gate.hold_until(now + self._jittered(wait))
             self._wakeup.set()
         elif RouteState.RETRY in states:
             self._throttle_attempt = 0
             self._retry_attempt += 1
-            self._not_before = now + self.policy.retry.delay(self._retry_attempt)
+            self._not_before = now + self._jittered(self.policy.retry.delay(self._retry_attempt))
             self._wakeup.set()
         else:
             self._throttle_attempt = 0
             self._retry_attempt = 0
             self._not_before = 0.0
+        if more:
+            self._wakeup.set()
 
     def _observe_metrics(self, result: PassResult, took: float) -> None:
         if self.metrics is None:
@@ -347,7 +696,7 @@ class Reconciler:
         name = self.table.name
         self.metrics.reconcile_duration.labels(name).observe(took)
         counts = Counter(status.state for status in self.status().values())
-        self.metrics.routes_desired.labels(name).set(len(self._want.routes))
+        self.metrics.routes_desired.labels(name).set(len(self._want.entries))
         self.metrics.routes_programmed.labels(name).set(counts[RouteState.PROGRAMMED])
         for state in RouteState:
             if state is not RouteState.PROGRAMMED:
@@ -361,38 +710,66 @@ class Reconciler:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def _next_due(self, next_resync: float) -> float:
+        """When the next pass is due: at once when woken, else the earliest timer; never before
+        the backoff (throttling included, resyncs too) lets us call the table."""
+        due = next_resync
+        if self._wakeup.is_set():
+            due = self._clock()
+        with self._lock:
+            if self._settle_at is not None:
+                due = min(due, self._settle_at)
+            if self._holds:
+                due = min(due, min(h.until for h in self._holds.values()))
+        return max(due, self._not_before, self.gate.not_before)
+
     def run(self, stop: threading.Event) -> None:
-        """Reconcile until ``stop`` is set: on wake-ups, retries and every resync period."""
+        """Reconcile until ``stop`` is set: on wake-ups, retries, settle times and resyncs."""
         next_resync = self._clock()
         while not stop.is_set():
-            now = self._clock()
-            resync = now >= next_resync
-            if resync or (self._wakeup.is_set() and now >= self._not_before):
-                if not resync and self.policy.coalesce:
-                    stop.wait(self.policy.coalesce)
-                self._wakeup.clear()
-                try:
-                    self.reconcile(resync=resync)
-                except Exception:
-                    # A bug or an unclassified failure of observe(): keep the loop alive and
-                    # re-read the table next time.
-                    log.exception("%s: reconcile pass failed", self.table.name)
-                    with self._lock:
-                        self._actual = None
-                    self._not_before = self._clock() + self.policy.retry.delay(
-                        self._retry_attempt + 1
-                    )
-                    self._retry_attempt += 1
-                    self._wakeup.set()
-                if resync:
-                    next_resync = self._clock() + self.table.resync_period
+            if not self.is_active():
+                stop.wait(STANDBY_POLL)  # until this node wins the election its table needs
                 continue
-            deadline = next_resync
-            if self._wakeup.is_set():
-                deadline = min(deadline, self._not_before)
-                stop.wait(max(0.0, deadline - self._clock()))
-            else:
-                self._wait_for_wakeup(stop, max(0.0, deadline - self._clock()))
+            due = self._next_due(next_resync)
+            now = self._clock()
+            if now < due:
+                gated = max(self._not_before, self.gate.not_before) > now
+                if gated or self._wakeup.is_set():
+                    stop.wait(min(due - now, 0.5))
+                else:
+                    self._wait_for_wakeup(stop, due - now)
+                continue
+            resync = now >= next_resync
+            if not resync and self.policy.coalesce and self._wakeup.is_set():
+                stop.wait(self.policy.coalesce)
+            self._wakeup.clear()
+            try:
+                self.reconcile(resync=resync)
+            except Exception as exc:
+                # observe() failed, or a bug: keep the loop alive and read the table next time.
+                if isinstance(exc, Throttled):
+                    self._throttle_attempt += 1
+                    wait = max(
+                        self.policy.throttle.delay(self._throttle_attempt), exc.retry_after or 0
+                    )
+                    self.gate.hold_until(self._clock() + self._jittered(wait))
+                else:
+                    self._retry_attempt += 1
+                    self._not_before = self._clock() + self._jittered(
+                        self.policy.retry.delay(self._retry_attempt)
+                    )
+                log.warning(
+                    "%s: reconcile pass failed: %s",
+                    self.table.name,
+                    exc,
+                    exc_info=not isinstance(exc, RouteError),
+                )
+                with self._lock:
+                    self._picture = None
+                self._wakeup.set()
+                continue
+            if resync:
+                next_resync = self._clock() + self.table.resync_period
 
     def _wait_for_wakeup(self, stop: threading.Event, timeout: float) -> None:
         end = self._clock() + timeout
@@ -404,9 +781,14 @@ class Reconciler:
 
     # --- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[Destination, RouteStatus]:
+    def status(self) -> dict[EntryKey, RouteStatus]:
         with self._lock:
             return dict(self._status)
+
+    def refused(self) -> dict[str, str]:
+        """Leases this table does not serve, with the reason (lease key -> reason)."""
+        with self._lock:
+            return dict(self._refused)
 
     @property
     def passes(self) -> int:

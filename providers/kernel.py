@@ -29,7 +29,17 @@ from cloudroutes.errors import (
     RouteNotFound,
     Transient,
 )
-from cloudroutes.routes import Action, Change, Destination, Outcome, Plan, Route
+from cloudroutes.routes import (
+    Action,
+    Change,
+    Destination,
+    Foreign,
+    Observation,
+    Observed,
+    Outcome,
+    Plan,
+    Route,
+)
 from providers.netlink import (
     BATCH,
     IFF_LOWER_UP,
@@ -80,6 +90,9 @@ _WATCH_RETRY = 1.0
 _WATCH_POLL_MS = 200
 
 RTPROT_CLOUDROUTES = 157
+RTPROT_BOOT = 3  # what `ip route add` and flanneld (vishvananda/netlink) leave unset
+RTN_BLACKHOLE = 6
+BLACKHOLE = "blackhole"  # a Route's next hop for a route that drops its packets
 RT_TABLE_MAIN = 254
 
 # --- the route table -----------------------------------------------------------------------------
@@ -177,10 +190,11 @@ class KernelRouteTable:
 
     # --- observe --------------------------------------------------------------------------------
 
-    def _kernel_routes(self, nl: Netlink, *, owned_only: bool = True) -> list[KernelRoute]:
-        """Routes of our table in both families; only ours unless ``owned_only`` is false."""
+    def _kernel_routes(self, nl: Netlink, protocol: int | None = None) -> list[KernelRoute]:
+        """Routes of our table in both families, of one rt protocol (ours by default), or of
+        every protocol when ``protocol`` is 0."""
         out: list[KernelRoute] = []
-        protocol = self.protocol if owned_only else 0
+        protocol = self.protocol if protocol is None else protocol
         for family in (socket.AF_INET, socket.AF_INET6):
             # The kernel filters on protocol and table (strict checking); we filter again for
             # kernels that ignore the filter.
@@ -199,35 +213,54 @@ class KernelRouteTable:
                 route = parse_route(payload)
                 if route is None or route.table != self.table:
                     continue
-                if owned_only and route.protocol != self.protocol:
+                if protocol and route.protocol != protocol:
                     continue
                 out.append(route)
         return out
 
-    def observe(self) -> set[Route]:
-        def read(nl: Netlink) -> tuple[list[KernelRoute], dict[int, str]]:
+    def observe(self) -> Observation:
+        """Our routes, and the ``proto boot`` ones as adoptable foreign routes: that is what
+        flanneld (and a plain ``ip route add``) leaves, so a node switching from flanneld can
+        take its routes over in place when they are exactly what a lease wants."""
+
+        def read(nl: Netlink) -> tuple[list[KernelRoute], list[KernelRoute], dict[int, str]]:
             found = self._kernel_routes(nl)
+            boot = [r for r in self._kernel_routes(nl, RTPROT_BOOT) if r.rtype == RTN_UNICAST]
             names: dict[int, str] = {}
-            for index in {r.oif for r in found if r.oif}:
+            for index in {r.oif for r in (*found, *boot) if r.oif}:
                 link = get_link(nl, index=index)
                 if link is not None:
                     names[index] = link.name
-            return found, names
+            return found, boot, names
 
-        found, names = self._call(read)
+        found, boot, names = self._call(read)
         known = self._known
         fresh: dict[DestKey, Destination] = {}
-        routes: set[Route] = set()
+        owned: dict[Destination, Observed] = {}
         for r in found:
             destination = known.get(r.key)
             if destination is None:
                 destination = key_destination(r.key)
             fresh[r.key] = destination
-            next_hop = r.gateway if r.rtype == RTN_UNICAST else RTN_NAMES.get(r.rtype, "?")
-            routes.add(Route(destination, next_hop, names.get(r.oif), r.onlink))
+            owned[destination] = Observed(self._as_route(r, destination, names))
+        foreign: dict[Destination, Foreign] = {}
+        for r in boot:
+            destination = key_destination(r.key)
+            if destination not in owned:
+                foreign[destination] = Foreign(
+                    self._as_route(r, destination, names),
+                    holder=f"a route cloudroutes does not own ({r.describe(names.get(r.oif))})",
+                    adoptable=True,
+                    advice=self._conflict_advice(destination),
+                )
         self._known = fresh
         self._watch_devices(names.values(), names.keys())
-        return routes
+        return Observation(owned=owned, foreign=foreign)
+
+    @staticmethod
+    def _as_route(r: KernelRoute, destination: Destination, names: dict[int, str]) -> Route:
+        next_hop = r.gateway if r.rtype == RTN_UNICAST else RTN_NAMES.get(r.rtype, "?")
+        return Route(destination, next_hop, names.get(r.oif), r.onlink)
 
     def _watch_devices(self, names: Iterable[str], indexes: Iterable[int]) -> None:
         self._devices = self._devices | set(names)
@@ -235,14 +268,15 @@ class KernelRouteTable:
 
     # --- apply ----------------------------------------------------------------------------------
 
-    def apply(self, plan: Plan) -> list[Outcome]:
+    def apply(self, plan: Plan, deadline: float | None = None) -> list[Outcome]:
+        # One batched netlink exchange is fast enough that a deadline never matters here.
         changes = list(plan)
         if not changes:
             return []
         known = dict(self._known)
         for change in changes:
             if change.action is not Action.DELETE:
-                destination = change.route.destination
+                destination = _route(change).destination
                 known.setdefault(dest_key(destination), destination)
         self._known = known
         return self._call(lambda nl: self._apply(nl, changes))
@@ -265,7 +299,7 @@ class KernelRouteTable:
 
     def _resolve_devices(self, nl: Netlink, changes: list[Change]) -> dict[str, int | None]:
         names = {
-            c.route.device for c in changes if c.route.device and c.action is not Action.DELETE
+            _route(c).device for c in changes if _route(c).device and c.action is not Action.DELETE
         }
         devices: dict[str, int | None] = {}
         for name in names:
@@ -275,7 +309,7 @@ class KernelRouteTable:
         return devices
 
     def _encode(self, change: Change, devices: dict[str, int | None]) -> _Pending:
-        route = change.route
+        route = _route(change)
         key = dest_key(route.destination)
         gateway = packed_gateway(route.next_hop, len(key[0]))
         if change.action is Action.DELETE:
@@ -289,6 +323,16 @@ class KernelRouteTable:
                 gateway=gateway if isinstance(gateway, bytes) else None,
             )
             return _Pending(change, (RTM_DELROUTE, 0, body))
+        if route.next_hop == BLACKHOLE:
+            body = route_message(
+                key,
+                protocol=self.protocol,
+                table=self.table,
+                scope=RT_SCOPE_UNIVERSE,
+                rtype=RTN_BLACKHOLE,
+            )
+            flags = NLM_F_CREATE | (NLM_F_EXCL if change.action is Action.ADD else NLM_F_REPLACE)
+            return _Pending(change, (RTM_NEWROUTE, flags, body))
         if isinstance(gateway, str):
             return _Pending(change, error=Rejected(f"{route}: {gateway}"))
         oif = 0
@@ -316,14 +360,15 @@ class KernelRouteTable:
         )
         if change.action is Action.ADD:
             return _Pending(change, (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body))
-        # REPLACE is planned only over a route of ours; CREATE also covers one that vanished
-        # since it was observed.
+        # REPLACE is planned only over a route of ours, ADOPT over an identical proto boot
+        # route: the kernel swaps the route in place, so traffic never lacks one. CREATE also
+        # covers a route that vanished since it was observed.
         return _Pending(change, (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body))
 
     def _classify(self, change: Change, error: NetlinkError | None) -> RouteError | None:
         if error is None:
             return None
-        route = change.route
+        route = _route(change)
         code = error.errno
         detail = error.extack or os.strerror(code)
         if code in (errno.ESRCH, errno.ENOENT):
@@ -347,20 +392,20 @@ class KernelRouteTable:
         """ADDs refused with EEXIST: replace the ones where a route of ours stands (our picture
         was stale), and report the foreign ones as conflicts naming who holds the destination."""
         present: dict[DestKey, list[KernelRoute]] = {}
-        for route in self._kernel_routes(nl, owned_only=False):
+        for route in self._kernel_routes(nl, 0):
             present.setdefault(route.key, []).append(route)
         out: dict[int, RouteError | None] = {}
         ours: list[_Pending] = []
         for item in items:
-            holders = present.get(dest_key(item.change.route.destination), [])
+            holders = present.get(dest_key(_route(item.change).destination), [])
             foreign = [r for r in holders if r.protocol != self.protocol]
             if foreign:
-                out[id(item.change)] = self._conflict(nl, item.change.route, foreign[0])
+                out[id(item.change)] = self._conflict(nl, _route(item.change), foreign[0])
             elif holders:
                 ours.append(item)
             else:
                 out[id(item.change)] = Transient(
-                    f"{item.change.route}: the kernel reported a route there that is gone now"
+                    f"{_route(item.change)}: the kernel reported a route there that is gone now"
                 )
         if ours:
             requests = [
@@ -373,12 +418,18 @@ class KernelRouteTable:
 
     def _conflict(self, nl: Netlink, route: Route, holder: KernelRoute) -> RouteConflict:
         link = get_link(nl, index=holder.oif) if holder.oif else None
-        family = "-6 " if route.destination.version == 6 else ""
-        table = "" if self.table == RT_TABLE_MAIN else f" table {self.table}"
         return RouteConflict(
             f"{route.destination} is held by a route cloudroutes does not own "
-            f"({holder.describe(link.name if link else None)}); if this subnet belongs to the "
-            f"pod network, delete it: ip {family}route del {route.destination}{table}"
+            f"({holder.describe(link.name if link else None)}); "
+            + self._conflict_advice(route.destination)
+        )
+
+    def _conflict_advice(self, destination: Destination) -> str:
+        family = "-6 " if destination.version == 6 else ""
+        table = "" if self.table == RT_TABLE_MAIN else f" table {self.table}"
+        return (
+            "if this subnet belongs to the pod network, delete it: "
+            f"ip {family}route del {destination}{table}"
         )
 
     # --- drift ----------------------------------------------------------------------------------
@@ -456,3 +507,10 @@ class KernelRouteTable:
             (index,) = U32.unpack_from(payload, 4)
             return index in self._indexes
         return False
+
+
+def _route(change: Change) -> Route:
+    """Kernel tables hold plain routes."""
+    entry = change.entry
+    assert isinstance(entry, Route), f"a kernel table holds routes, not {entry!r}"
+    return entry

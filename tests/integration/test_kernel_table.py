@@ -22,7 +22,7 @@ from cloudroutes.lease_table import LeaseTable
 from cloudroutes.plan import make_plan
 from cloudroutes.reconciler import Reconciler, RouteState
 from cloudroutes.routes import Action, Change, Outcome, Plan, Route
-from providers.host_gw import OFFLINK_HINT, desired_routes
+from providers.host_gw import OFFLINK_HINT, peer_routes
 from providers.kernel import RTPROT_CLOUDROUTES, KernelRouteTable
 from tests.conftest import needs_root
 
@@ -68,8 +68,14 @@ def adds(*routes: Route) -> Plan:
     return Plan(tuple(Change(Action.ADD, r) for r in routes))
 
 
+def diff(want: list[Route], table: KernelRouteTable) -> Plan:
+    """The plan from what the table holds now to ``want``."""
+    seen = table.observe()
+    return make_plan({r.key: r for r in want}, seen.owned, seen.foreign).plan
+
+
 def errors(outcomes: list[Outcome]) -> dict[str, Exception | None]:
-    return {str(o.change.route.destination): o.error for o in outcomes}
+    return {str(o.change.key): o.error for o in outcomes}
 
 
 def test_added_routes_carry_our_protocol(node: Node) -> None:
@@ -81,17 +87,25 @@ def test_added_routes_carry_our_protocol(node: Node) -> None:
         f"10.5.1.0/24 via 198.18.0.2 dev eth0 proto {PROTO}",
         f"10.5.2.0/24 via 198.18.0.3 dev eth0 proto {PROTO}",
     ]
-    assert table.observe() == {route("10.5.1.0/24"), route("10.5.2.0/24", "198.18.0.3")}
+    assert table.observe().entries() == {route("10.5.1.0/24"), route("10.5.2.0/24", "198.18.0.3")}
 
 
 def test_foreign_routes_are_never_touched(node: Node) -> None:
     node.ns.ip("route", "add", "10.99.0.0/24", "via", "198.18.0.9", "proto", "static")
     node.ns.ip("route", "add", "10.5.2.0/24", "via", "198.18.0.7")  # proto boot, where we want one
     table = node.table()
-    assert table.observe() == set()
+    assert table.observe().entries() == set()
 
     want = [route("10.5.1.0/24"), route("10.5.2.0/24")]
-    outcomes = table.apply(make_plan(want, table.observe()))
+    seen = table.observe()
+    planned = make_plan({r.key: r for r in want}, seen.owned, seen.foreign)
+    # The plan leaves the foreign destination alone and reports who holds it.
+    assert [str(c) for c in planned.plan] == ["add 10.5.1.0/24 via 198.18.0.2 dev eth0"]
+    assert planned.conflicts[ip_network("10.5.2.0/24")].holder == (
+        "a route cloudroutes does not own (10.5.2.0/24 via 198.18.0.7 dev eth0 proto boot)"
+    )
+    # A table that did not know (an incremental pass) is refused by the kernel, and says so.
+    outcomes = table.apply(adds(*want))
 
     conflict = errors(outcomes)["10.5.2.0/24"]
     assert isinstance(conflict, RouteConflict)
@@ -101,10 +115,10 @@ def test_foreign_routes_are_never_touched(node: Node) -> None:
         "network, delete it: ip route del 10.5.2.0/24"
     )
     assert errors(outcomes)["10.5.1.0/24"] is None
-    assert table.observe() == {route("10.5.1.0/24")}
+    assert table.observe().entries() == {route("10.5.1.0/24")}
 
     # Converging to "nothing" removes only ours.
-    outcomes = table.apply(make_plan([], table.observe()))
+    outcomes = table.apply(diff([], table))
     assert all(o.ok for o in outcomes)
     assert node.ours() == []
     assert "10.99.0.0/24 via 198.18.0.9 dev eth0 proto static" in node.routes()
@@ -128,7 +142,7 @@ def test_replace_changes_the_gateway(node: Node) -> None:
     table.apply(adds(old))
 
     new = route("10.5.1.0/24", "198.18.0.3")
-    outcomes = table.apply(make_plan([new], table.observe()))
+    outcomes = table.apply(diff([new], table))
 
     assert [(o.change.action, o.ok) for o in outcomes] == [(Action.REPLACE, True)]
     assert node.ours() == [f"10.5.1.0/24 via 198.18.0.3 dev eth0 proto {PROTO}"]
@@ -164,7 +178,7 @@ def test_off_link_next_hop_is_rejected_and_the_rest_still_lands(node: Node) -> N
         "10.5.5.0/24: next hop 198.18.5.9 is not on-link on eth0: "
         "host-gw needs every node in one L2 segment (or use vxlan)"
     )
-    assert [str(o.change.route.destination) for o in outcomes if o.ok] == [
+    assert [str(o.change.key) for o in outcomes if o.ok] == [
         "10.5.1.0/24",
         "10.5.6.0/24",
     ]
@@ -186,19 +200,19 @@ def test_onlink_and_device_routes(node: Node) -> None:
         f"10.5.7.0/24 via 198.18.5.9 dev eth0 proto {PROTO} onlink",
         f"10.5.8.0/24 dev eth0 proto {PROTO} scope link",
     ]
-    assert table.observe() == {onlink, on_device}
+    assert table.observe().entries() == {onlink, on_device}
 
 
 def test_a_new_table_object_adopts_what_is_there(node: Node) -> None:
     want = [route("10.5.1.0/24"), route("10.5.2.0/24"), route("2001:2:0:5::/64", "2001:2::2")]
     first = node.table()
-    first.apply(make_plan(want, first.observe()))
+    first.apply(diff(want, first))
     first.close()
 
     restarted = node.table()
 
-    assert restarted.observe() == set(want)
-    assert not make_plan(want, restarted.observe())
+    assert restarted.observe().entries() == set(want)
+    assert not diff(want, restarted)
 
 
 def test_ipv6_routes(node: Node) -> None:
@@ -210,22 +224,22 @@ def test_ipv6_routes(node: Node) -> None:
         route("2001:2:0:9::/64", "2001:2::2"),  # held by the operator
     ]
 
-    outcomes = errors(table.apply(make_plan(want, table.observe())))
+    outcomes = errors(table.apply(diff(want, table)))
 
     assert outcomes["2001:2:0:5::/64"] is None
     assert isinstance(outcomes["2001:2:0:6::/64"], Rejected)
     assert "next hop 2001:2:7::1 is not on-link on eth0" in str(outcomes["2001:2:0:6::/64"])
     assert isinstance(outcomes["2001:2:0:9::/64"], RouteConflict)
     assert "ip -6 route del 2001:2:0:9::/64" in str(outcomes["2001:2:0:9::/64"])
-    assert table.observe() == {want[0]}
+    assert table.observe().entries() == {want[0]}
     assert node.ours("-6") == [
         f"2001:2:0:5::/64 via 2001:2::2 dev eth0 proto {PROTO} metric 1024 pref medium"
     ]
 
-    table.apply(make_plan([route("2001:2:0:5::/64", "2001:2::3")], table.observe()))
-    assert table.observe() == {route("2001:2:0:5::/64", "2001:2::3")}
+    table.apply(diff([route("2001:2:0:5::/64", "2001:2::3")], table))
+    assert table.observe().entries() == {route("2001:2:0:5::/64", "2001:2::3")}
 
-    assert all(o.ok for o in table.apply(make_plan([], table.observe())))
+    assert all(o.ok for o in table.apply(diff([], table)))
     assert node.ours("-6") == []
     assert node.routes("2001:2:0:9::/64", family="-6") == [
         "2001:2:0:9::/64 via 2001:2::9 dev eth0 proto static metric 1024 pref medium"
@@ -236,13 +250,13 @@ def test_five_thousand_routes_in_one_plan(node: Node) -> None:
     table = node.table()
     want = [route(f"10.{20 + i // 256}.{i % 256}.0/24") for i in range(5000)]
 
-    outcomes = table.apply(make_plan(want, table.observe()))
+    outcomes = table.apply(diff(want, table))
 
     assert all(o.ok for o in outcomes)
     assert len(node.ours()) == 5000
-    assert table.observe() == set(want)
+    assert table.observe().entries() == set(want)
 
-    outcomes = table.apply(make_plan([], table.observe()))
+    outcomes = table.apply(diff([], table))
 
     assert len(outcomes) == 5000
     assert all(o.ok for o in outcomes)
@@ -279,7 +293,9 @@ def running(node: Node) -> Iterator[tuple[LeaseTable, Reconciler]]:
     table = node.table(resync_period=3600.0)
     leases = LeaseTable()
     leases.replace_all([OWN], revision=1)
-    reconciler = Reconciler(table, leases, lambda ls: desired_routes(ls, OWN, "eth0"))
+    reconciler = Reconciler(
+        table, leases, lambda one: peer_routes(one, "eth0") if one.key != OWN.key else []
+    )
     stop = threading.Event()
     threads = [
         threading.Thread(target=reconciler.run, args=(stop,), daemon=True),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
 from cloudroutes.backend import BackendContext, ExternalInterface, backend_factory
-from cloudroutes.config import parse_config
-from cloudroutes.errors import ConfigError
+from cloudroutes.config import NetworkConfig, parse_config
+from cloudroutes.errors import ConfigError, LeaseRefused
 from cloudroutes.lease import Lease, LeaseAttrs
+from cloudroutes.lease_vetting import LeaseVetting, vetted
 from cloudroutes.routes import Route
 from providers.host_gw import HostGwBackend
 from providers.kernel import KernelRouteTable
@@ -53,9 +55,16 @@ def lease(
 OWN = lease("10.5.1.0/24", "198.18.0.1")
 
 
-def desired(leases: list[Lease], own: Lease = OWN) -> list[Route]:
-    (binding,) = HostGwBackend(BackendContext(CONFIG, iface())).bind(own)
-    return sorted(binding.desired(leases), key=lambda r: (r.destination.version, r.destination))
+def desired(leases: list[Lease], own: Lease = OWN, config: NetworkConfig = CONFIG) -> list[Route]:
+    """The routes of ``leases`` as the agent computes them: vetted, then host-gw's."""
+    backend = HostGwBackend(BackendContext(config, iface()))
+    (binding,) = backend.bind(own)
+    vetting = LeaseVetting(config, own=own, backend_types=backend.accepts, backend_name="host-gw")
+    routes: list[Route] = []
+    for one in leases:
+        with contextlib.suppress(LeaseRefused):
+            routes.extend(vetted(binding.desired, vetting)(one))  # type: ignore[arg-type]
+    return sorted(routes, key=lambda r: (r.destination.version, r.destination))
 
 
 def test_a_route_per_peer_via_its_public_ip_on_the_external_interface() -> None:
@@ -68,7 +77,7 @@ def test_a_route_per_peer_via_its_public_ip_on_the_external_interface() -> None:
     assert [r.lease_key for r in desired(peers)] == ["10.5.2.0-24", "10.5.3.0-24"]
 
 
-def test_leases_of_other_backends_are_ignored() -> None:
+def test_leases_of_other_backends_are_refused() -> None:
     leases = [
         OWN,
         lease("10.5.2.0/24", "198.18.0.2", backend_type="vxlan"),
@@ -80,19 +89,23 @@ def test_leases_of_other_backends_are_ignored() -> None:
 
 
 def test_dual_stack_leases_get_an_ipv6_route_too() -> None:
-    own = lease("10.5.1.0/24", "198.18.0.1", v6=("2001:2:0:1::/64", "2001:2::1"))
-    peer = lease("10.5.2.0/24", "198.18.0.2", v6=("2001:2:0:2::/64", "2001:2::2"))
+    own = lease("10.5.1.0/24", "198.18.0.1", v6=("fd00:5:0:1::/64", "2001:2::1"))
+    peer = lease("10.5.2.0/24", "198.18.0.2", v6=("fd00:5:0:2::/64", "2001:2::2"))
     v6_subnet_only = Lease(
         IPv4Network("10.5.3.0/24"),
         LeaseAttrs(IPv4Address("198.18.0.3"), backend_type="host-gw"),
-        ipv6_subnet=IPv6Network("2001:2:0:3::/64"),
+        ipv6_subnet=IPv6Network("fd00:5:0:3::/64"),
     )
 
-    assert desired([own, peer, v6_subnet_only], own) == [
+    dual = parse_config(
+        '{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", '
+        '"Backend": {"Type": "host-gw"}}'
+    )
+    assert desired([own, peer, v6_subnet_only], own, dual) == [
         Route(IPv4Network("10.5.2.0/24"), "198.18.0.2", device="eth0"),
-        Route(IPv4Network("10.5.3.0/24"), "198.18.0.3", device="eth0"),
-        Route(IPv6Network("2001:2:0:2::/64"), "2001:2::2", device="eth0"),
+        Route(IPv6Network("fd00:5:0:2::/64"), "2001:2::2", device="eth0"),
     ]
+    # A lease with an IPv6 subnet but no PublicIPv6 cannot be routed at all, so it is refused.
 
 
 def test_behind_nat_is_refused_with_flannels_words() -> None:
@@ -118,9 +131,8 @@ def test_lease_attrs_and_mtu() -> None:
     )
 
     assert backend.mtu == 9001
-    assert backend.prepare() == LeaseAttrs(
-        IPv4Address("198.18.0.1"), IPv6Address("2001:2::1"), backend_type="host-gw"
-    )
+    # IPv6 is off in the network config: flanneld publishes no PublicIPv6 then.
+    assert backend.prepare() == LeaseAttrs(IPv4Address("198.18.0.1"), backend_type="host-gw")
 
 
 def test_registered_by_name_with_a_kernel_table() -> None:

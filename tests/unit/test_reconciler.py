@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -25,11 +24,9 @@ def lease(n: int, host: int | None = None) -> Lease:
     )
 
 
-def to_instances(leases: Iterable[Lease]) -> list[Route]:
-    """Cloud-style desired routes: each subnet to the instance behind its public IP."""
-    return [
-        Route(x.subnet, f"i-{x.public_ip.packed[-1]}", lease_key=x.key) for x in leases if x.subnet
-    ]
+def to_instance(x: Lease) -> list[Route]:
+    """Cloud-style desired routes: the subnet to the instance behind its public IP."""
+    return [Route(x.subnet, f"i-{x.public_ip.packed[-1]}", lease_key=x.key)] if x.subnet else []
 
 
 class FakeClock:
@@ -48,7 +45,7 @@ def leases() -> LeaseTable:
 
 
 def make(table: MemoryRouteTable, leases: LeaseTable, **kw: object) -> Reconciler:
-    return Reconciler(table, leases, to_instances, **kw)  # type: ignore[arg-type]
+    return Reconciler(table, leases, to_instance, **kw)  # type: ignore[arg-type]
 
 
 def net(n: int) -> IPv4Network:
@@ -75,7 +72,7 @@ def test_removed_lease_deletes_its_route_and_moved_lease_is_replaced(leases: Lea
     leases.apply([LeaseEvent(EventType.REMOVED, lease(2))], revision=2)
     leases.apply([LeaseEvent(EventType.ADDED, lease(3, host=9))], revision=3)
     result = rec.reconcile()
-    assert [(c.action, str(c.route.destination)) for c in result.plan] == [
+    assert [(c.action, str(c.key)) for c in result.plan] == [
         (Action.DELETE, "10.5.2.0/24"),
         (Action.REPLACE, "10.5.3.0/24"),
     ]
@@ -100,7 +97,9 @@ def test_transient_error_is_retried_with_backoff(leases: LeaseTable) -> None:
     clock = FakeClock()
     table = MemoryRouteTable()
     table.fail_next(net(2), Transient("503 from the API"))
-    rec = make(table, leases, clock=clock, policy=ReconcilePolicy(retry=Backoff(1.0, 8.0)))
+    rec = make(
+        table, leases, clock=clock, policy=ReconcilePolicy(retry=Backoff(1.0, 8.0), jitter=0)
+    )
     rec.reconcile()
     assert rec.status()[net(2)].state is RouteState.RETRY
     assert rec.status()[net(2)].reason == "503 from the API"
@@ -115,15 +114,18 @@ def test_throttling_backs_off_the_whole_table(leases: LeaseTable) -> None:
     table = MemoryRouteTable()
     table.fail_next_call(Throttled("RequestLimitExceeded"))
     table.fail_next_call(Throttled("RequestLimitExceeded"))
-    rec = make(table, leases, clock=clock, policy=ReconcilePolicy(throttle=Backoff(2.0, 60.0)))
+    rec = make(
+        table, leases, clock=clock, policy=ReconcilePolicy(throttle=Backoff(2.0, 60.0), jitter=0)
+    )
     rec.reconcile()
     assert {s.state for s in rec.status().values()} == {RouteState.THROTTLED}
-    assert rec._not_before == pytest.approx(clock.now + 2.0)
+    assert rec.gate.not_before == pytest.approx(clock.now + 2.0)
+    clock.now += 2.0
     rec.reconcile()
-    assert rec._not_before == pytest.approx(clock.now + 4.0)  # doubles while throttled
+    assert rec.gate.not_before == pytest.approx(clock.now + 4.0)  # doubles while throttled
+    clock.now += 4.0
     rec.reconcile()
     assert len(table.owned()) == 3
-    assert rec._not_before == 0.0
 
 
 def test_quota_blocks_creates_until_room_is_freed() -> None:
@@ -232,15 +234,16 @@ def test_a_lease_event_recomputes_only_that_lease() -> None:
     leases.replace_all([lease(n, host=n) for n in range(1, 201)], revision=1)
     asked: list[int] = []
 
-    def counting(batch: list[Lease]) -> list[Route]:
-        asked.append(len(batch))
-        return to_instances(batch)
+    def counting(one: Lease) -> list[Route]:
+        asked.append(one.key)
+        return to_instance(one)
 
     rec = Reconciler(table, leases, counting)
     rec.reconcile()
+    assert len(asked) == 200
     leases.apply([LeaseEvent(EventType.ADDED, lease(7, host=99))], revision=2)
     result = rec.reconcile()
-    assert asked == [200, 1]
+    assert asked[200:] == ["10.5.7.0-24"]
     assert [str(c) for c in result.plan] == ["replace 10.5.7.0/24 via i-7 -> i-99"]
     assert table.owned()[net(7)] == Route(net(7), "i-99")
     assert table.calls.count("observe") == 1
