@@ -8,6 +8,7 @@ A backend says only what is particular to it:
   node publishes in its lease;
 - ``bind(own)`` returns its route tables, each with the function that maps one lease to the
   entries that table should hold for it;
+- ``tasks()`` (optional): named background tasks the agent runs while it runs (elections);
 - ``accepts`` (optional): the BackendTypes of the leases it can route; leases of other types
   are reported as refused, never silently dropped.
 
@@ -19,6 +20,7 @@ module by name.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -30,6 +32,7 @@ from cloudroutes.errors import ConfigError
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.reconciler import DesiredEntries
 from cloudroutes.routes import Action, RouteTable
+from cloudroutes.subnet.etcd_client import EtcdClient
 
 ENTRY_POINT_GROUP = "cloudroutes.providers"
 
@@ -48,9 +51,28 @@ class ExternalInterface:
 
 
 @dataclass(frozen=True)
+class Coordination:
+    """What cloud backends share through the lease store: ownership ledgers and elections.
+
+    ``client`` is a connection of the backend's own to etcd, ``prefix`` the network's etcd
+    prefix (the ledger and election keys live under it), ``member`` who this process is
+    (a node's name or public IP, or the controller's id) for ledger entries and elections.
+    """
+
+    client: EtcdClient
+    prefix: str
+    member: str
+
+
+@dataclass(frozen=True)
 class BackendContext:
     config: NetworkConfig
-    iface: ExternalInterface
+    iface: ExternalInterface | None
+    # None only for `cloudroutes controller`, which has no interface, lease or kernel routes.
+    coordination: Coordination | None = None
+    # True for `cloudroutes controller`: a cluster-mode candidate that programs cloud routes
+    # only; it takes no lease and touches nothing on the node.
+    controller: bool = False
     # flanneld's --ip-blackhole-route: kernel backends add a blackhole route for the node's
     # own subnet.
     blackhole_own_subnet: bool = False
@@ -74,7 +96,16 @@ class Backend(Protocol):
 
     def prepare(self) -> LeaseAttrs: ...
 
-    def bind(self, own: Lease) -> Sequence[RouteTableBinding]: ...
+    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+        """The route tables and what each lease wants in them; ``own`` is None for the
+        controller, which has no lease."""
+        ...
+
+
+class BackgroundTask(Protocol):
+    """Work a backend needs running beside its reconcilers (an election), until ``stop``."""
+
+    def __call__(self, stop: threading.Event) -> None: ...
 
 
 BackendFactory = Callable[[BackendContext], Backend]

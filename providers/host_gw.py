@@ -25,6 +25,11 @@ OFFLINK_HINT = "host-gw needs every node in one L2 segment (or use vxlan)"
 class HostGwBackend:
     def __init__(self, ctx: BackendContext, *, netns: str | None = None) -> None:
         iface = ctx.iface
+        if iface is None or ctx.controller:
+            raise ConfigError(
+                "host-gw routes are kernel routes that each node's agent programs; "
+                "`cloudroutes controller` serves the cloud backends only"
+            )
         # A peer sends to our public IP as a next hop on its own link: behind NAT that address
         # is not on the link at all.
         if (iface.public_ip is not None and iface.public_ip != iface.ip) or (
