@@ -1,7 +1,8 @@
 """``cloudroutes <verb>``: agent, config get|set, leases, plan, demo.
 
-Every error is one line on stderr (what, where, how to fix) and exit status 1; a traceback
-appears only with ``--debug``.
+Every error is one line on stderr (what, where, how to fix) and exit status 1 (2 for a
+command line that does not parse, as Go's flag package does); a traceback appears only with
+``--debug``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,48 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cloudroutes.config import NetworkConfig, parse_config
 from cloudroutes.errors import CloudroutesError, ConfigError
-from cloudroutes.flags import AGENT_FLAGS, ETCD_FLAGS, add_flags, resolve
+from cloudroutes.flags import (
+    AGENT_FLAGS,
+    ETCD_FLAGS,
+    add_flags,
+    add_version,
+    given,
+    ignored_notices,
+    resolve,
+)
 
 log = logging.getLogger("cloudroutes")
 
+# Flags the CLI itself hands to the lease source rather than to the agent.
+_SOURCE_FLAGS = {f.dest for f in ETCD_FLAGS} | {
+    "subnet_lease_renew_margin",
+    "subnet_lease_ttl",
+    "kube_subnet_mgr",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Go's flag package takes no abbreviations, and a bad command line is one line here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"cloudroutes: error: {message}; see '{self.prog} --help'\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cloudroutes", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cloudroutes", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    add_version(parser)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     agent = verbs.add_parser("agent", help="the node daemon (takes flanneld's flags)")
     add_flags(agent, ETCD_FLAGS + AGENT_FLAGS)
+    add_version(agent)
 
     config = verbs.add_parser("config", help="read or write the network config in etcd")
     config_verbs = config.add_subparsers(dest="config_verb", required=True, metavar="ACTION")
@@ -42,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = verbs.add_parser("plan", help="show what a reconcile would change, changing nothing")
     add_flags(plan, ETCD_FLAGS + AGENT_FLAGS)
+    add_version(plan)
 
     demo = verbs.add_parser("demo", help="a local cluster in network namespaces")
     demo.add_argument("--backend", default="host-gw")
@@ -90,17 +121,31 @@ def _etcd_source(values: dict[str, Any]) -> Any:
 
 def _agent(args: argparse.Namespace) -> int:
     from cloudroutes.agent import Agent, AgentOptions
+    from cloudroutes.subnet_env import check_subnet_file
 
     values = resolve(args, ETCD_FLAGS + AGENT_FLAGS)
     if values["kube_subnet_mgr"]:
         raise ConfigError("--kube-subnet-mgr is not supported yet; use etcd (--etcd-endpoints)")
+    check_subnet_file(values["subnet_file"])
     # AgentOptions' fields are named after the flags they come from.
-    options = AgentOptions(**{f.name: values[f.name] for f in fields(AgentOptions)})
+    names = {f.name for f in fields(AgentOptions)}
+    set_flags = given(args, AGENT_FLAGS)
+    for notice in ignored_notices(set_flags):
+        log.warning("%s", notice)
+    for flag in set_flags:
+        if not flag.ignored and flag.dest not in names | _SOURCE_FLAGS:
+            log.warning("--%s is not implemented yet and is ignored", flag.name)
+    options = AgentOptions(**{name: values[name] for name in names})
     return Agent(options, _etcd_source(values)).run()
 
 
 def _config(args: argparse.Namespace) -> int:
-    source = _etcd_source(resolve(args, ETCD_FLAGS))
+    values = resolve(args, ETCD_FLAGS)
+    # A file is read and checked before etcd is contacted: its errors name the file.
+    data = None if args.config_verb == "get" or args.file == "-" else _read(args.file)
+    if data is not None:
+        check_config(data, args.file)
+    source = _etcd_source(values)
     try:
         if args.config_verb == "get":
             text = source.get_config_text()
@@ -110,19 +155,37 @@ def _config(args: argparse.Namespace) -> int:
                 )
             print(text)
             return 0
-        text = sys.stdin.read() if args.file == "-" else _read(args.file)
-        source.put_config(text)
+        if data is None:
+            data = sys.stdin.buffer.read()
+            check_config(data, f"etcd {source.config_key}")
+        source.put_config(data.decode())
         print(f"network config written to {source.config_key}")
         return 0
     finally:
         source.close()
 
 
-def _read(path: str) -> str:
+def check_config(data: str | bytes, where: str) -> NetworkConfig:
+    """What the agent checks in a network config, so `config set` refuses the same things."""
+    from cloudroutes.backend import backend_factory, backend_names
+
+    config = parse_config(data, source=where)
+    if config.backend_type not in backend_names():
+        try:
+            backend_factory(config.backend_type)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid network config ({where}): {exc}") from None
+    return config
+
+
+def _read(path: str) -> bytes:
     try:
-        return Path(path).read_text()
+        return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(
+            f"{path}: cannot read: {exc.strerror}; "
+            "give flannel's net-conf JSON file, or - for stdin"
+        ) from None
 
 
 def _leases(args: argparse.Namespace) -> int:

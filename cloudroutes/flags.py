@@ -249,7 +249,9 @@ class _Version(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         if values:
-            parser.exit(0, f"cloudroutes {__version__}\n")
+            # stdout, unlike flanneld's stderr: `$(cloudroutes --version)` should just work.
+            print(f"cloudroutes {__version__}")
+            parser.exit(0)
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
