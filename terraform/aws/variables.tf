@@ -11,7 +11,7 @@ variable "cluster_name" {
 
   validation {
     condition     = can(regex("^[a-z][a-z0-9-]{0,30}$", var.cluster_name))
-    error_message = "cluster_name must be 1-31 characters of a-z, 0-9 and '-', starting with a letter."
+    error_message = "The cluster_name must be 1-31 characters of a-z, 0-9 and '-', starting with a letter."
   }
 }
 
@@ -22,7 +22,7 @@ variable "node_count" {
 
   validation {
     condition     = var.node_count >= 1 && var.node_count <= 40 && floor(var.node_count) == var.node_count
-    error_message = "node_count must be a whole number from 1 to 40 (AWS route tables hold 50 routes by default)."
+    error_message = "The node_count must be a whole number from 1 to 40 (AWS route tables hold 50 routes by default)."
   }
 }
 
@@ -69,7 +69,7 @@ variable "first_node_host" {
 
   validation {
     condition     = var.first_node_host >= 4
-    error_message = "first_node_host must be 4 or more: AWS reserves the first four addresses of a subnet."
+    error_message = "The first_node_host must be 4 or more: AWS reserves the first four addresses of a subnet."
   }
 }
 
@@ -86,7 +86,7 @@ variable "mode" {
 
   validation {
     condition     = contains(["node", "cluster"], var.mode)
-    error_message = "mode must be node or cluster."
+    error_message = "The mode must be node or cluster."
   }
 }
 

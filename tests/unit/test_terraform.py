@@ -187,8 +187,8 @@ def test_terraform_files_are_formatted(tmp_path: Path) -> None:
     assert result.returncode == 0, f"run `terraform fmt -recursive terraform/`:\n{result.stdout}"
 
 
-def test_no_credentials_are_written_into_terraform() -> None:
-    for path, text in module_texts(TERRAFORM).items():
+def test_no_credentials_are_written_into_terraform_or_localstack() -> None:
+    for path, text in {**module_texts(TERRAFORM), **module_texts(REPO / "localstack")}.items():
         assert hardcoded_credentials(text) == [], path.relative_to(REPO)
 
 
@@ -306,9 +306,9 @@ _RENDER_STANDINS = {
 }
 
 
-def render_aws_user_data(tmp_path: Path) -> tuple[list[str], list[str]]:
-    """Every node's user data with the module's defaults, rendered by terraform: the module's
-    own locals and templatefile() call, in a provider-free copy of its variables."""
+def aws_harness(tmp_path: Path) -> Path:
+    """A provider-free copy of terraform/aws that terraform can apply offline: its variables,
+    its locals, and its instances' templatefile() call as outputs (one per node)."""
     module = load_module(AWS, AS_WRITTEN)
     user_data = as_hcl(module.resources('"aws_instance"')['"node"']["user_data"])
     lines = [f"  {name} = {as_hcl(value)}" for name, value in module.locals().items()]
@@ -321,13 +321,21 @@ def render_aws_user_data(tmp_path: Path) -> tuple[list[str], list[str]]:
     for pattern, standin in _RENDER_STANDINS.items():
         harness = re.sub(pattern, standin, harness)
     harness = harness.replace("${path.module}", str(AWS))
-    work = tmp_path / "render"
+    work = tmp_path / "harness"
     work.mkdir()
     shutil.copy(AWS / "variables.tf", work)
-    (work / "render.tf").write_text(harness)
-    for step in (["init", "-backend=false"], ["apply", "-auto-approve"]):
-        result = terraform(tmp_path, *step, cwd=work)
-        assert result.returncode == 0, f"terraform {step[0]}:\n{result.stderr}\n{harness}"
+    (work / "harness.tf").write_text(harness)
+    result = terraform(tmp_path, "init", "-backend=false", cwd=work)
+    assert result.returncode == 0, f"terraform init:\n{result.stderr}\n{harness}"
+    return work
+
+
+def render_aws_user_data(tmp_path: Path, *variables: str) -> tuple[list[str], list[str]]:
+    """Every node's private IP and user data, for the module's defaults and ``-var`` values."""
+    work = aws_harness(tmp_path)
+    args = [f"-var={v}" for v in variables]
+    result = terraform(tmp_path, "apply", "-auto-approve", *args, cwd=work)
+    assert result.returncode == 0, f"terraform apply:\n{result.stderr}"
     result = terraform(tmp_path, "output", "-json", cwd=work)
     outputs = json.loads(result.stdout)
     return outputs["node_ips"]["value"], outputs["user_data"]["value"]
@@ -366,3 +374,29 @@ def test_aws_user_data_runs_etcd_on_the_first_node_and_the_agent_everywhere(
         heredoc(scripts[1], "UNIT").strip()
         == (REPO / "deploy/cloudroutes.service").read_text().strip()
     )
+
+
+def test_aws_one_node_cluster_runs_etcd_and_agent_on_it(tmp_path: Path) -> None:
+    ips, scripts = render_aws_user_data(tmp_path, "node_count=1", "mode=cluster")
+    assert ips == ["10.0.1.10"]
+    (script,) = scripts
+    assert "cloudroutes agent --etcd-endpoints=http://10.0.1.10:2379 " in script
+    assert parse_config(heredoc(script, "CONF")).backend.get("Mode") == "cluster"
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("mode=nodes", "The mode must be node or cluster."),
+        ("node_count=0", "The node_count must be a whole number from 1 to 40"),
+        ("first_node_host=2", "AWS reserves the first four addresses"),
+        ("cluster_name=Prod_1", "The cluster_name must be 1-31 characters"),
+    ],
+)
+def test_aws_module_refuses_bad_variables_with_a_clear_message(
+    tmp_path: Path, variable: str, message: str
+) -> None:
+    work = aws_harness(tmp_path)
+    result = terraform(tmp_path, "plan", "-no-color", f"-var={variable}", cwd=work)
+    assert result.returncode != 0
+    assert message in " ".join(result.stderr.split())
