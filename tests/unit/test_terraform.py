@@ -49,14 +49,16 @@ class Module:
         """Resources of one type by name, e.g. ``resources("aws_instance")["node"]``."""
         found: dict[str, dict[str, Any]] = {}
         for block in self.blocks.get("resource", []):
-            found.update(block.get(kind, {}))
+            for label, named in block.items():
+                if _unquoted(label) == kind:
+                    found.update({_unquoted(name): body for name, body in named.items()})
         return found
 
     def named(self, block_type: str) -> dict[str, dict[str, Any]]:
         """Labelled blocks such as variable or output, by label."""
         found: dict[str, dict[str, Any]] = {}
         for block in self.blocks.get(block_type, []):
-            found.update(block)
+            found.update({_unquoted(label): body for label, body in block.items()})
         return found
 
     def locals(self) -> dict[str, Any]:
@@ -64,6 +66,11 @@ class Module:
         for block in self.blocks.get("locals", []):
             merged.update({k: v for k, v in block.items() if k != "__comments__"})
         return merged
+
+
+def _unquoted(label: str) -> str:
+    # AS_WRITTEN keeps the quotes of block labels too.
+    return label.strip('"')
 
 
 def load_module(path: Path, options: SerializationOptions = PLAIN) -> Module:
@@ -98,13 +105,17 @@ def referenced_paths(module: Path) -> set[str]:
     return found
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def read_policy(module: Path, rel: str) -> dict[str, Any]:
     """The IAM-style policy document a module references, checked to be one."""
     path = (module / rel).resolve()
-    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    shown, reader = _shown(path), _shown(module)
     if not path.is_file():
         pytest.fail(
-            f"{shown} is missing: {module.relative_to(REPO)} reads it with file(); "
+            f"{shown} is missing: {reader} reads it with file(); "
             "the provider ships it (never copy it into terraform/)"
         )
     try:
@@ -115,6 +126,7 @@ def read_policy(module: Path, rel: str) -> dict[str, Any]:
     statements = document.get("Statement")
     assert isinstance(statements, list) and statements, f"{shown}: no Statement list"
     for statement in statements:
+        assert isinstance(statement, dict), f"{shown}: a statement is a JSON object"
         assert statement.get("Effect") in ("Allow", "Deny"), f"{shown}: bad Effect in {statement}"
         assert statement.get("Action"), f"{shown}: a statement without Action: {statement}"
     return document
@@ -231,6 +243,24 @@ def test_file_reference_accepts_only_a_plain_file_call(value: str, rel: str | No
     assert file_reference(value) == rel
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (None, "is missing"),
+        ("{not json", "is not valid JSON"),
+        ('{"Version": "2012-10-17", "Statement": []}', "no Statement list"),
+        ('{"Statement": [{"Effect": "Allow"}]}', "a statement without Action"),
+    ],
+)
+def test_read_policy_refuses_what_is_not_a_policy(
+    tmp_path: Path, text: str | None, error: str
+) -> None:
+    if text is not None:
+        (tmp_path / "policy.json").write_text(text)
+    with pytest.raises((AssertionError, pytest.fail.Exception), match=error):
+        read_policy(tmp_path, "policy.json")
+
+
 # --- terraform/aws --------------------------------------------------------------------------
 
 NODE_POLICY = "../../providers/policies/aws-vpc-node.json"
@@ -310,7 +340,7 @@ def aws_harness(tmp_path: Path) -> Path:
     """A provider-free copy of terraform/aws that terraform can apply offline: its variables,
     its locals, and its instances' templatefile() call as outputs (one per node)."""
     module = load_module(AWS, AS_WRITTEN)
-    user_data = as_hcl(module.resources('"aws_instance"')['"node"']["user_data"])
+    user_data = as_hcl(module.resources("aws_instance")["node"]["user_data"])
     lines = [f"  {name} = {as_hcl(value)}" for name, value in module.locals().items()]
     harness = "locals {\n" + "\n".join(lines) + "\n}\n"
     harness += (
