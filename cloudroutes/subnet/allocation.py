@@ -179,10 +179,13 @@ def choose_subnet(
     attrs: LeaseAttrs,
     previous: Previous | None = None,
     *,
+    unreadable: Sequence[Lease] = (),
     rng: random.Random | None = None,
 ) -> Allocation:
     """Pick this node's subnet among ``leases`` (everything under ``<prefix>/subnets/``).
 
+    ``unreadable`` are lease keys whose value does not decode: nobody can tell whose they are,
+    so they are never reused, but their subnets are taken (a create there would fail).
     Raises OutOfSubnets when every subnet of the range is taken.
     """
     own = [lease for lease in leases if is_own(lease, attrs)]
@@ -194,7 +197,7 @@ def choose_subnet(
 
     # Stale leases are about to be deleted: their subnets count as free.
     stale_keys = {lease.key for lease in stale}
-    others = [lease for lease in leases if lease.key not in stale_keys]
+    others = [lease for lease in leases if lease.key not in stale_keys] + list(unreadable)
     v4_pool, v6_pool = ipv4_range(config), ipv6_range(config)
     v4_taken = _occupied(v4_pool, (lease.subnet for lease in others))
     v6_taken = _occupied(v6_pool, (lease.ipv6_subnet for lease in others))

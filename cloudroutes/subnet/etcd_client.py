@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -117,6 +118,18 @@ class Compacted(Exception):
         self.revision = revision
 
 
+class Rewound(Exception):
+    """The store's revision went back (wiped, or restored from a backup): list again.
+
+    A watch resumed at a revision the store has not reached would see nothing until it does.
+    """
+
+    def __init__(self, was: int, now: int) -> None:
+        super().__init__(
+            f"etcd's revision went back from {was} to {now} (wiped or restored from a backup)"
+        )
+
+
 def parse_endpoint(url: str) -> tuple[str, int]:
     """``http://127.0.0.1:2379`` → (host, port) as gRPC wants them (IPv6 hosts bracketed)."""
     parts = urlsplit(url.strip())
@@ -211,29 +224,34 @@ class EtcdClient:
         """Write the key; returns the revision of the write."""
         return self._call(lambda c: c.put(key, value, lease=lease_id)).header.revision
 
-    def create(self, key: str, value: bytes, lease_id: int) -> bool:
-        """Write the key only if it does not exist (flanneld's createSubnet)."""
+    def create(self, key: str, value: bytes, lease_id: int) -> int:
+        """Write the key only if it does not exist (flanneld's createSubnet).
+
+        Like the other conditional writes: the revision of the write, 0 when not written.
+        """
         return self._txn_put(key, value, lease_id, lambda t: t.version(key) == 0)
 
-    def update(self, key: str, value: bytes, lease_id: int, mod_revision: int) -> bool:
+    def update(self, key: str, value: bytes, lease_id: int, mod_revision: int) -> int:
         """Write the key only if nobody changed it since ``mod_revision``."""
         return self._txn_put(key, value, lease_id, lambda t: t.mod(key) == mod_revision)
 
-    def update_existing(self, key: str, value: bytes, lease_id: int) -> bool:
+    def update_existing(self, key: str, value: bytes, lease_id: int) -> int:
         """Write the key only if it still exists, so a deleted lease is not brought back."""
         return self._txn_put(key, value, lease_id, lambda t: t.version(key) > 0)
 
-    def _txn_put(
-        self, key: str, value: bytes, lease_id: int, compare: Callable[[Any], Any]
-    ) -> bool:
-        def txn(c: _PyEtcd) -> bool:
+    def _txn_put(self, key: str, value: bytes, lease_id: int, compare: Callable[[Any], Any]) -> int:
+        def txn(c: _PyEtcd) -> int:
             put = c.transactions.put(key, value, lease=lease_id)
-            succeeded, _ = c.transaction(
+            succeeded, responses = c.transaction(
                 compare=[compare(c.transactions)], success=[put], failure=[]
             )
-            return succeeded
+            return responses[0].response_put.header.revision if succeeded else 0
 
         return self._call(txn)
+
+    def revision(self, key: str) -> int:
+        """The store's current revision, read cheaply (a count of ``key``)."""
+        return self._call(lambda c: c.get_response(key, count_only=True)).header.revision
 
     def delete(self, key: str, mod_revision: int | None = None) -> bool:
         """Delete the key (only if unchanged since ``mod_revision`` when given)."""
@@ -305,7 +323,7 @@ class EtcdClient:
             # etcd cancels a watch at creation when the user may not read the key or the token
             # is no longer valid, and pyetcd drops that answer: the watch would wait forever.
             # A read first logs in again, or raises the refusal.
-            self._call(lambda c: c.get_response(key, count_only=True))
+            self.revision(key)
         kwargs = {"start_revision": start_revision, "callback": translate}
         if prefix:
             return self._call(lambda c: c.add_watch_prefix_callback(key, **kwargs))
@@ -475,3 +493,110 @@ def _read(path: str | None, flag: str) -> bytes | None:
             return f.read()
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+
+
+class WatchStream:
+    """One etcd watch, re-opened after the last event handled.
+
+    pyetcd delivers on its own thread; batches go through a queue so the caller reads them
+    with a timeout, and so a batch only counts as handled once the caller advanced past it.
+    """
+
+    def __init__(self, client: EtcdClient, key: str, *, prefix: bool) -> None:
+        self._client = client
+        self._key = key
+        self._prefix = prefix
+        self._next_revision: int | None = None
+        self._resuming = False
+        self._watch_id: int | None = None
+        self._endpoint = client.endpoint  # the member the stream is on, for messages
+        self._queue: queue.Queue[WatchBatch | BaseException | None] | None = None
+
+    @property
+    def is_started(self) -> bool:
+        return self._next_revision is not None
+
+    def start(self, revision: int) -> None:
+        """Watch from ``revision`` (the one after a read of what is being watched)."""
+        self.close()
+        self._next_revision = revision
+
+    def open(self) -> None:
+        """Open the watch now rather than at the first next() (no-op when open).
+
+        Raises Rewound when resuming at a revision the store no longer reaches, and
+        StoreUnavailable when etcd cannot be reached.
+        """
+        if self._queue is not None:
+            return
+        assert self._next_revision is not None, "start() first"
+        if self._resuming:
+            now = self._client.revision(self._key)
+            if now < self._next_revision - 1:
+                raise Rewound(self._next_revision - 1, now)
+        # A fresh queue per watch: late deliveries of an old watch cannot be mistaken for ours.
+        deliveries: queue.Queue[WatchBatch | BaseException | None] = queue.Queue()
+        self._watch_id = self._client.watch(
+            self._key, deliveries.put, prefix=self._prefix, start_revision=self._next_revision
+        )
+        self._endpoint = self._client.endpoint
+        self._queue = deliveries
+        self._resuming = False
+
+    def next(self, timeout: float) -> WatchBatch | None:
+        """The next batch, or None when none came within ``timeout`` seconds.
+
+        Raises Compacted when the watch fell behind, Rewound when the store went back,
+        StoreUnavailable when the stream broke.
+        """
+        self.open()
+        assert self._queue is not None
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, WatchBatch):
+            return item
+        self.pause()
+        if isinstance(item, Compacted):
+            raise item
+        why = _describe(item)
+        raise StoreUnavailable(f"lost the watch on {self._key} at {self._endpoint}: {why}")
+
+    def advance(self, batch: WatchBatch) -> None:
+        """Resume after ``batch``'s last event.
+
+        Not after its header revision: while catching up etcd sends the current revision with
+        each batch of older events, so resuming there after a break would skip the rest. A
+        response without events (a progress notice) moves nothing.
+        """
+        assert self._next_revision is not None, "start() first"
+        self._next_revision = resume_revision(self._next_revision, batch)
+
+    def pause(self) -> None:
+        """Drop the watch but remember where to resume."""
+        if self._watch_id is not None:
+            self._client.cancel_watch(self._watch_id)
+        self._watch_id = None
+        self._queue = None
+        self._resuming = self._next_revision is not None
+
+    def close(self) -> None:
+        """Drop the watch and the revision: the next start() decides where to begin."""
+        self.pause()
+        self._next_revision = None
+        self._resuming = False
+
+
+def resume_revision(current: int, batch: WatchBatch) -> int:
+    """The revision to resume a watch at after handling ``batch`` (see WatchStream.advance)."""
+    if not batch.events:
+        return current
+    return max(current, batch.events[-1].kv.mod_revision + 1)
+
+
+def _describe(item: BaseException | None) -> str:
+    if item is None:
+        return "the stream was closed"
+    details = getattr(item, "details", None)
+    return (details() if callable(details) else None) or str(item) or type(item).__name__

@@ -73,6 +73,19 @@ def test_the_previous_subnet_is_not_taken_from_another_node() -> None:
     assert chosen.subnet != IPv4Network("10.5.52.0/24")
 
 
+def test_subnets_of_unreadable_leases_are_taken_and_never_reused() -> None:
+    # Two subnets; one held by a key whose value does not decode (its attrs are unknown).
+    cfg = config(SubnetMin="10.5.1.0", SubnetMax="10.5.2.0")
+    garbled = Lease(subnet=IPv4Network("10.5.1.0/24"), store_lease_id=7)
+    for seed in range(20):
+        chosen = choose_subnet(cfg, [], ME, unreadable=[garbled], rng=random.Random(seed))
+        assert chosen.subnet == IPv4Network("10.5.2.0/24")
+    previous = (IPv4Network("10.5.1.0/24"), None)
+    assert choose_subnet(cfg, [], ME, previous, unreadable=[garbled]).how == "random"
+    with pytest.raises(OutOfSubnets):
+        choose_subnet(cfg, [lease("10.5.2.0/24")], ME, unreadable=[garbled])
+
+
 def test_an_incompatible_previous_subnet_is_ignored() -> None:
     previous = (IPv4Network("10.9.52.0/24"), None)
     chosen = choose_subnet(config(), [], ME, previous)
