@@ -1,0 +1,493 @@
+"""A local AWS for the aws-vpc provider's tests, the demo and the benchmarks.
+
+Three pieces, all bound to 127.0.0.1 so nothing leaves the machine:
+
+- ``MotoServer``: moto's EC2 in server mode on a free loopback port. The provider talks to it
+  over real HTTP with a real boto3 client, exactly as it talks to AWS.
+- ``make_vpc``: builds the scenario every test needs (a VPC in 198.18.0.0/15, subnets, the main
+  route table and extra ones, instances with ENIs) and returns typed ids, so tests do not
+  parse EC2 answers themselves.
+- ``ImdsStub``: an IMDSv2-only instance metadata service for one instance. moto's own IMDS is
+  static, so an agent that learns "who am I" (instance, ENI, subnet, VPC, region, role
+  credentials) from IMDS needs this to see the instance moto created.
+
+moto and boto3 are imported inside the functions that need them: importing cloudroutes.lab
+must stay cheap for the host-gw demo and the tests that never touch AWS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+# boto3 clients are built at run time; there is no static type to name without extra stubs.
+EC2Client = Any
+
+LOOPBACK = "127.0.0.1"
+# Any keys do for moto; real-looking ones would invite copying into a real config.
+DUMMY_KEY = "testing"
+DEFAULT_REGION = "us-east-1"
+# TEST-NET-2's big sibling (RFC 2544 benchmarking range): never routed on the internet.
+VPC_CIDR = "198.18.0.0/16"
+# An Amazon Linux AMI from moto's built-in catalogue, known in every region. RunInstances needs
+# a known AMI, and looking one up (DescribeImages) costs moto seconds per call.
+LAB_AMI = "ami-760aaa0f"
+
+
+def ec2_client(
+    endpoint_url: str, region: str = DEFAULT_REGION, max_attempts: int | None = None
+) -> EC2Client:
+    """A boto3 EC2 client for ``endpoint_url`` (moto, or a fault proxy in front of it).
+
+    Keys are dummies passed explicitly, so nothing from the host's environment or ~/.aws is
+    used. ``max_attempts=1`` turns botocore's retries off, which tests of a single fault need
+    to see the raw error.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"total_max_attempts": max_attempts}) if max_attempts else None
+    return boto3.client(
+        "ec2",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=DUMMY_KEY,
+        aws_secret_access_key=DUMMY_KEY,
+        config=config,
+    )
+
+
+class MotoServer:
+    """moto's server on a free loopback port, in this process.
+
+    All MotoServers in one process share moto's state (it is module-global), so ``reset()``
+    clears every one of them; tests start one per session and reset between tests.
+    """
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        self.url = ""
+
+    def start(self) -> MotoServer:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        # werkzeug logs every request to stderr; a benchmark makes thousands.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def reset(self) -> None:
+        """Forget every resource (VPCs, instances, routes) in every region."""
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def client(self, region: str = DEFAULT_REGION, max_attempts: int | None = None) -> EC2Client:
+        return ec2_client(self.url, region, max_attempts)
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class LabEni:
+    """One network interface of an instance: what a route's ENI target and IMDS name."""
+
+    eni_id: str
+    mac: str
+    private_ip: str
+    subnet_id: str
+    device_index: int
+
+
+@dataclass(frozen=True)
+class LabInstance:
+    """An instance moto runs; ``enis[0]`` is its primary interface."""
+
+    instance_id: str
+    name: str
+    region: str
+    availability_zone: str
+    vpc_id: str
+    enis: tuple[LabEni, ...]
+
+    @property
+    def eni_id(self) -> str:
+        return self.enis[0].eni_id
+
+    @property
+    def mac(self) -> str:
+        return self.enis[0].mac
+
+    @property
+    def private_ip(self) -> str:
+        return self.enis[0].private_ip
+
+    @property
+    def subnet_id(self) -> str:
+        return self.enis[0].subnet_id
+
+
+@dataclass(frozen=True)
+class LabVpc:
+    """The ids of one test VPC, as ``make_vpc`` built it."""
+
+    vpc_id: str
+    cidr: str
+    region: str
+    subnet_ids: tuple[str, ...]
+    main_route_table_id: str
+    extra_route_table_ids: tuple[str, ...]
+    instances: tuple[LabInstance, ...]
+
+    @property
+    def subnet_id(self) -> str:
+        return self.subnet_ids[0]
+
+    @property
+    def route_table_ids(self) -> tuple[str, ...]:
+        return (self.main_route_table_id, *self.extra_route_table_ids)
+
+
+def make_vpc(
+    ec2: EC2Client,
+    nodes: int = 3,
+    tables: int = 2,
+    subnets: int = 1,
+    enis_per_node: int = 1,
+    name: str = "cloudroutes-lab",
+    table_tags: dict[str, str] | None = None,
+) -> LabVpc:
+    """Build a VPC with ``subnets`` /20 subnets, ``tables`` route tables and ``nodes`` instances.
+
+    The first table is the VPC's main one (moto creates it with the VPC); the others are new.
+    ``table_tags`` go on every table, so a provider that finds its tables by tag finds them.
+    Node i runs in subnet i % subnets with a predictable primary address (subnet base + 10 + i),
+    so a test can tell nodes apart by IP. ``enis_per_node`` > 1 attaches extra ENIs, which is
+    the case where AWS refuses an InstanceId route target and an ENI target is needed.
+    Source/dest check is left on, as AWS leaves it: turning it off is the provider's job.
+    """
+    if nodes < 0 or tables < 1 or not 1 <= subnets <= 16 or not 1 <= enis_per_node <= 4:
+        raise ValueError("make_vpc: nodes >= 0, tables >= 1, subnets 1..16, enis_per_node 1..4")
+    if 10 + nodes + 1024 * (enis_per_node - 1) >= 4095:
+        raise ValueError(f"make_vpc: {nodes} nodes with {enis_per_node} ENIs do not fit a /20")
+    region = ec2.meta.region_name
+    zone = f"{region}a"
+    vpc_id = ec2.create_vpc(CidrBlock=VPC_CIDR)["Vpc"]["VpcId"]
+    ec2.create_tags(Resources=[vpc_id], Tags=[{"Key": "Name", "Value": name}])
+    subnet_nets = list(ipaddress.ip_network(VPC_CIDR).subnets(new_prefix=20))[:subnets]
+    subnet_ids = tuple(
+        ec2.create_subnet(VpcId=vpc_id, CidrBlock=str(net), AvailabilityZone=zone)["Subnet"][
+            "SubnetId"
+        ]
+        for net in subnet_nets
+    )
+    main = ec2.describe_route_tables(
+        Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "association.main", "Values": ["true"]},
+        ]
+    )["RouteTables"][0]["RouteTableId"]
+    extra = tuple(
+        ec2.create_route_table(VpcId=vpc_id)["RouteTable"]["RouteTableId"]
+        for _ in range(tables - 1)
+    )
+    tags = [{"Key": "Name", "Value": name}]
+    tags += [{"Key": k, "Value": v} for k, v in (table_tags or {}).items()]
+    ec2.create_tags(Resources=[main, *extra], Tags=tags)
+
+    instances = []
+    for i in range(nodes):
+        k = i % subnets
+        net = subnet_nets[k]
+        # Node i's addresses: base + 10 + i for the primary, then +1024 per extra ENI.
+        ips = [str(net.network_address + 10 + i + 1024 * d) for d in range(enis_per_node)]
+        node_name = f"{name}-node{i}"
+        run = ec2.run_instances(
+            ImageId=LAB_AMI,
+            MinCount=1,
+            MaxCount=1,
+            InstanceType="t3.micro",
+            SubnetId=subnet_ids[k],
+            PrivateIpAddress=ips[0],
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": node_name}]}
+            ],
+        )["Instances"][0]
+        primary = run["NetworkInterfaces"][0]
+        enis = [
+            LabEni(
+                eni_id=primary["NetworkInterfaceId"],
+                mac=primary["MacAddress"],
+                private_ip=primary["PrivateIpAddress"],
+                subnet_id=subnet_ids[k],
+                device_index=0,
+            )
+        ]
+        for d in range(1, enis_per_node):
+            eni = ec2.create_network_interface(SubnetId=subnet_ids[k], PrivateIpAddress=ips[d])
+            eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
+            ec2.attach_network_interface(
+                NetworkInterfaceId=eni_id, InstanceId=run["InstanceId"], DeviceIndex=d
+            )
+            enis.append(
+                LabEni(eni_id, eni["NetworkInterface"]["MacAddress"], ips[d], subnet_ids[k], d)
+            )
+        instances.append(
+            LabInstance(
+                instance_id=run["InstanceId"],
+                name=node_name,
+                region=region,
+                availability_zone=zone,
+                vpc_id=vpc_id,
+                enis=tuple(enis),
+            )
+        )
+    return LabVpc(
+        vpc_id=vpc_id,
+        cidr=VPC_CIDR,
+        region=region,
+        subnet_ids=subnet_ids,
+        main_route_table_id=main,
+        extra_route_table_ids=extra,
+        instances=tuple(instances),
+    )
+
+
+@dataclass(frozen=True)
+class RoleCredentials:
+    """Temporary credentials of the instance's IAM role. The secrets stay out of repr."""
+
+    role: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    token: str = field(repr=False)
+    expiration: datetime
+
+    @classmethod
+    def fresh(cls, role: str, lifetime: timedelta = timedelta(hours=6)) -> RoleCredentials:
+        return cls(
+            role=role,
+            access_key_id="ASIA" + secrets.token_hex(8).upper(),
+            secret_access_key=secrets.token_urlsafe(30),
+            token=secrets.token_urlsafe(60),
+            expiration=(datetime.now(UTC) + lifetime).replace(microsecond=0),
+        )
+
+    def document(self) -> dict[str, str]:
+        """The JSON IMDS serves at iam/security-credentials/<role>."""
+        stamp = "%Y-%m-%dT%H:%M:%SZ"
+        return {
+            "Code": "Success",
+            "LastUpdated": datetime.now(UTC).strftime(stamp),
+            "Type": "AWS-HMAC",
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "Token": self.token,
+            "Expiration": self.expiration.strftime(stamp),
+        }
+
+
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+MAX_TOKEN_TTL = 21600
+
+
+class ImdsStub:
+    """IMDSv2 for one instance, on its own loopback port (one stub per node).
+
+    Only IMDSv2: a GET must carry a token from ``PUT /latest/api/token``, or it gets 401, as
+    on an instance with ``HttpTokens=required``. ``hits`` counts GETs per path, so a test can
+    assert how often an agent asks; ``expire_tokens()`` makes every token issued so far
+    invalid, as a token past its TTL is.
+    """
+
+    def __init__(
+        self,
+        instance: LabInstance,
+        role: str = "cloudroutes-node",
+        account_id: str = "123456789012",
+    ) -> None:
+        self.instance = instance
+        self.credentials = RoleCredentials.fresh(role)
+        self.account_id = account_id
+        self.hits: Counter[str] = Counter()
+        self._tokens: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # -- what the stub serves -------------------------------------------------------------
+
+    def paths(self) -> dict[str, str]:
+        """Every path IMDS answers for this instance, and its body."""
+        inst = self.instance
+        md = "latest/meta-data/"
+        macs = f"{md}network/interfaces/macs/"
+        out = {
+            f"{md}instance-id": inst.instance_id,
+            f"{md}mac": inst.mac,
+            f"{md}local-ipv4": inst.private_ip,
+            f"{md}placement/region": inst.region,
+            f"{md}placement/availability-zone": inst.availability_zone,
+            macs: "\n".join(f"{e.mac}/" for e in inst.enis),
+            f"{md}iam/security-credentials/": self.credentials.role,
+            f"{md}iam/security-credentials/{self.credentials.role}": json.dumps(
+                self.credentials.document(), indent=2
+            ),
+            "latest/dynamic/instance-identity/document": json.dumps(
+                {
+                    "accountId": self.account_id,
+                    "architecture": "x86_64",
+                    "availabilityZone": inst.availability_zone,
+                    "imageId": "ami-00000000",
+                    "instanceId": inst.instance_id,
+                    "instanceType": "t3.micro",
+                    "privateIp": inst.private_ip,
+                    "region": inst.region,
+                    "version": "2017-09-30",
+                },
+                indent=2,
+            ),
+        }
+        for eni in inst.enis:
+            base = f"{macs}{eni.mac}/"
+            out[f"{base}interface-id"] = eni.eni_id
+            out[f"{base}subnet-id"] = eni.subnet_id
+            out[f"{base}vpc-id"] = inst.vpc_id
+            out[f"{base}local-ipv4s"] = eni.private_ip
+            out[f"{base}device-number"] = str(eni.device_index)
+            out[f"{base}mac"] = eni.mac
+        return out
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def issue_token(self, ttl: int) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = time.monotonic() + ttl
+        return token
+
+    def token_valid(self, token: str | None) -> bool:
+        with self._lock:
+            expiry = self._tokens.get(token or "")
+        return expiry is not None and time.monotonic() < expiry
+
+    def expire_tokens(self) -> None:
+        with self._lock:
+            self._tokens.clear()
+
+    def count(self, path: str) -> None:
+        with self._lock:
+            self.hits[path] += 1
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> ImdsStub:
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), _imds_handler(self))
+        self._server.daemon_threads = True
+        port = self._server.server_address[1]
+        self.url = f"http://{LOOPBACK}:{port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"imds-{port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> ImdsStub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _imds_handler(stub: ImdsStub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # quiet: tokens would otherwise sit in the test log
+
+        def _answer(self, status: int, body: str = "", headers: dict[str, str] | None = None):
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_PUT(self) -> None:
+            self._drain()
+            if self.path.split("?")[0] != "/latest/api/token":
+                self._answer(404, "Not Found")
+                return
+            try:
+                ttl = int(self.headers.get(TTL_HEADER, ""))
+            except ValueError:
+                ttl = 0
+            if not 1 <= ttl <= MAX_TOKEN_TTL:
+                self._answer(400, "Bad Request")
+                return
+            self._answer(200, stub.issue_token(ttl), {TTL_HEADER: str(ttl)})
+
+        def do_GET(self) -> None:
+            if not stub.token_valid(self.headers.get(TOKEN_HEADER)):
+                self._answer(401, "Unauthorized")
+                return
+            path = self.path.split("?")[0].lstrip("/")
+            stub.count(path)
+            paths = stub.paths()
+            # Clients ask for leaves with and without a trailing slash (botocore's region
+            # lookup adds one); IMDS answers both.
+            body = paths.get(path, paths.get(path.rstrip("/")))
+            if body is None:
+                self._answer(404, "Not Found")
+            else:
+                self._answer(200, body)
+
+        def _drain(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+
+        def _refuse(self) -> None:
+            self._drain()
+            self._answer(405, "Method Not Allowed")
+
+        do_POST = do_DELETE = do_PATCH = _refuse
+
+    return Handler
