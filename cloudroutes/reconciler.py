@@ -364,8 +364,11 @@ class Reconciler:
             observation = self.table.observe()  # no lock held: /status never waits on a cloud
             with self._lock:
                 self._picture = _Picture.of(observation)
-                self._overlay_recent(self._picture, started)
                 self._settle_at = None
+                self._overlay_recent(self._picture, started)
+                if any(o.state is EntryState.PENDING for o in self._picture.owned.values()):
+                    settle = started + self.limits.settle
+                    self._settle_at = min(self._settle_at or settle, settle)
             scope = None
         with self._lock:
             picture = self._picture
@@ -374,7 +377,9 @@ class Reconciler:
                 self._replan.clear()
                 self._awaiting_room.clear()
             else:
-                scope |= self._replan | self._due_holds(started)
+                # Creates waiting for room are planned again in every pass: a delete in this
+                # very pass may free room for them.
+                scope |= self._replan | self._awaiting_room | self._due_holds(started)
                 self._replan.clear()
             diff = make_plan(self._want.entries, picture.owned, picture.foreign, keys=scope)
             plan = diff.plan
@@ -421,9 +426,10 @@ class Reconciler:
             want = _DesiredState(self._desired_fn)
             for lease in leases:
                 want.set(lease.key, lease)
+            for key in [k for k in self._holds if want.entries.get(k) != self._want.entries.get(k)]:
+                del self._holds[key]  # its lease changed: try it now
             self._want = want
             self._want_generation = generation
-            self._holds.clear()
             self._report_refusals()
             return None
         scope: set[EntryKey] = set()
@@ -588,18 +594,22 @@ class Reconciler:
             ).inc()
         if state in (RouteState.PROGRAMMED, RouteState.PENDING):
             self._holds.pop(key, None)
+            self._awaiting_room.discard(key)
             if change.action is Action.DELETE:
                 if picture.owned.pop(key, None) is not None:
                     picture.used -= 1
                 self._recent[key] = (None, now)
                 if self._quota_full:
                     self._quota_full = False
-                    self._replan |= self._awaiting_room
-                    self._awaiting_room.clear()
                     self._wakeup.set()
                 return False
-            if change.action is Action.ADD and key not in picture.owned:
-                picture.used += 1
+            if change.action is Action.ADD:
+                if key not in picture.owned:
+                    picture.used += 1
+                if self._quota_full:
+                    # A create went through: the quota was raised. Plan the others now.
+                    self._quota_full = False
+                    self._wakeup.set()
             mark = EntryState.PENDING if outcome.pending else EntryState.ACTIVE
             picture.owned[key] = Observed(change.entry, mark)
             picture.foreign.pop(key, None)

@@ -61,6 +61,7 @@ class MemoryRouteTable:
         self._written: dict[Destination, float] = {}
         self._history: dict[Destination, tuple[Route, str] | None] = {}
         self._call_times: deque[float] = deque()
+        self.made = 0
         self._lock = threading.Lock()
 
     # --- test controls ----------------------------------------------------------------------
@@ -77,8 +78,13 @@ class MemoryRouteTable:
     def owned(self) -> dict[Destination, Route]:
         return {d: r for d, (r, owner) in self.routes.items() if owner == "ours"}
 
-    def writes(self) -> int:
+    def attempts(self) -> int:
+        """Changes sent to the table, whatever became of them."""
         return sum(int(c.split(":")[1]) for c in self.calls if c.startswith("apply:"))
+
+    def writes(self) -> int:
+        """Changes the table made (refused and throttled ones do not count)."""
+        return self.made
 
     # --- RouteTable protocol ----------------------------------------------------------------
 
@@ -169,6 +175,7 @@ class MemoryRouteTable:
         return Outcome(change, pending=self.pending_for > 0)
 
     def _write(self, destination: Destination, value: tuple[Route, str] | None) -> None:
+        self.made += 1
         self._history[destination] = self.routes.get(destination)
         self._written[destination] = self.clock()
         if value is None:
