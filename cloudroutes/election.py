@@ -83,7 +83,9 @@ class Fence:
     """What a leader passes to its writes: the leader key and the incarnation it created.
 
     A fence belongs to one term: once that term ends it never becomes valid again, even if the
-    same process wins a later election (that term has a new fence).
+    same process wins a later election (that term has a new fence). Within a term, a fence that
+    lapsed for want of keepalives is valid again once one gets through: the lease never
+    expired, so the key was never free and nobody else can have led meanwhile.
     """
 
     key: str
@@ -255,19 +257,20 @@ class Election:
         # A keepalive stuck longer than this would leave `leadership` set past the deadline.
         return self.ttl / 4
 
+    # These read without the lock, which a pass holds across its etcd requests: a reconciler
+    # asking must not wait for a keepalive.
+
     def is_leader(self) -> bool:
-        with self._lock:
-            return self._fence is not None and self._fence.valid()
+        fence = self._fence
+        return fence is not None and fence.valid()
 
     def fence(self) -> Fence | None:
         """The fence of the current term (check valid() before each write), or None."""
-        with self._lock:
-            return self._fence
+        return self._fence
 
     def leader(self) -> str | None:
         """Who leads, as last read from etcd; None when nobody does or it cannot be read."""
-        with self._lock:
-            return self._leader
+        return self._leader
 
     # The loop.
 
@@ -275,14 +278,22 @@ class Election:
         """Campaign, lead and keep the lease alive until ``stop`` or resign(); then resign."""
         try:
             while not stop.is_set() and not self._resigned.is_set():
+                self._wake.clear()  # before the pass: a change seen during it wakes the next
                 delay = self.step()
                 self._ensure_watch()
-                # Woken early by the watch; stop is looked at every 0.2 s at least.
-                self._wake.wait(min(delay, 0.2))
-                self._wake.clear()
+                self._sleep(delay, stop)
         finally:
             self._cancel_watch()
             self.resign()
+
+    def _sleep(self, delay: float, stop: threading.Event) -> None:
+        """Until the next pass is due or the watch saw the key change; stop is looked at
+        every 0.2 s."""
+        due = time.monotonic() + delay
+        while not stop.is_set() and not self._resigned.is_set():
+            left = due - time.monotonic()
+            if left <= 0 or self._wake.wait(min(left, 0.2)):
+                return
 
     def step(self) -> float:
         """One pass: keep the lease alive when leading, else try to lead.
@@ -313,6 +324,9 @@ class Election:
 
     def resign(self) -> None:
         """Stop writing, stop campaigning and hand over: revoking the lease deletes the key."""
+        term = self._term
+        if term is not None:  # at once, even while a pass holds the lock
+            term.ended = True
         with self._lock:
             self._resigned.set()
             term, pending = self._term, self._pending
@@ -444,6 +458,13 @@ class Election:
         leading = self._fence is not None and self._fence.valid()
         if leading == self.leadership.is_set():
             return None
+        if not leading and self._fence is not None:
+            log.warning(
+                "leadership of %s unconfirmed: no keepalive reached etcd in %.1f s; "
+                "not writing until one does",
+                self.key,
+                self.ttl * FENCE_FRACTION,
+            )
         if leading:
             self.leadership.set()
         else:

@@ -170,8 +170,7 @@ def test_a_partitioned_leader_stops_writing_before_another_is_elected(
     try:
         old = Candidate(proxy.endpoint, "partitioned", ttl=3)
         candidates.append(old)
-        wait_for(old.election.is_leader, 15, "the first candidate to lead")
-        old_fence = old.fences[0]
+        old_fence = wait_for(lambda: old.fences, 15, "the first candidate to lead")[0]
         candidates += [Candidate(etcd.endpoint, f"node-{i}", ttl=3) for i in (1, 2)]
         wait_for(lambda: candidates[1].election.leader() == "partitioned", 10, "followers")
 
