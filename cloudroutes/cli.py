@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,24 +192,57 @@ def _leases(args: argparse.Namespace) -> int:
     source = _etcd_source(resolve(args, ETCD_FLAGS))
     try:
         leases = source.list_leases()
+        refusal = _lease_vetting(source)
     finally:
         source.close()
     now = datetime.now(UTC)
-    rows = [("SUBNET", "IPV6 SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
-    for lease in sorted(leases, key=lambda x: x.key):
-        rows.append(
-            (
-                str(lease.subnet or "-"),
-                str(lease.ipv6_subnet or "-"),
-                str(lease.public_ip),
-                lease.backend_type or "-",
-                _expires(lease.expiration, now),
-            )
-        )
+    header = ["SUBNET", "IPV6 SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES"]
+    rows = [[" ", *header, "REFUSED"] if refusal else header]
+    for lease in sorted(leases, key=_address_order):
+        row = [
+            str(lease.subnet or "-"),
+            str(lease.ipv6_subnet or "-"),
+            str(lease.public_ip),
+            lease.backend_type or "-",
+            _expires(lease.expiration, now),
+        ]
+        if refusal:
+            why = refusal(lease)
+            row = ["!" if why else " ", *row, why or ""]
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _address_order(lease: Any) -> tuple[int, int, int]:
+    """IPv4 subnets in address order, then IPv6-only leases in address order."""
+    if lease.subnet is not None:
+        return (0, int(lease.subnet.network_address), lease.subnet.prefixlen)
+    if lease.ipv6_subnet is not None:
+        return (1, int(lease.ipv6_subnet.network_address), lease.ipv6_subnet.prefixlen)
+    return (2, 0, 0)
+
+
+def _lease_vetting(source: Any) -> Callable[[Any], str | None] | None:
+    """Why the agents would refuse to route each lease, judged by the network config alone.
+
+    None (no REFUSED column) without a valid config, or in a build without lease vetting.
+    """
+    try:
+        from cloudroutes.lease_vetting import LeaseVetting
+    except ImportError:
+        return None
+    text = source.get_config_text()
+    if text is None:
+        return None
+    try:
+        config = parse_config(text, source=f"etcd {source.config_key}")
+    except ConfigError as exc:
+        log.warning("%s; leases are listed without checking them", exc)
+        return None
+    return LeaseVetting(config).refusal
 
 
 def _expires(expiration: datetime | None, now: datetime) -> str:

@@ -150,8 +150,10 @@ def choose_interface(
                 public_ipv6=public6 or choice.ipv6,
             )
         reasons.append(f"{label}: {choice}")
-    external = next((lk.name for lk in links if lk.index == default), None)
-    example = f" (the default route uses {external})" if external else ""
+    # The hint: the default route's interface, else the first that could carry the traffic.
+    usable = [lk for lk in links if not lk.loopback and (lk.ipv4 if need_ipv4 else lk.ipv6)]
+    external = next((lk for lk in links if lk.index == default), next(iter(usable), None))
+    example = f", e.g. --iface={external.name}" if external else ""
     what = (
         "failed to find interface to use that matches the interfaces and/or regexes provided"
         if selected

@@ -106,12 +106,12 @@ def test_the_loopback_interface_is_skipped_then_refused_with_the_fix(node: Netns
     assert choose(node, ifaces=["lo"])["error"] == (
         "failed to find interface to use that matches the interfaces and/or regexes provided "
         "(--iface=lo: lo is the loopback interface, which other nodes cannot reach); "
-        "name the external interface with --iface (the default route uses eth0)"
+        "name the external interface with --iface, e.g. --iface=eth0"
     )
     assert choose(node, ifaces=["127.0.0.1"])["error"] == (
         "failed to find interface to use that matches the interfaces and/or regexes provided "
         "(--iface=127.0.0.1: lo is the loopback interface, which other nodes cannot reach); "
-        "name the external interface with --iface (the default route uses eth0)"
+        "name the external interface with --iface, e.g. --iface=eth0"
     )
 
 
@@ -123,7 +123,7 @@ def test_an_interface_with_only_a_loopback_address_is_refused(
     assert choose(node, ifaces=["dummy0"])["error"] == (
         "failed to find interface to use that matches the interfaces and/or regexes provided "
         "(--iface=dummy0: dummy0 has no usable IPv4 address (only 127.0.0.5, which other nodes "
-        "cannot reach)); name the external interface with --iface (the default route uses eth0)"
+        "cannot reach)); name the external interface with --iface, e.g. --iface=eth0"
     )
     assert choose(node, public_ip="127.0.0.5")["error"] == (
         "--public-ip 127.0.0.5 is a loopback address, which other nodes cannot reach"
@@ -135,7 +135,6 @@ def test_nothing_matches_is_one_clear_error(node: Netns) -> None:
     assert error == (
         "failed to find interface to use that matches the interfaces and/or regexes provided "
         "(--iface=nope0: no such interface; --iface-regex=^x: matches no address or name of the "
-        "interfaces (lo, eth0, eth1)); name the external interface with --iface "
-        "(the default route uses eth0)"
+        "interfaces (lo, eth0, eth1)); name the external interface with --iface, e.g. --iface=eth0"
     )
     assert "not a valid regular expression" in choose(node, iface_regex="(")["error"]
