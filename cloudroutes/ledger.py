@@ -77,6 +77,14 @@ class LedgerEntry:
         return observed_target in (self.target, self.previous_target)
 
 
+def within(destination: Destination, networks: Iterable[Destination]) -> bool:
+    """Rule 1: the destination lies inside one of the cluster's networks."""
+    return any(
+        destination.version == network.version and destination.subnet_of(network)  # type: ignore[arg-type]
+        for network in networks
+    )
+
+
 def entry_key(destination: Destination) -> str:
     return str(destination).replace("/", "-")
 
@@ -184,10 +192,15 @@ class Ledger:
         """The entry for ``destination`` as last read or written."""
         return self._entries.get(destination)
 
-    def owns(self, destination: Destination, observed_target: str) -> bool:
-        """Rules 2 and 3 of the ownership rule, from the last read; rule 1 is the table's."""
+    def owns(
+        self, destination: Destination, observed_target: str, networks: Iterable[Destination]
+    ) -> bool:
+        """The ownership rule, from the last read, for a route observed in the table.
+
+        ``networks`` are the cluster's Network (and IPv6Network) from its network config.
+        """
         entry = self._entries.get(destination)
-        return entry is not None and entry.owns(observed_target)
+        return within(destination, networks) and entry is not None and entry.owns(observed_target)
 
     def record(self, entries: Iterable[LedgerEntry], fence: Fence | None = None) -> None:
         """Write the entries, in one transaction per TXN_OPS of them.

@@ -21,6 +21,7 @@ PREFIX = "/coreos.com/network"
 CLUSTER = "prod"
 TABLE = "rtb-0a1"
 PATH = f"{PREFIX}/cloudroutes/routes/{CLUSTER}/{TABLE}/"
+NETWORKS = (IPv4Network("10.5.0.0/16"), IPv6Network("fc00::/48"))
 LEADER_KEY = f"{PREFIX}/cloudroutes/leader/{CLUSTER}/cluster"
 
 
@@ -70,9 +71,12 @@ def test_recorded_entries_are_in_etcd_under_the_documented_keys(
         six.destination: six,
     }
     assert Ledger(client, PREFIX, CLUSTER, "rtb-other").entries() == {}
-    assert ledger.owns(net(3), "eni-3")
-    assert not ledger.owns(net(3), "eni-someone-else")
-    assert not ledger.owns(net(4), "eni-4")
+    assert ledger.owns(net(3), "eni-3", NETWORKS)
+    assert ledger.owns(six.destination, "eni-6", NETWORKS)
+    assert not ledger.owns(net(3), "eni-someone-else", NETWORKS)
+    assert not ledger.owns(net(4), "eni-4", NETWORKS)
+    # A recorded route outside the Network (it was changed since) is not ours either.
+    assert not ledger.owns(net(3), "eni-3", [IPv4Network("10.6.0.0/16")])
 
 
 def test_a_batch_larger_than_one_etcd_transaction_is_written_whole(
@@ -100,7 +104,7 @@ def test_unreadable_entries_are_skipped_with_one_warning_and_count_as_not_ours(
     assert len(warnings) == 1, warnings
     assert "skipped 3 unreadable entries" in warnings[0]
     assert "'10.5.2.0-24': value is not JSON" in warnings[0]
-    assert not ledger.owns(net(2), "eni-2")
+    assert not ledger.owns(net(2), "eni-2", NETWORKS)
     # Adopting the route at that destination writes a good entry over the bad one.
     ledger.record([entry(2)])
     assert Ledger(client, PREFIX, CLUSTER, TABLE).entries()[net(2)] == entry(2)

@@ -18,6 +18,7 @@ from cloudroutes.ledger import (
     entry_key,
     ledger_path,
     parse_entry_key,
+    within,
 )
 
 NET = IPv4Network("10.5.3.0/24")
@@ -112,3 +113,13 @@ def test_a_route_is_ours_only_with_the_target_the_ledger_recorded() -> None:
     moving = LedgerEntry(NET, "eni-new", previous_target="eni-old")
     assert moving.owns("eni-old") and moving.owns("eni-new")
     assert not moving.owns("eni-other")
+
+
+def test_only_destinations_inside_the_network_can_be_ours() -> None:
+    networks = [IPv4Network("10.5.0.0/16"), IPv6Network("fc00::/48")]
+    assert within(NET, networks)
+    assert within(IPv6Network("fc00:0:0:3::/64"), networks)
+    assert not within(IPv4Network("10.6.3.0/24"), networks)
+    assert not within(IPv4Network("10.0.0.0/8"), networks)  # wider than the Network
+    assert not within(IPv6Network("fc01::/64"), networks)
+    assert not within(NET, [])
