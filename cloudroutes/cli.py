@@ -256,21 +256,16 @@ def _expires(expiration: datetime | None, now: datetime) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from cloudroutes.dry_run import plan_for_node
+    from cloudroutes.dry_run import plan_for_node, render
 
     values = resolve(args, ETCD_FLAGS + AGENT_FLAGS)
     source = _etcd_source(values)
     try:
-        plans = plan_for_node(source, values)
+        previews = plan_for_node(source, values)
     finally:
         source.close()
-    for table, plan in plans:
-        if not plan:
-            print(f"route table {table}: nothing to change")
-            continue
-        print(f"route table {table}: {len(plan)} change(s)")
-        for change in plan:
-            print(f"  {change}")
+    for line in render(previews):
+        print(line)
     return 0
 
 

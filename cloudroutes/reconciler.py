@@ -169,6 +169,8 @@ class Preview:
     plan: Plan
     conflicts: dict[EntryKey, Foreign]
     refused: dict[str, str]
+    # Creates a full table has no room for (left out of the plan).
+    blocked: tuple[Change, ...] = ()
 
 
 class _DesiredState:
@@ -344,7 +346,11 @@ class Reconciler:
             want.set(lease.key, lease)
         observation = self.table.observe()
         diff = make_plan(want.entries, observation.owned, observation.foreign)
-        return Preview(diff.plan, diff.conflicts, dict(want.refused))
+        plan = diff.plan
+        if self._actions is not None:
+            plan = Plan(tuple(c for c in plan if c.action in self._actions))
+        plan, blocked = self._within_room(plan, _Picture.of(observation), probe=False)
+        return Preview(plan, diff.conflicts, dict(want.refused), tuple(blocked))
 
     def plan(self) -> Plan:
         return self.preview().plan
