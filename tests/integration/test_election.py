@@ -159,7 +159,7 @@ def test_one_leader_among_three_and_the_others_know_it(
     while time.monotonic() < deadline:
         assert leaders(candidates) in ([leader], []), "two leaders at once"
         time.sleep(0.05)
-    assert leaders(candidates) == [leader]
+    wait_for(lambda: leaders(candidates) == [leader], 5, "the same leader")
     assert all(not c.gained for c in candidates if c is not leader)
 
 
@@ -220,6 +220,9 @@ def test_resign_hands_over_without_waiting_for_the_lease_to_expire(
     assert fence is not None
     first.election.resign()
     assert not fence.valid() and first.lost
+    ledger = Ledger(first.client, PREFIX, PREFIX, "rtb-1")
+    with pytest.raises(Deposed, match="no longer the leader"):
+        ledger.record([LedgerEntry(NET, "eni-1")], fence=fence)
     second = wait_for(lambda: one_leader(candidates), 10, "a second leader")
     assert second is not first
     assert first.lost[0] < second.gained[0]
