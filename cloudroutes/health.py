@@ -1,7 +1,11 @@
 """/healthz, /readyz, /metrics and /status over HTTP.
 
-/readyz answers 503 until subnet.env is written, as flanneld does, so a readiness probe keeps
-pods off a node whose network is not up yet. /status shows each route's state and reason.
+/healthz is liveness: it answers 200 as long as the agent runs, also while it waits for etcd,
+a network config or a lease (the body says which), so a liveness probe never kills an agent
+that waits as it should. /readyz answers 503 with the reason until subnet.env is written, as
+flanneld does, and again while the lease store does not answer, so a readiness probe keeps pods
+off a node whose network is not up or cannot follow its peers. /status shows each route's state
+and reason.
 """
 
 from __future__ import annotations
@@ -9,12 +13,35 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudroutes.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the agent tells probes at one moment."""
+
+    waiting_for: str | None = None  # what start-up waits for; None once subnet.env is written
+    store_problem: str | None = None  # why the lease store does not answer; None while it does
+
+    @property
+    def not_ready(self) -> str | None:
+        """Why /readyz fails, or None when the node is ready."""
+        if self.waiting_for is not None:
+            return f"not ready: waiting for {self.waiting_for}"
+        if self.store_problem is not None:
+            return f"not ready: {self.store_problem}"
+        return None
+
+    @property
+    def alive(self) -> str:
+        """The /healthz body: alive, and what it waits for, if anything."""
+        return "ok" if self.waiting_for is None else f"ok, waiting for {self.waiting_for}"
 
 
 class HealthServer:
@@ -24,26 +51,28 @@ class HealthServer:
         port: int,
         metrics: Metrics,
         status: Callable[[], dict[str, Any]],
+        probe: Callable[[], Probe],
     ) -> None:
-        self.ready = threading.Event()
-        server = self
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
+                    self._text(200, probe().alive)
                 elif self.path == "/readyz":
-                    if server.ready.is_set():
-                        self._send(200, b"ok\n", "text/plain")
+                    problem = probe().not_ready
+                    if problem is None:
+                        self._text(200, "ok")
                     else:
-                        self._send(503, b"subnet.env not written yet\n", "text/plain")
+                        self._text(503, problem)
                 elif self.path == "/metrics":
                     self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif self.path == "/status":
                     body = json.dumps(status(), indent=2, sort_keys=True).encode() + b"\n"
                     self._send(200, body, "application/json")
                 else:
-                    self._send(404, b"not found\n", "text/plain")
+                    self._text(404, "not found")
+
+            def _text(self, code: int, text: str) -> None:
+                self._send(code, text.encode() + b"\n", "text/plain; charset=utf-8")
 
             def _send(self, code: int, body: bytes, content_type: str) -> None:
                 self.send_response(code)

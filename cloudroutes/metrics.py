@@ -51,3 +51,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.leases_refused = Gauge(
+            "cloudroutes_leases_refused",
+            "Leases a route table does not serve (bad subnet, next hop or backend type).",
+            ["table"],
+            registry=r,
+        )
+        self.lease_refusals = Counter(
+            "cloudroutes_lease_refusals",
+            "Times a lease was refused (each lease counts once per new reason).",
+            ["table"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "cloudroutes_ready",
+            "1 while /readyz answers 200: subnet.env written and the lease store answering.",
+            registry=r,
+        )
+        self.config_differs = Gauge(
+            "cloudroutes_config_differs",
+            "1 while the network config in the store differs from the one the agent runs "
+            "with (changed, deleted or invalid): a restart would apply it.",
+            registry=r,
+        )

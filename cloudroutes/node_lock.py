@@ -20,6 +20,10 @@ import threading
 
 from cloudroutes.errors import ConfigError
 
+# The rt protocol of every route cloudroutes writes (providers/kernel.py RTPROT_CLOUDROUTES):
+# the thing two agents in one namespace would fight over.
+ROUTE_PROTOCOL = 157
+
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _DESCRIPTION_MAX = 200
 

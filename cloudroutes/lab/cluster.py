@@ -8,6 +8,7 @@ would put it. The demo and the end-to-end tests both build their clusters with t
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cloudroutes.errors import CloudroutesError
 from cloudroutes.lab.etcd import EtcdCluster
@@ -23,6 +25,20 @@ from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
 ETCD_ADDRESS = "198.18.0.254"
+
+# GET a URL from inside a node: prints the status code (0 when nothing answered), then the body.
+_HTTP_GET = """
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as response:
+        code, body = response.status, response.read().decode()
+except urllib.error.HTTPError as exc:
+    code, body = exc.code, exc.read().decode()
+except OSError as exc:
+    code, body = 0, str(exc)
+print(code)
+print(body, end="")
+"""
 
 
 class ClusterError(CloudroutesError):
@@ -61,11 +77,29 @@ class LabNode:
         last = address.rsplit(".", 1)[0]
         return f"{last}.0/{plen}" if plen == "24" else value
 
-    def log_tail(self, lines: int = 20) -> str:
+    @property
+    def agent_running(self) -> bool:
+        return self.agent is not None and self.agent.poll() is None
+
+    def http_get(self, port: int, path: str) -> tuple[int, str]:
+        """GET ``path`` from the agent's health port inside the node: (status, body)."""
+        result = self.ns.run(sys.executable, "-c", _HTTP_GET, f"http://127.0.0.1:{port}{path}")
+        code, _, body = result.stdout.partition("\n")
+        return int(code), body
+
+    def status(self, port: int) -> dict[str, Any]:
+        """The agent's /status; {} while it does not answer."""
+        code, body = self.http_get(port, "/status")
+        return json.loads(body) if code == 200 else {}
+
+    def log(self) -> str:
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_file.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
 
 class LabCluster:
@@ -109,6 +143,14 @@ class LabCluster:
         node = LabNode(f"node{i}", ns, address, run_dir)
         self.nodes.append(node)
         return node
+
+    def wipe_etcd(self) -> None:
+        """Stop etcd, delete its data and start it empty, as after losing or rebuilding it."""
+        assert self.etcd is not None
+        self.etcd.stop()
+        for member in self.etcd.members:
+            shutil.rmtree(member.data_dir, ignore_errors=True)
+        self.etcd.start()
 
     def etcdctl_ns(self) -> Netns:
         return self.etcd_hosts[0]
