@@ -65,7 +65,9 @@ def election_key(prefix: str, cluster: str, duty: str) -> str:
     """The leader key of one duty (``cluster`` routing, ``gc`` of node mode) of one cluster."""
     if not cluster or not duty:
         raise ConfigError("an election needs a cluster name and a duty; neither may be empty")
-    return f"{prefix.rstrip('/')}/cloudroutes/leader/{quote(cluster, safe='')}/{quote(duty)}"
+    return (
+        f"{prefix.rstrip('/')}/cloudroutes/leader/{quote(cluster, safe='')}/{quote(duty, safe='')}"
+    )
 
 
 class _Term:
