@@ -44,18 +44,25 @@ LAB_AMI = "ami-760aaa0f"
 
 
 def ec2_client(
-    endpoint_url: str, region: str = DEFAULT_REGION, max_attempts: int | None = None
+    endpoint_url: str,
+    region: str = DEFAULT_REGION,
+    max_attempts: int | None = None,
+    read_timeout: float | None = None,
 ) -> EC2Client:
     """A boto3 EC2 client for ``endpoint_url`` (moto, or a fault proxy in front of it).
 
     Keys are dummies passed explicitly, so nothing from the host's environment or ~/.aws is
     used. ``max_attempts=1`` turns botocore's retries off, which tests of a single fault need
-    to see the raw error.
+    to see the raw error; ``read_timeout`` (seconds) makes a slow answer a timeout.
     """
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"total_max_attempts": max_attempts}) if max_attempts else None
+    config = Config()
+    if max_attempts:
+        config = config.merge(Config(retries={"total_max_attempts": max_attempts}))
+    if read_timeout:
+        config = config.merge(Config(read_timeout=read_timeout))
     return boto3.client(
         "ec2",
         endpoint_url=endpoint_url,

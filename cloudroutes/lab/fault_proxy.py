@@ -1,0 +1,506 @@
+"""A fault-injecting, call-counting HTTP proxy to put in front of any cloud fake.
+
+The fakes (moto for EC2, the GCE and Alibaba fakes) answer every call correctly and at once,
+which is the one thing a real cloud does not. The proxy sits between the SDK and the fake on
+127.0.0.1 and makes the cloud misbehave the way the reconciler must survive: throttling, quota
+errors, 5xx, slowness, a write applied upstream whose answer never arrives, routes turned
+blackhole. It also counts every call per action, so tests and benchmarks can assert API budgets
+("one DescribeRouteTables per table per cycle") exactly.
+
+What differs between clouds (how to name a call, what an error looks like) is a ``Dialect``;
+``EC2`` is provided. Faults are rules added and removed at run time, from any thread; the ones
+that fire by chance draw from a seeded ``random.Random``, so a failing run can be replayed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+LOOPBACK = "127.0.0.1"
+# Per-connection headers: they describe the hop, not the request, so the proxy sets its own.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as the client sent it, with the action its dialect named."""
+
+    method: str
+    path: str  # with the query string
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    action: str = ""
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def params(self) -> dict[str, str]:
+        """Query and form fields (the first value of each): where query APIs put everything."""
+        fields = parse_qs(urlsplit(self.path).query)
+        content_type = self.header("Content-Type") or ""
+        if "x-www-form-urlencoded" in content_type:
+            fields.update(parse_qs(self.body.decode("utf-8", "replace")))
+        return {k: v[0] for k, v in fields.items()}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer, from the upstream or made up by a fault."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one cloud names a call and says no.
+
+    ``action`` names a call (EC2: the Action field); ``is_read`` tells reads from writes for
+    the counts; ``error`` builds the error answer the cloud's SDK parses into its own
+    exception; ``throttle`` is the (code, message, status) of the cloud's throttling error.
+    """
+
+    name: str
+    action: Callable[[Call], str]
+    is_read: Callable[[str], bool]
+    error: Callable[[str, str, int], Reply]
+    throttle: tuple[str, str, int]
+    server_error: Mapping[int, tuple[str, str]]
+
+    def server_error_reply(self, status: int) -> Reply:
+        code, message = self.server_error.get(status, ("InternalError", "Internal error."))
+        return self.error(code, message, status)
+
+
+# -- EC2 ------------------------------------------------------------------------------------
+
+
+def ec2_action(call: Call) -> str:
+    return call.params().get("Action", "")
+
+
+def ec2_error(code: str, message: str, status: int) -> Reply:
+    """EC2's error document: botocore's EC2 parser reads Errors/Error/{Code,Message}."""
+    root = ET.Element("Response")
+    error = ET.SubElement(ET.SubElement(root, "Errors"), "Error")
+    ET.SubElement(error, "Code").text = code
+    ET.SubElement(error, "Message").text = message
+    ET.SubElement(root, "RequestID").text = str(uuid.uuid4())
+    body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return Reply(status, (("Content-Type", "text/xml;charset=UTF-8"),), body)
+
+
+EC2 = Dialect(
+    name="ec2",
+    action=ec2_action,
+    is_read=lambda action: action.startswith(("Describe", "Get", "List")),
+    error=ec2_error,
+    throttle=("RequestLimitExceeded", "Request limit exceeded.", 503),
+    server_error={
+        500: ("InternalError", "An internal error has occurred."),
+        503: ("Unavailable", "The server is overloaded and can't handle the request."),
+    },
+)
+
+
+# -- counting -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallCounts:
+    """Calls the client made, per action: every call counts, whether a fault answered or not,
+    as every call counts against a real cloud's rate limit."""
+
+    by_action: Mapping[str, int]
+    reads: int
+    writes: int
+
+    def __getitem__(self, action: str) -> int:
+        return self.by_action.get(action, 0)
+
+    @property
+    def total(self) -> int:
+        return self.reads + self.writes
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+Proceed = Callable[[], Reply]
+
+
+class DropConnection(Exception):
+    """Raised by a fault to reset the client's connection instead of answering."""
+
+
+@dataclass(eq=False, kw_only=True)
+class Fault:
+    """A rule: which calls it applies to (``actions``; None is every call) and how often.
+
+    It fires with ``probability`` and at most ``times`` times (None: no limit); ``fired``
+    counts how often it did. A fired fault wraps the call: ``apply`` may answer in place of
+    the upstream, or call ``proceed()`` to go on to the next fault and then the upstream.
+    """
+
+    actions: Collection[str] | None = None
+    probability: float = 1.0
+    times: int | None = None
+    fired: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.actions, str):
+            self.actions = frozenset({self.actions})
+        elif self.actions is not None:
+            self.actions = frozenset(self.actions)
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"fault probability {self.probability} is not within 0..1")
+
+    def applies_to(self, call: Call) -> bool:
+        return self.actions is None or call.action in self.actions
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        raise NotImplementedError
+
+
+@dataclass(eq=False, kw_only=True)
+class Throttle(Fault):
+    """The cloud's rate-limit error (EC2: 503 RequestLimitExceeded). Nothing is applied."""
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        return proxy.dialect.error(*proxy.dialect.throttle)
+
+
+@dataclass(eq=False, kw_only=True)
+class ServerError(Fault):
+    """An HTTP 5xx in the cloud's error format. Nothing is applied."""
+
+    status: int = 500
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        return proxy.dialect.server_error_reply(self.status)
+
+
+@dataclass(eq=False, kw_only=True)
+class CannedError(Fault):
+    """Any error the cloud can give, e.g. 403 UnauthorizedOperation on CreateRoute."""
+
+    code: str
+    message: str
+    status: int = 400
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        return proxy.dialect.error(self.code, self.message, self.status)
+
+
+@dataclass(eq=False, kw_only=True)
+class Delay(Fault):
+    """A slow answer: wait ``seconds`` before passing the call on."""
+
+    seconds: float
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        time.sleep(self.seconds)
+        return proceed()
+
+
+@dataclass(eq=False, kw_only=True)
+class DropAfterForward(Fault):
+    """The upstream applies the call, then the client's connection is reset: the write
+    happened, but the client cannot know it (the case that makes retries see
+    "already exists")."""
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        proceed()
+        raise DropConnection
+
+
+# -- EC2 route faults -----------------------------------------------------------------------
+
+
+def _tag(name: str) -> str:
+    # Any namespace: AWS's ends in "/", moto's does not.
+    return "{*}" + name
+
+
+def _routes(root: ET.Element) -> list[ET.Element]:
+    return root.findall(f".//{_tag('routeSet')}/{_tag('item')}")
+
+
+@dataclass(eq=False, kw_only=True)
+class RouteLimit(Fault):
+    """AWS's routes-per-table quota, which moto lacks: CreateRoute into a table that already
+    holds ``limit`` routes of that address family (the local route aside) gets 400
+    RouteLimitExceeded. Change ``limit`` at any time to emulate a raised quota.
+
+    Routes are counted by asking the upstream (DescribeRouteTables, not counted as a client
+    call), and creates into one proxy are serialized so that concurrent creates cannot
+    overshoot the limit, as they cannot on AWS. ``fired`` counts the refusals.
+    """
+
+    limit: int = 50
+    actions: Collection[str] | None = frozenset({"CreateRoute"})
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        params = call.params()
+        table = params.get("RouteTableId", "")
+        v6 = "DestinationIpv6CidrBlock" in params
+        key = "destinationIpv6CidrBlock" if v6 else "destinationCidrBlock"
+        wanted = params.get("DestinationIpv6CidrBlock" if v6 else "DestinationCidrBlock")
+        with self._lock:
+            listing = proxy.upstream(
+                Call(
+                    "POST",
+                    "/",
+                    _signature_headers(call),
+                    f"Action=DescribeRouteTables&Version=2016-11-15&RouteTableId.1={table}".encode(),
+                )
+            )
+            if listing.status == 200:
+                destinations = [
+                    r.findtext(_tag(key))
+                    for r in _routes(ET.fromstring(listing.body))
+                    if r.findtext(_tag("origin")) != "CreateRouteTable"
+                    and r.find(_tag(key)) is not None
+                ]
+                # A duplicate is AWS's RouteAlreadyExists, which the upstream will say.
+                if wanted not in destinations and len(destinations) >= self.limit:
+                    self.fired += 1
+                    return proxy.dialect.error(
+                        "RouteLimitExceeded",
+                        f"The maximum number of routes has been reached for {table}.",
+                        400,
+                    )
+            return proceed()
+
+
+def _signature_headers(call: Call) -> tuple[tuple[str, str], ...]:
+    # moto takes the region (and account) from the Authorization header's credential scope.
+    keep = {"authorization", "x-amz-date", "x-amz-security-token"}
+    return (
+        *((k, v) for k, v in call.headers if k.lower() in keep),
+        ("Content-Type", "application/x-www-form-urlencoded; charset=utf-8"),
+    )
+
+
+@dataclass(eq=False, kw_only=True)
+class Blackhole(Fault):
+    """DescribeRouteTables shows every route to one of ``targets`` (instance or ENI ids) as
+    ``blackhole``, as AWS does once the instance is terminated or the ENI deleted (moto does
+    not)."""
+
+    targets: Collection[str]
+    actions: Collection[str] | None = frozenset({"DescribeRouteTables"})
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        reply = proceed()
+        if reply.status != 200:
+            return reply
+        root = ET.fromstring(reply.body)
+        for route in _routes(root):
+            target = route.findtext(_tag("instanceId")) or route.findtext(
+                _tag("networkInterfaceId")
+            )
+            state = route.find(_tag("state"))
+            if target in self.targets and state is not None:
+                state.text = "blackhole"
+        namespace = root.tag[1 : root.tag.index("}")] if root.tag.startswith("{") else None
+        body = ET.tostring(
+            root, encoding="utf-8", xml_declaration=True, default_namespace=namespace
+        )
+        return Reply(reply.status, reply.headers, body)
+
+
+# -- the proxy ------------------------------------------------------------------------------
+
+
+class FaultProxy:
+    """A reverse proxy on 127.0.0.1 in front of ``upstream_url``; point the SDK at ``url``."""
+
+    def __init__(self, upstream_url: str, dialect: Dialect = EC2, seed: int = 0) -> None:
+        parts = urlsplit(upstream_url)
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise ValueError(f"fault proxy upstream {upstream_url!r} is not http://host:port")
+        self.upstream_url = upstream_url
+        self.dialect = dialect
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._counts: Counter[str] = Counter()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # -- faults and counts (any thread) ---------------------------------------------------
+
+    def add(self, fault: Fault) -> Fault:
+        """Add a rule; rules apply in the order added. Returns it, to remove or inspect."""
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def remove(self, fault: Fault) -> None:
+        with self._lock:
+            if fault in self._faults:
+                self._faults.remove(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def counts(self) -> CallCounts:
+        with self._lock:
+            by_action = dict(self._counts)
+        reads = sum(n for a, n in by_action.items() if self.dialect.is_read(a))
+        return CallCounts(by_action, reads, sum(by_action.values()) - reads)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    # -- one call -------------------------------------------------------------------------
+
+    def handle(self, call: Call) -> Reply:
+        """Count the call, then run it through the faults that fire, then the upstream."""
+        with self._lock:
+            self._counts[call.action] += 1
+            chosen = [f for f in self._faults if self._fires(f, call)]
+
+        def run(i: int) -> Reply:
+            if i == len(chosen):
+                return self.upstream(call)
+            return chosen[i].apply(call, lambda: run(i + 1), self)
+
+        return run(0)
+
+    def _fires(self, fault: Fault, call: Call) -> bool:
+        # Called with the lock held: ``times`` and the random sequence are shared state.
+        if not fault.applies_to(call) or (fault.times is not None and fault.fired >= fault.times):
+            return False
+        # Draw only for chancy faults, so adding a certain one does not shift the sequence.
+        if fault.probability < 1.0 and self._random.random() >= fault.probability:
+            return False
+        if not isinstance(fault, RouteLimit):  # it counts refusals, not checks
+            fault.fired += 1
+        return True
+
+    def upstream(self, call: Call) -> Reply:
+        """Send ``call`` to the upstream and return its answer (a 502 if it cannot be reached)."""
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=60)
+        try:
+            conn.putrequest(
+                call.method, self._prefix + call.path, skip_host=True, skip_accept_encoding=True
+            )
+            for key, value in call.headers:
+                if key.lower() not in _HOP_BY_HOP:
+                    conn.putheader(key, value)
+            conn.putheader("Content-Length", str(len(call.body)))
+            conn.endheaders(call.body)
+            answer = conn.getresponse()
+            body = answer.read()
+            headers = tuple((k, v) for k, v in answer.getheaders() if k.lower() not in _HOP_BY_HOP)
+            return Reply(answer.status, headers, body)
+        except OSError as err:
+            # In the cloud's error format, so the SDK reports it as an API error.
+            text = f"fault proxy: upstream {self.upstream_url} unreachable: {err}"
+            return self.dialect.error("BadGateway", text, 502)
+        finally:
+            conn.close()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> FaultProxy:
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), _proxy_handler(self))
+        self._server.daemon_threads = True
+        port = self._server.server_address[1]
+        self.url = f"http://{LOOPBACK}:{port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"fault-proxy-{port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        # HTTP/1.1 keeps the SDK's connections alive, as a real endpoint does.
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _relay(self) -> None:
+            if self.headers.get("Transfer-Encoding"):
+                self._send(Reply(501, (), b"fault proxy: chunked request bodies are not supported"))
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            call = Call(self.command, self.path, tuple(self.headers.items()), body)
+            call = Call(call.method, call.path, call.headers, call.body, proxy.dialect.action(call))
+            try:
+                reply = proxy.handle(call)
+            except DropConnection:
+                self._reset()
+                return
+            self._send(reply)
+
+        def _send(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            for key, value in reply.headers:
+                if key.lower() not in _HOP_BY_HOP and key.lower() not in {"server", "date"}:
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+
+        def _reset(self) -> None:
+            # Linger 0 makes close() send RST: the client sees a reset, not a clean EOF.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _relay
+
+    return Handler
