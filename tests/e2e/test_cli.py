@@ -130,6 +130,29 @@ def test_plan_shows_changes_without_making_them(lab: LabCluster) -> None:
     assert node.ns.run(lab.cli, *args).stdout == "route table kernel: nothing to change\n"
 
 
+def test_agent_takes_a_flanneld_daemonset_command_line_and_names_what_it_ignores(
+    lab: LabCluster,
+) -> None:
+    lab.set_config(HOST_GW)
+    node = lab.nodes[0]
+    lab.start_agent(
+        node, "-ip-masq", "-kubeconfig-file=/etc/kubeconfig", "-v=2", "--iface-regex=^198\\.18\\.",
+        "--ip-masq-fully-random-disable", "--iptables-resync=10",
+    )  # fmt: skip
+    lab.wait_ready(node)
+    notices = [
+        line.split(": ", 1)[1] for line in node.log().splitlines() if " is ignored: " in line
+    ]
+    assert notices == [
+        "--kubeconfig-file is ignored: it is used only with --kube-subnet-mgr, which "
+        "cloudroutes does not support yet",
+        "--v is ignored: cloudroutes logs at INFO; use `cloudroutes --debug agent` for more",
+    ]
+    assert "not implemented" not in node.log()
+    masq = node.ns.run("iptables-save", "-t", "nat").stdout
+    assert "-j MASQUERADE" in masq and "random-fully" not in masq
+
+
 def test_unreachable_etcd_is_one_line(lab: LabCluster) -> None:
     result = lab.nodes[0].ns.run(
         lab.cli, "leases", "--etcd-endpoints=http://127.0.0.1:9", check=False
