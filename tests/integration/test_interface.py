@@ -86,6 +86,11 @@ def test_iface_can_reach_takes_the_kernels_route_and_source(node: Netns) -> None
     )
     assert choose(node, iface_can_reach="203.0.113.9")["name"] == "eth0"  # the default route
     assert choose(node, ifaces=["eth0"], iface_can_reach="192.0.2.77")["name"] == "eth0"
+    assert choose(node, iface_can_reach="2001:db8::1")["error"] == (
+        "failed to find interface to use that matches the interfaces and/or regexes provided "
+        "(--iface-can-reach=2001:db8::1: no route to it (Network is unreachable)); "
+        "name the external interface with --iface, e.g. --iface=eth0"
+    )
 
 
 def test_public_ip_overrides_interface_ip(node: Netns) -> None:
