@@ -8,12 +8,20 @@ import logging
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 
 import pytest
 
-from cloudroutes.election import Deposed, Election, Fence, election_key
+from cloudroutes.election import (
+    FENCE_FRACTION,
+    KEEPALIVE_PER_TTL,
+    Deposed,
+    Election,
+    Fence,
+    election_key,
+)
 from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.ledger import Ledger, LedgerEntry
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings, parse_endpoint
@@ -161,6 +169,38 @@ def test_one_leader_among_three_and_the_others_know_it(
         time.sleep(0.05)
     wait_for(lambda: leaders(candidates) == [leader], 5, "the same leader")
     assert all(not c.gained for c in candidates if c is not leader)
+
+
+def requests_started(etcd: EtcdCluster) -> dict[str, int]:
+    """How many requests of each gRPC method etcd has started, from its /metrics."""
+    with urllib.request.urlopen(f"{etcd.endpoint}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("grpc_server_started_total{"):
+            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
+            counts[method] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def test_leading_and_following_cost_etcd_a_few_requests_per_ttl(
+    etcd: EtcdCluster, candidates: list[Candidate]
+) -> None:
+    ttl = 3
+    candidates += [Candidate(etcd.endpoint, f"node-{i}", ttl=ttl) for i in range(2)]
+    wait_for(lambda: all(c.election.leader() for c in candidates), 15, "a leader, known to all")
+    before = requests_started(etcd)
+    start = time.monotonic()
+
+    def since(method: str) -> int:
+        return requests_started(etcd).get(method, 0) - before.get(method, 0)
+
+    wait_for(lambda: since("LeaseKeepAlive") >= KEEPALIVE_PER_TTL, 5 * ttl, "a TTL of keepalives")
+    elapsed = time.monotonic() - start
+    # The leader: a keepalive and a read of its key every ttl / KEEPALIVE_PER_TTL, not back to
+    # back; the follower: a read every ttl * FENCE_FRACTION (the watch wakes it sooner).
+    assert elapsed >= ttl * (KEEPALIVE_PER_TTL - 1) / KEEPALIVE_PER_TTL
+    assert since("Range") <= KEEPALIVE_PER_TTL + elapsed / (ttl * FENCE_FRACTION) + 3
 
 
 def test_a_partitioned_leader_stops_writing_before_another_is_elected(
