@@ -84,6 +84,11 @@ class EtcdLeaseSource:
         self._problems = _Problems()
 
     @property
+    def settings(self) -> EtcdSettings:
+        """How this source reaches etcd, for the connections of cloud ledgers and elections."""
+        return self._settings
+
+    @property
     def config_key(self) -> str:
         return f"{self._settings.prefix}/config"
 
@@ -165,6 +170,8 @@ class EtcdLeaseSource:
                             notify(text)
                         known, last = True, text
                         stream.start(revision + 1)
+                        stream.open()
+                        log.debug("watching the network config %s", self.config_key)
                     batch = stream.next(timeout=self._periods.poll)
                     if batch is not None:
                         for event in batch.events:
@@ -452,7 +459,7 @@ class _Keeper:
                     self._problem("lease", str(exc))
                     doing = f"watching own lease {self._path}"
                     self._source._pause(self._stop, failures, doing, exc)
-                    continue
+                # Renewed when due whatever the watch does: an outage costs no more than that.
                 if time.monotonic() >= self._due and not self._stop.is_set():
                     self._renew()
         finally:

@@ -1,4 +1,9 @@
-"""The etcd lease source against a real etcd: flannel's keys, leases, renewals and watches."""
+"""The etcd lease source against a real etcd: config, acquiring, TLS, auth, failover.
+
+The helpers and fixtures here are shared by the other test_etcd_*.py files: keeping a lease
+(test_etcd_keep.py), watching (test_etcd_watch.py), and untrusted keys and values
+(test_etcd_untrusted.py). Each test starts its own etcd, so none depends on another's data.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import base64
 import datetime as dt
 import json
 import logging
+import shutil
 import subprocess
 import threading
 import time
@@ -17,12 +23,13 @@ from typing import Any
 import pytest
 
 from cloudroutes.config import NetworkConfig
-from cloudroutes.errors import ConfigError, LeaseRevoked, OutOfSubnets, StoreUnavailable
+from cloudroutes.errors import ConfigError, OutOfSubnets, StoreUnavailable
 from cloudroutes.lab.etcd import EtcdCluster, EtcdTLS, free_port
 from cloudroutes.lease import Lease, LeaseAttrs, encode_attrs
 from cloudroutes.lease_table import LeaseTable
 from cloudroutes.subnet.etcd import CONFIG_NOT_FOUND, EtcdLeaseSource, EtcdPeriods, EtcdSettings
-from cloudroutes.subnet.etcd_client import parse_endpoint
+from cloudroutes.subnet.etcd_client import EtcdClient, parse_endpoint
+from tests.wait import wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -33,6 +40,7 @@ CONFIG = '{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}'
 FAST = EtcdPeriods(
     config_retry=0.1, renew_retry=0.3, backoff_initial=0.05, backoff_max=0.5, poll=0.05
 )
+ETCD_LOG = "cloudroutes.subnet.etcd"
 
 
 def node(n: int, mac: str = "c6:d2:32:6f:8f:44") -> LeaseAttrs:
@@ -41,16 +49,6 @@ def node(n: int, mac: str = "c6:d2:32:6f:8f:44") -> LeaseAttrs:
         backend_type="vxlan",
         backend_data={"VNI": 1, "VtepMAC": mac},
     )
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Background:
@@ -81,10 +79,12 @@ class Background:
 def make_source() -> Iterator[Callable[..., EtcdLeaseSource]]:
     made: list[EtcdLeaseSource] = []
 
-    def make(endpoints: str | list[str], **settings: Any) -> EtcdLeaseSource:
+    def make(
+        endpoints: str | list[str], periods: EtcdPeriods = FAST, **settings: Any
+    ) -> EtcdLeaseSource:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
-        source = EtcdLeaseSource(EtcdSettings(endpoints=endpoints, **settings), FAST)
+        source = EtcdLeaseSource(EtcdSettings(endpoints=endpoints, **settings), periods)
         made.append(source)
         return source
 
@@ -124,6 +124,41 @@ def stored(cluster: EtcdCluster, key: str, **kw: Any) -> dict[str, Any] | None:
         return None
     kv = out["kvs"][0]
     return {"value": base64.b64decode(kv["value"]).decode(), "lease": kv.get("lease", 0)}
+
+
+@pytest.fixture
+def raw(etcd: EtcdCluster) -> Iterator[EtcdClient]:
+    """A plain client of the test's etcd, to write any bytes at all."""
+    client = EtcdClient(EtcdSettings(endpoints=[etcd.endpoint]))
+    yield client
+    client.close()
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    """How many records so far contain ``text`` (from any thread)."""
+    return sum(text in record.getMessage() for record in caplog.records)
+
+
+def keeping(
+    caplog: pytest.LogCaptureFixture,
+    background: Callable[..., Background],
+    source: EtcdLeaseSource,
+    lease: Lease,
+) -> Background:
+    """keep() in the background, once it watches its key (a delete is then seen live)."""
+    caplog.set_level(logging.DEBUG, logger=ETCD_LOG)
+    before = logged(caplog, "watching own lease")
+    keeper = background(source.keep, lease)
+    wait_for(lambda: logged(caplog, "watching own lease") > before, 10, "keep() to watch its key")
+    return keeper
+
+
+def wipe(cluster: EtcdCluster) -> None:
+    """Lose everything: stop etcd, delete its data, start it empty (a new cluster)."""
+    cluster.stop()
+    for member in cluster.members:
+        shutil.rmtree(member.data_dir)
+    cluster.start()
 
 
 def configured(source: EtcdLeaseSource, text: str = CONFIG) -> NetworkConfig:
@@ -202,24 +237,6 @@ def test_acquire_writes_flannels_value_with_an_etcd_lease(
     assert dt.timedelta(seconds=590) < left <= dt.timedelta(seconds=600)
 
 
-def test_a_kept_lease_is_renewed_and_an_abandoned_one_expires(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-) -> None:
-    # TTL 2 s is below the 60 min margin, so renewal happens halfway, every second.
-    source, lease = joined(make_source, etcd.endpoint, lease_ttl=2)
-    key = SUBNETS + lease.key
-    keeper = background(source.keep, lease)
-    time.sleep(3.5)  # well past the first TTL
-    held = stored(etcd, key)
-    assert held is not None, "the lease expired although it was kept"
-    assert held["lease"] != lease.store_lease_id  # renewed with a new etcd lease
-    keeper.join()
-    assert keeper.error is None
-    wait_for(lambda: stored(etcd, key) is None, timeout=6, what="the abandoned lease to expire")
-
-
 def test_racing_nodes_get_distinct_subnets_until_none_is_left(
     etcd: EtcdCluster, make_source: Callable[..., EtcdLeaseSource]
 ) -> None:
@@ -287,24 +304,6 @@ def test_an_incompatible_old_lease_is_replaced(
     assert keys == [SUBNETS + lease.key]
 
 
-def test_a_reservation_for_this_node_is_reused_and_stays_a_reservation(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-) -> None:
-    source = make_source(etcd.endpoint, lease_ttl=1)
-    etcdctl(etcd, "put", SUBNETS + "10.5.42.0-24", encode_attrs(node(1)).decode())
-    lease = source.acquire(configured(source), node(1, "0a:00:00:00:00:03"))
-    assert lease.subnet == IPv4Network("10.5.42.0/24")
-    assert lease.expiration is None and lease.is_reservation
-    # Kept, it is never given a TTL, so it cannot expire.
-    keeper = background(source.keep, lease)
-    time.sleep(1.5)
-    held = stored(etcd, SUBNETS + "10.5.42.0-24")
-    assert held is not None and held["lease"] == 0 and "0a:00:00:00:00:03" in held["value"]
-    assert not keeper.done()
-
-
 @pytest.mark.parametrize(
     ("config", "public_ip", "key_start"),
     [
@@ -338,136 +337,6 @@ def test_ipv6_leases_use_flannels_dual_key(
     assert [found.key for found in source.list_leases()] == [lease.key]
     # Restarted, the node finds it again by its public IP (IPv6 when it has no IPv4).
     assert source.acquire(configured(source, config), attrs).key == lease.key
-
-
-def test_keep_raises_lease_revoked_when_the_key_is_deleted(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-) -> None:
-    source, lease = joined(make_source, etcd.endpoint)
-    keeper = background(source.keep, lease)
-    time.sleep(0.3)
-    etcdctl(etcd, "del", SUBNETS + lease.key)
-    wait_for(keeper.done, what="keep() to end")
-    assert isinstance(keeper.error, LeaseRevoked)
-    assert str(keeper.error) == "Lease has been revoked"
-
-
-# Watching.
-
-
-def test_flannel_leases_written_by_hand_are_understood(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    source = make_source(etcd.endpoint)
-    etcd_lease = etcdctl(etcd, "lease", "grant", "300").split()[1]
-    etcdctl(etcd, "put", f"--lease={etcd_lease}", SUBNETS + "10.5.9.0-24", FLANNEL_VALUE)
-    etcdctl(etcd, "put", SUBNETS + "10.5.10.0-24", FLANNEL_VALUE.replace(".9", ".10"))
-    etcdctl(etcd, "put", SUBNETS + "not-a-subnet", FLANNEL_VALUE)
-    etcdctl(etcd, "put", SUBNETS + "10.5.11.0-24", "{broken")
-
-    table = LeaseTable()
-    with caplog.at_level(logging.WARNING):
-        background(source.watch, table)
-        assert table.wait_synced(10)
-    leased, reservation = table.get("10.5.9.0-24"), table.get("10.5.10.0-24")
-    assert leased is not None and reservation is not None
-    assert len(table) == 2
-    assert leased.backend_type == "vxlan"
-    assert leased.attrs.backend_data == {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}
-    assert encode_attrs(leased.attrs).decode() == FLANNEL_VALUE  # byte-identical round trip
-    assert leased.store_lease_id == int(etcd_lease, 16)
-    assert reservation.is_reservation
-    # Expiry is looked up when listing for `cloudroutes leases`, not by the watch.
-    listed = {lease.key: lease for lease in source.list_leases()}
-    expiration = listed["10.5.9.0-24"].expiration
-    assert expiration is not None
-    assert expiration - dt.datetime.now(dt.UTC) > dt.timedelta(seconds=250)
-    assert listed["10.5.10.0-24"].expiration is None
-    assert f"{SUBNETS}not-a-subnet" in caplog.text
-    assert f"{SUBNETS}10.5.11.0-24" in caplog.text
-
-    # Then changes: a new lease, a deleted one.
-    etcdctl(etcd, "put", SUBNETS + "10.5.12.0-24", FLANNEL_VALUE)
-    etcdctl(etcd, "del", SUBNETS + "10.5.10.0-24")
-    wait_for(lambda: table.get("10.5.12.0-24") and not table.get("10.5.10.0-24"), what="changes")
-    assert [lease.key for lease in source.list_leases()] == ["10.5.12.0-24", "10.5.9.0-24"]
-
-
-def test_the_table_includes_this_nodes_own_lease_and_sees_expiry(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-) -> None:
-    source, lease = joined(make_source, etcd.endpoint, lease_ttl=2)
-    table = LeaseTable()
-    background(source.watch, table)
-    wait_for(lambda: table.get(lease.key), what="own lease in the table")
-    wait_for(lambda: table.get(lease.key) is None, timeout=8, what="the expired lease to go")
-
-
-def test_the_watch_resumes_after_etcd_restarts(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-) -> None:
-    source = make_source(etcd.endpoint)
-    table = LeaseTable()
-    background(source.watch, table)
-    assert table.wait_synced(10)
-    etcdctl(etcd, "put", SUBNETS + "10.5.1.0-24", FLANNEL_VALUE)
-    wait_for(lambda: table.get("10.5.1.0-24"), what="the first lease")
-    etcd.restart()
-    etcdctl(etcd, "put", SUBNETS + "10.5.2.0-24", FLANNEL_VALUE)
-    etcdctl(etcd, "del", SUBNETS + "10.5.1.0-24")
-    wait_for(
-        lambda: table.get("10.5.2.0-24") and not table.get("10.5.1.0-24"),
-        timeout=20,
-        what="changes made after the restart",
-    )
-
-
-class GatedTable(LeaseTable):
-    """Holds the watch after its first snapshot until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.listed = threading.Event()
-        self.gate = threading.Event()
-        self.snapshots = 0
-
-    def replace_all(self, leases: Any, revision: int) -> None:
-        super().replace_all(leases, revision)
-        self.snapshots += 1
-        self.listed.set()
-        self.gate.wait(10)
-
-
-def test_the_watch_lists_again_after_compaction(
-    etcd: EtcdCluster,
-    make_source: Callable[..., EtcdLeaseSource],
-    background: Callable[..., Background],
-) -> None:
-    source = make_source(etcd.endpoint)
-    etcdctl(etcd, "put", SUBNETS + "10.5.1.0-24", FLANNEL_VALUE)
-    table = GatedTable()
-    background(source.watch, table)
-    assert table.listed.wait(10)
-    # While the watch is held after its list, the history it would resume from is compacted.
-    etcdctl(etcd, "del", SUBNETS + "10.5.1.0-24")
-    etcdctl(etcd, "put", SUBNETS + "10.5.2.0-24", FLANNEL_VALUE)
-    revision = json.loads(etcdctl(etcd, "get", "x", "-w", "json"))["header"]["revision"]
-    etcdctl(etcd, "compact", str(revision))
-    table.gate.set()
-    wait_for(
-        lambda: table.get("10.5.2.0-24") and not table.get("10.5.1.0-24"),
-        what="the table to converge after compaction",
-    )
-    assert table.snapshots >= 2
 
 
 # TLS, auth, several members.
