@@ -125,7 +125,6 @@ def choose_interface(
         default = _default_route_index(ipr, socket.AF_INET if need_ipv4 else socket.AF_INET6)
         reach = _by_route(ipr, links, iface_can_reach) if iface_can_reach else None
 
-    settle = _Settle(need_ipv4=need_ipv4, need_ipv6=need_ipv6)
     tries: list[tuple[str, _Choice | str]] = []
     selected = bool(ifaces or patterns or iface_can_reach)
     if selected:
@@ -138,7 +137,7 @@ def choose_interface(
 
     reasons = []
     for label, found in tries:
-        choice = settle(found) if isinstance(found, _Choice) else found
+        choice = _settle(found, need_ipv4, need_ipv6) if isinstance(found, _Choice) else found
         if isinstance(choice, _Choice):
             return ExternalInterface(
                 name=choice.link.name,
@@ -181,29 +180,23 @@ def _unselected(
     return _Choice(link) if link else "there is no default route"
 
 
-@dataclass(frozen=True)
-class _Settle:
+def _settle(choice: _Choice, need_ipv4: bool, need_ipv6: bool) -> _Choice | str:
     """Fill in a candidate's addresses, or say why it cannot carry traffic between nodes."""
-
-    need_ipv4: bool
-    need_ipv6: bool
-
-    def __call__(self, choice: _Choice) -> _Choice | str:
-        link = choice.link
-        if link.loopback:
-            return f"{link.name} is the loopback interface, which other nodes cannot reach"
-        for given in (choice.ip, choice.ipv6):
-            problem = address_problem(given) if given is not None else None
-            if problem:
-                return f"{given} {problem}"
-        ip = (choice.ip or next(iter(link.ipv4), None)) if self.need_ipv4 else None
-        ipv6 = (choice.ipv6 or next(iter(link.ipv6), None)) if self.need_ipv6 else None
-        for needed, got, family in ((self.need_ipv4, ip, 4), (self.need_ipv6, ipv6, 6)):
-            if needed and got is None:
-                held = [str(a) for a in link.unusable if a.version == family]
-                only = f" (only {', '.join(held)}, which other nodes cannot reach)" if held else ""
-                return f"{link.name} has no usable IPv{family} address{only}"
-        return _Choice(link, ip, ipv6)
+    link = choice.link
+    if link.loopback:
+        return f"{link.name} is the loopback interface, which other nodes cannot reach"
+    for given in (choice.ip, choice.ipv6):
+        problem = address_problem(given) if given is not None else None
+        if problem:
+            return f"{given} {problem}"
+    ip = (choice.ip or next(iter(link.ipv4), None)) if need_ipv4 else None
+    ipv6 = (choice.ipv6 or next(iter(link.ipv6), None)) if need_ipv6 else None
+    for needed, got, family in ((need_ipv4, ip, 4), (need_ipv6, ipv6, 6)):
+        if needed and got is None:
+            held = [str(a) for a in link.unusable if a.version == family]
+            only = f" (only {', '.join(held)}, which other nodes cannot reach)" if held else ""
+            return f"{link.name} has no usable IPv{family} address{only}"
+    return _Choice(link, ip, ipv6)
 
 
 def _by_spec(links: list[_Link], spec: str) -> _Choice | str:
