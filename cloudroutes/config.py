@@ -72,7 +72,6 @@ def parse_config(text: str | bytes, *, source: str = "config", check: bool = Tru
 
 
 def _parse(obj: FoldedObject, *, source: str, check: bool) -> NetworkConfig:
-
     enable_ipv4 = _bool(obj, "EnableIPv4", True)
     enable_ipv6 = _bool(obj, "EnableIPv6", False)
     enable_nftables = _bool(obj, "EnableNFTables", False)
