@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from cloudroutes.lab.cluster import LabCluster, LabNode
 from tests.conftest import needs_root
+from tests.wait import wait_for
 
 pytestmark = [needs_root, pytest.mark.slow]
 
 PREFIX = "/coreos.com/network"
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+HEALTH = 9301
 
 
 def route_to(node: LabNode, subnet: str) -> str:
@@ -33,11 +25,28 @@ def lease_key(node: LabNode) -> str:
     return f"{PREFIX}/subnets/{node.subnet.replace('/', '-')}"
 
 
+def passes(node: LabNode) -> int:
+    """How many reconcile passes the node's agent has finished on its kernel table."""
+    return int(node.status(HEALTH).get("passes", {}).get("kernel", 0))
+
+
+def wait_for_two_passes(node: LabNode, timeout: float = 30) -> None:
+    """Wait until a whole pass ran after now (the one under way may have read the table before)."""
+    start = passes(node)
+    wait_for(lambda: passes(node) >= start + 2, timeout, f"two reconcile passes on {node.name}")
+
+
+def wait_for_lease_count(cluster: LabCluster, count: int) -> None:
+    for node in cluster.nodes:
+        wait_for(lambda n=node: n.status(HEALTH).get("leases") == count,
+                 what=f"{count} leases on {node.name}")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LabCluster]:
     lab = LabCluster(3).build()
     try:
-        lab.start("--subnet-lease-ttl=30", "--healthz-port=9301", "--ip-masq")
+        lab.start("--subnet-lease-ttl=30", f"--healthz-port={HEALTH}", "--ip-masq")
         yield lab
     finally:
         lab.close()
@@ -82,18 +91,23 @@ def test_masquerade_rules_and_subnet_env(cluster: LabCluster) -> None:
 
 def test_health_ready_and_metrics(cluster: LabCluster) -> None:
     node = cluster.nodes[0]
-    probe = node.ns.run(
-        "python3", "-c",
-        "import urllib.request as u;"
-        "print(u.urlopen('http://127.0.0.1:9301/readyz').status);"
-        "print(u.urlopen('http://127.0.0.1:9301/metrics').read().decode())",
-    )  # fmt: skip
-    status, _, metrics = probe.stdout.partition("\n")
-    assert status == "200"
-    assert re.search(r'^cloudroutes_routes_programmed\{table="[^"]+"\} 2\.0$', metrics, re.M)
-    assert re.search(r"^cloudroutes_leases 3\.0$", metrics, re.M)
-    assert "cloudroutes_lease_event_to_route_seconds_bucket" in metrics
-    assert "cloudroutes_reconcile_duration_seconds_count" in metrics
+    assert node.http_get(HEALTH, "/readyz") == (200, "ok\n")
+    assert node.http_get(HEALTH, "/healthz") == (200, "ok\n")
+
+    def metrics() -> str:
+        return node.http_get(HEALTH, "/metrics")[1]
+
+    # Another test's lease may still be leaving: wait for the cluster's own three.
+    wait_for(lambda: re.search(r"^cloudroutes_leases 3\.0$", metrics(), re.M), what="3 leases")
+    wait_for(lambda: re.search(r'^cloudroutes_routes_programmed\{table="kernel"\} 2\.0$',
+                               metrics(), re.M), what="2 programmed routes")  # fmt: skip
+    text = metrics()
+    assert "cloudroutes_lease_event_to_route_seconds_bucket" in text
+    assert "cloudroutes_reconcile_duration_seconds_count" in text
+    assert re.search(r"^cloudroutes_ready 1\.0$", text, re.M)
+    assert re.search(r"^cloudroutes_config_differs 0\.0$", text, re.M)
+    status = node.status(HEALTH)
+    assert (status["etcd"], status["waiting_for"], status["config"]) == ("ok", None, "as started")
 
 
 def test_off_link_peer_gets_a_clear_status_not_a_crash(cluster: LabCluster) -> None:
@@ -102,23 +116,18 @@ def test_off_link_peer_gets_a_clear_status_not_a_crash(cluster: LabCluster) -> N
     cluster.etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.203.0-24", value)
     try:
 
-        def status() -> dict[str, dict[str, str]]:
-            probe = node1.ns.run(
-                "python3", "-c",
-                "import urllib.request as u;"
-                "print(u.urlopen('http://127.0.0.1:9301/status').read().decode())",
-            )  # fmt: skip
-            return json.loads(probe.stdout)["routes"]
+        def entry() -> dict[str, str]:
+            return node1.status(HEALTH)["routes"].get("kernel 10.5.203.0/24", {})
 
-        wait_for(lambda: status().get("kernel 10.5.203.0/24", {}).get("state") == "failed",
+        wait_for(lambda: entry().get("state") == "failed",
                  what="failed status for the off-link peer")  # fmt: skip
-        entry = status()["kernel 10.5.203.0/24"]
-        assert "next hop 198.19.5.5 is not on-link on eth0" in entry["reason"]
-        assert entry["lease"] == "10.5.203.0-24"
-        assert node1.agent is not None and node1.agent.poll() is None
+        assert "next hop 198.19.5.5 is not on-link on eth0" in entry()["reason"]
+        assert entry()["lease"] == "10.5.203.0-24"
+        assert node1.agent_running
         assert cluster.ping(node1, node2)
     finally:
         cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/10.5.203.0-24")
+        wait_for_lease_count(cluster, 3)
 
 
 def test_route_deleted_by_hand_comes_back(cluster: LabCluster) -> None:
@@ -131,9 +140,11 @@ def test_route_deleted_by_hand_comes_back(cluster: LabCluster) -> None:
 def test_operator_routes_are_never_touched(cluster: LabCluster) -> None:
     node1 = cluster.nodes[0]
     node1.ns.ip("route", "add", "10.5.250.0/24", "via", "198.18.0.200", "dev", "eth0")
-    time.sleep(1.5)  # several reconcile chances; the route must survive all of them
-    assert route_to(node1, "10.5.250.0/24").startswith("10.5.250.0/24 via 198.18.0.200")
-    node1.ns.ip("route", "del", "10.5.250.0/24")
+    try:
+        wait_for_two_passes(node1)  # the table was read and reconciled with the route in it
+        assert route_to(node1, "10.5.250.0/24").startswith("10.5.250.0/24 via 198.18.0.200")
+    finally:
+        node1.ns.ip("route", "del", "10.5.250.0/24")
 
 
 def test_agent_restart_keeps_subnet_and_routes(cluster: LabCluster) -> None:
@@ -169,18 +180,27 @@ def test_etcd_outage_keeps_routes_and_agents_recover(cluster: LabCluster) -> Non
     routes = {n.name: cluster.routes(n) for n in cluster.nodes}
     cluster.etcd.stop()
     try:
-        time.sleep(30)
+        for node in cluster.nodes:
+            wait_for(lambda n=node: n.status(HEALTH).get("etcd", "ok") != "ok", timeout=30,
+                     what=f"{node.name} to notice etcd is down")  # fmt: skip
+            assert node.http_get(HEALTH, "/readyz")[0] == 503
+            assert node.http_get(HEALTH, "/healthz")[0] == 200
+            wait_for_two_passes(node)
         assert {n.name: cluster.routes(n) for n in cluster.nodes} == routes
         assert cluster.ping(node1, node2)
-        assert all(n.agent is not None and n.agent.poll() is None for n in cluster.nodes)
+        assert all(n.agent_running for n in cluster.nodes)
     finally:
         cluster.etcd.start()
     value = '{"PublicIP":"198.18.0.78","PublicIPv6":null,"BackendType":"host-gw"}'
     cluster.etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.201.0-24", value)
-    for node in cluster.nodes:
-        wait_for(lambda n=node: "via 198.18.0.78" in route_to(n, "10.5.201.0/24"), timeout=30,
-                 what="route after etcd came back")  # fmt: skip
-    cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/10.5.201.0-24")
+    try:
+        for node in cluster.nodes:
+            wait_for(lambda n=node: "via 198.18.0.78" in route_to(n, "10.5.201.0/24"),
+                     timeout=30, what="route after etcd came back")  # fmt: skip
+            wait_for(lambda n=node: n.http_get(HEALTH, "/readyz")[0] == 200, what="ready again")
+    finally:
+        cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/10.5.201.0-24")
+        wait_for_lease_count(cluster, 3)
 
 
 def test_deleted_lease_stops_its_agent_and_leaves_every_peer(cluster: LabCluster) -> None:
@@ -188,10 +208,21 @@ def test_deleted_lease_stops_its_agent_and_leaves_every_peer(cluster: LabCluster
     subnet = node3.subnet
     cluster.etcd.etcdctl("del", lease_key(node3))
     assert node3.agent is not None
-    assert node3.agent.wait(15) == 0, node3.log_tail()
-    assert "Lease has been revoked" in node3.log_file.read_text()
-    for node in cluster.nodes[:2]:
-        wait_for(lambda n=node: route_to(n, subnet) == "", what=f"{subnet} to leave {node.name}")
+    try:
+        assert node3.agent.wait(15) == 0, node3.log_tail()
+        assert "Lease has been revoked" in node3.log()
+        for node in cluster.nodes[:2]:
+            wait_for(
+                lambda n=node: route_to(n, subnet) == "", what=f"{subnet} to leave {node.name}"
+            )
+    finally:
+        # Back as it was for the other tests: the node rejoins with its old subnet.
+        cluster.stop_agent(node3)
+        cluster.start_agent(node3, *node3.agent_args)
+        cluster.wait_ready(node3)
+        cluster.attach_gateway(node3)
+        for node in cluster.nodes[:2]:
+            wait_for(lambda n=node: route_to(n, node3.subnet) != "", what="node3 back")
 
 
 def test_expired_lease_of_a_dead_node_leaves_every_peer() -> None:
@@ -226,7 +257,7 @@ def test_bad_config_is_rejected_before_anything_is_programmed() -> None:
         lab.start_agent(node)
         assert node.agent is not None
         assert node.agent.wait(20) == 1
-        log = node.log_file.read_text().strip().splitlines()
+        log = node.log().strip().splitlines()
         assert log[-1] == (
             "cloudroutes: error: invalid network config (etcd /coreos.com/network/config): "
             "SubnetLen must be less than /31"
@@ -259,6 +290,6 @@ def test_agents_survive_losing_their_etcd_member() -> None:
                 wait_for(lambda n=node, s=subnet: route_to(n, f"{s}/24") != "",
                          timeout=30, what=f"route to {subnet} with member {i} down")  # fmt: skip
             lab.etcd.start_member(member)
-        assert all(n.agent is not None and n.agent.poll() is None for n in lab.nodes)
+        assert all(n.agent_running for n in lab.nodes)
     finally:
         lab.close()
