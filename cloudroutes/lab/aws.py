@@ -26,13 +26,14 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from cloudroutes.lab.http_service import LOOPBACK, HttpService, listen
 
 # boto3 clients are built at run time; there is no static type to name without extra stubs.
 EC2Client = Any
 
-LOOPBACK = "127.0.0.1"
 # Any keys do for moto; real-looking ones would invite copying into a real config.
 DUMMY_KEY = "testing"
 DEFAULT_REGION = "us-east-1"
@@ -74,27 +75,49 @@ def ec2_client(
 
 
 class MotoServer:
-    """moto's server on a free loopback port, in this process.
+    """moto's server in this process, on a free port of ``host`` (in ``netns`` if given).
 
     All MotoServers in one process share moto's state (it is module-global), so ``reset()``
-    clears every one of them; tests start one per session and reset between tests.
+    clears every one of them; tests start one per module and reset between tests.
     """
 
-    def __init__(self) -> None:
-        self._server: Any = None
+    def __init__(self, host: str = LOOPBACK, netns: str | None = None) -> None:
+        self.host = host
+        self.netns = netns
         self.url = ""
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> MotoServer:
         import logging
 
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
 
         # werkzeug logs every request to stderr; a benchmark makes thousands.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
+        # What moto's ThreadedMotoServer does, but on a socket bound here: it can then be in
+        # another namespace, and a bind error is an exception (werkzeug would exit the thread).
+        sock = listen(self.host, 0, self.netns)
+        try:
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(
+                self.host,
+                0,
+                app,
+                threaded=True,
+                request_handler=MotoRequestHandler,
+                fd=sock.fileno(),
+            )
+        finally:
+            sock.close()  # werkzeug holds its own duplicate
+        self.url = f"http://{self.host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
+        self._thread.start()
         return self
 
     def reset(self) -> None:
@@ -105,8 +128,12 @@ class MotoServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.stop()
+            self._server.shutdown()
+            self._server.server_close()
             self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def client(self, region: str = DEFAULT_REGION, max_attempts: int | None = None) -> EC2Client:
         return ec2_client(self.url, region, max_attempts)
@@ -322,8 +349,8 @@ TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600
 
 
-class ImdsStub:
-    """IMDSv2 for one instance, on its own loopback port (one stub per node).
+class ImdsStub(HttpService):
+    """IMDSv2 for one instance, on its own port (one stub per node).
 
     Only IMDSv2: a GET must carry a token from ``PUT /latest/api/token``, or it gets 401, as
     on an instance with ``HttpTokens=required``. ``hits`` counts GETs per path, so a test can
@@ -336,16 +363,16 @@ class ImdsStub:
         instance: LabInstance,
         role: str = "cloudroutes-node",
         account_id: str = "123456789012",
+        host: str = LOOPBACK,
+        netns: str | None = None,
     ) -> None:
+        super().__init__(host, netns)
         self.instance = instance
         self.credentials = RoleCredentials.fresh(role)
         self.account_id = account_id
         self.hits: Counter[str] = Counter()
         self._tokens: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
 
     # -- what the stub serves -------------------------------------------------------------
 
@@ -411,33 +438,8 @@ class ImdsStub:
         with self._lock:
             self.hits[path] += 1
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> ImdsStub:
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), _imds_handler(self))
-        self._server.daemon_threads = True
-        port = self._server.server_address[1]
-        self.url = f"http://{LOOPBACK}:{port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"imds-{port}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> ImdsStub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _imds_handler(self)
 
 
 def _imds_handler(stub: ImdsStub) -> type[BaseHTTPRequestHandler]:

@@ -24,11 +24,12 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-LOOPBACK = "127.0.0.1"
+from cloudroutes.lab.http_service import LOOPBACK, HttpService
+
 # Per-connection headers: they describe the hop, not the request, so the proxy sets its own.
 _HOP_BY_HOP = frozenset(
     {
@@ -339,10 +340,21 @@ class Blackhole(Fault):
 # -- the proxy ------------------------------------------------------------------------------
 
 
-class FaultProxy:
-    """A reverse proxy on 127.0.0.1 in front of ``upstream_url``; point the SDK at ``url``."""
+class FaultProxy(HttpService):
+    """A reverse proxy in front of ``upstream_url``; point the SDK at ``url``.
 
-    def __init__(self, upstream_url: str, dialect: Dialect = EC2, seed: int = 0) -> None:
+    It listens on 127.0.0.1 unless ``host`` (and ``netns``) say otherwise.
+    """
+
+    def __init__(
+        self,
+        upstream_url: str,
+        dialect: Dialect = EC2,
+        seed: int = 0,
+        host: str = LOOPBACK,
+        netns: str | None = None,
+    ) -> None:
+        super().__init__(host, netns)
         parts = urlsplit(upstream_url)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ValueError(f"fault proxy upstream {upstream_url!r} is not http://host:port")
@@ -355,9 +367,6 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._counts: Counter[str] = Counter()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
 
     # -- faults and counts (any thread) ---------------------------------------------------
 
@@ -435,33 +444,8 @@ class FaultProxy:
         finally:
             conn.close()
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> FaultProxy:
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), _proxy_handler(self))
-        self._server.daemon_threads = True
-        port = self._server.server_address[1]
-        self.url = f"http://{LOOPBACK}:{port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"fault-proxy-{port}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _proxy_handler(self)
 
 
 def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
@@ -478,7 +462,7 @@ def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             call = Call(self.command, self.path, tuple(self.headers.items()), body)
-            call = Call(call.method, call.path, call.headers, call.body, proxy.dialect.action(call))
+            call = replace(call, action=proxy.dialect.action(call))
             try:
                 reply = proxy.handle(call)
             except DropConnection:

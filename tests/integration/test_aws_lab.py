@@ -253,6 +253,7 @@ def test_boto3_with_no_keys_gets_role_credentials_from_imds_and_calls_moto(
     assert stub.hits["latest/meta-data/iam/security-credentials/cloudroutes-node"] >= 1
 
 
+@pytest.mark.filterwarnings("ignore:A test tried to use socket:UserWarning")
 def test_off_loopback_connections_are_blocked() -> None:
     """The guard the whole suite relies on: an unconfigured SDK cannot reach real AWS IMDS."""
     from pytest_socket import SocketConnectBlockedError

@@ -1,0 +1,109 @@
+"""Where the lab's HTTP services (moto, the IMDS stub, the fault proxy) listen.
+
+By default on 127.0.0.1, a free port, in this network namespace. The demo runs its agents in
+node namespaces, which cannot reach this namespace's loopback; for them a service listens on
+an address inside another namespace (``netns``), as a cloud's endpoints sit on the instance's
+network. The socket is bound from a short-lived thread that joined that namespace (network
+namespaces are per thread), so the service still runs in this process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+LOOPBACK = "127.0.0.1"
+_CLONE_NEWNET = 0x40000000
+
+
+def listen(host: str = LOOPBACK, port: int = 0, netns: str | None = None) -> socket.socket:
+    """A listening TCP socket on host:port (0: a free port), inside ``netns`` if given."""
+    if netns is None:
+        return _bound(host, port)
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def in_netns() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(
+                        err, f"cannot enter network namespace {netns}: {os.strerror(err)}"
+                    )
+            finally:
+                os.close(fd)
+            made.append(_bound(host, port))
+        except BaseException as exc:
+            failed.append(exc)
+
+    # The thread ends inside the namespace and dies there; no other thread ever moves.
+    worker = threading.Thread(target=in_netns, name=f"listen-in-{netns}")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpService:
+    """A ThreadingHTTPServer in a background thread; subclasses say how to answer."""
+
+    def __init__(self, host: str = LOOPBACK, netns: str | None = None) -> None:
+        self.host = host
+        self.netns = netns
+        self.url = ""
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        server = ThreadingHTTPServer((self.host, 0), self.handler(), bind_and_activate=False)
+        server.socket.close()
+        server.socket = listen(self.host, 0, self.netns)
+        server.server_address = server.socket.getsockname()
+        # Handler threads may sit in keep-alive reads; they must not hold up stop() or exit.
+        server.daemon_threads = True
+        self._server = server
+        port = server.server_address[1]
+        self.url = f"http://{self.host}:{port}"
+        self._thread = threading.Thread(
+            target=server.serve_forever, name=f"{type(self).__name__}-{port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
