@@ -94,9 +94,10 @@ class TcpProxy:
 class Candidate:
     """An Election running in its thread, with the moments it gained and lost leadership."""
 
-    def __init__(self, endpoint: str, name: str, ttl: int) -> None:
+    def __init__(self, endpoint: str | list[str], name: str, ttl: int) -> None:
         self.name = name
-        self.client = EtcdClient(EtcdSettings(endpoints=(endpoint,), request_timeout=2))
+        endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
+        self.client = EtcdClient(EtcdSettings(endpoints=endpoints, request_timeout=2))
         self.gained: list[float] = []
         self.lost: list[float] = []
         self.fences: list[Fence] = []
@@ -288,6 +289,30 @@ def test_leadership_recovers_after_etcd_restarts(
     finally:
         client.close()
     assert key_holder(etcd) == leader.name
+
+
+def test_the_leader_keeps_leading_when_its_etcd_member_dies() -> None:
+    cluster = EtcdCluster(size=3).start()
+    group: list[Candidate] = []
+    try:
+        group += [Candidate(cluster.endpoints, f"node-{i}", ttl=3) for i in range(3)]
+        leader = wait_for(lambda: one_leader(group), 15, "one leader")
+        used = next(m for m in cluster.members if m.client_url == leader.client.endpoint)
+        lapses = len(leader.lost)
+        cluster.stop_member(used)
+        # Its keepalives move to another member; the lease, and so the key, never expired.
+        wait_for(
+            lambda: leader.election.is_leader() and leader.client.endpoint != used.client_url,
+            15,
+            "the leader to keep its lease alive through another member",
+        )
+        assert all(not c.gained for c in group if c is not leader), "leadership changed hands"
+        assert len(leader.lost) - lapses <= 1  # at most one lapse while etcd chose a leader
+        cluster.start_member(used)
+    finally:
+        for candidate in group:
+            candidate.stop()
+        cluster.close()
 
 
 def test_an_unreadable_leader_key_is_reported_and_waited_out(
