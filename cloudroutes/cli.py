@@ -1,4 +1,4 @@
-"""``cloudroutes <verb>``: agent, config get|set, leases, plan, demo.
+"""``cloudroutes <verb>``: agent, controller, config get|set, leases, plan, demo.
 
 Every error is one line on stderr (what, where, how to fix) and exit status 1 (2 for a
 command line that does not parse, as Go's flag package does); a traceback appears only with
@@ -20,6 +20,7 @@ from cloudroutes.config import NetworkConfig, parse_config
 from cloudroutes.errors import CloudroutesError, ConfigError
 from cloudroutes.flags import (
     AGENT_FLAGS,
+    CONTROLLER_FLAGS,
     ETCD_FLAGS,
     add_flags,
     add_version,
@@ -73,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", help="show what a reconcile would change, changing nothing")
     add_flags(plan, ETCD_FLAGS + AGENT_FLAGS)
     add_version(plan)
+
+    controller = verbs.add_parser(
+        "controller",
+        help="a cluster-mode candidate for cloud backends: programs every lease's cloud route "
+        "while elected; takes no lease and changes nothing on this machine",
+    )
+    add_flags(controller, ETCD_FLAGS + CONTROLLER_FLAGS)
 
     demo = verbs.add_parser("demo", help="a local cluster in network namespaces")
     demo.add_argument("--backend", default="host-gw")
@@ -137,6 +145,16 @@ def _agent(args: argparse.Namespace) -> int:
             log.warning("--%s is not implemented yet and is ignored", flag.name)
     options = AgentOptions(**{name: values[name] for name in names})
     return Agent(options, _etcd_source(values)).run()
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from cloudroutes.controller import Controller
+
+    values = resolve(args, ETCD_FLAGS + CONTROLLER_FLAGS)
+    controller = Controller(
+        _etcd_source(values), healthz_ip=values["healthz_ip"], healthz_port=values["healthz_port"]
+    )
+    return controller.run()
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -280,5 +298,6 @@ _VERBS = {
     "config": _config,
     "leases": _leases,
     "plan": _plan,
+    "controller": _controller,
     "demo": _demo,
 }

@@ -320,3 +320,7 @@ def given(
 def ignored_notices(flags: Sequence[Flag]) -> list[str]:
     """One line for each flag that cloudroutes parses but does not act on."""
     return [f"--{f.name} is ignored: {f.ignored}" for f in flags if f.ignored]
+
+
+# `cloudroutes controller` serves health endpoints like the agent, and takes nothing else of it.
+CONTROLLER_FLAGS = tuple(f for f in AGENT_FLAGS if f.name in ("healthz-ip", "healthz-port"))
