@@ -45,7 +45,7 @@ from urllib.parse import quote
 
 from pyetcd import transactions as etcd_ops
 
-from cloudroutes.election import Deposed, Fence, transaction
+from cloudroutes.election import Deposed, Fence, TxnResult, transaction
 from cloudroutes.errors import ConfigError
 from cloudroutes.subnet.etcd_client import EtcdClient, KeyValue
 
@@ -246,7 +246,7 @@ class Ledger:
             return etcd_ops.Delete(key)
         return etcd_ops.Txn([etcd_ops.Mod(key) == revision], [etcd_ops.Delete(key)], [])
 
-    def _fenced(self, ops: list[Any], fence: Fence | None) -> Any:
+    def _fenced(self, ops: list[Any], fence: Fence | None) -> TxnResult:
         if fence is None:
             return transaction(self._client, [], ops)
         fence.check()
