@@ -7,3 +7,4 @@ cheap and a node never imports a cloud SDK it does not use.
 from cloudroutes.backend import register
 
 register("host-gw", "providers.host_gw:HostGwBackend")
+register("aws-vpc", "providers.aws_vpc:AwsVpcBackend")

@@ -299,9 +299,10 @@ class AwsRouteTable:
 
     ``scope``: the destinations this table reports as owned (a node-mode agent: its own
     subnets); None: every owned route. ``collect``: this table deletes routes of leases that
-    are gone (the garbage collector, cluster mode); it also forgets ledger entries left without
-    a route, and leaves out routes recorded within LEDGER_GRACE (a create may still be under way
-    by the node that recorded it). ``fence``: for a table driven by an election winner, its
+    are gone (the garbage collector, cluster mode), so it also forgets ledger entries left
+    without a route for LEDGER_GRACE. ``skip_young``: leave out routes recorded within
+    LEDGER_GRACE (the node-mode collector: the node that made one may hold a lease it has not
+    heard of yet). ``fence``: for a table driven by an election winner, its
     fence, checked before every write and passed to ledger writes.
     """
 
@@ -319,6 +320,7 @@ class AwsRouteTable:
         name: str | None = None,
         scope: frozenset[Destination] | None = None,
         collect: bool = False,
+        skip_young: bool = False,
         fence: Callable[[], Fence | None] | None = None,
         route_limit: int | None = None,
         resync_period: float = 300.0,
@@ -337,6 +339,7 @@ class AwsRouteTable:
         self._resolver = resolver
         self._scope = scope
         self._collect = collect
+        self._skip_young = skip_young
         self._fence = fence
         self._route_limit = route_limit
         self._cluster = cluster
@@ -370,7 +373,7 @@ class AwsRouteTable:
             if ours and entry is not None:
                 if self._scope is not None and route.destination not in self._scope:
                     continue  # another node's route: that node's to keep
-                if self._collect and now - entry.written < LEDGER_GRACE:
+                if self._skip_young and now - entry.written < LEDGER_GRACE:
                     continue  # maybe just made by a node whose lease we have not heard of yet
                 shown = Route(route.destination, self._shown_target(route.target))
                 state = EntryState.BROKEN if route.blackhole else EntryState.ACTIVE

@@ -1,0 +1,551 @@
+"""aws-vpc: every lease's subnet routed by the VPC's route tables to its node's network interface.
+
+Options (``Backend`` of the network config, keys matched without regard to case):
+
+- ``RouteTableID``: a route table id or a list of them (flannel's option); each is kept in
+  sync. Default: the table associated with this node's subnet, else the VPC's main table.
+- ``Mode``: ``node`` (default; each agent writes its own route, one elected agent deletes the
+  routes of leases that are gone) or ``cluster`` (one elected process writes every route).
+- ``ClusterName``: whose routes these are, for tables shared by clusters (default: the etcd
+  prefix).
+- ``ResyncPeriod``: seconds between full reads of each table (default 300).
+- ``RouteLimit``: the routes-per-table quota, when known (AWS does not say it).
+
+The node learns who it is from the instance metadata service (IMDSv2 only), at
+``AWS_EC2_METADATA_SERVICE_ENDPOINT`` when set; EC2 is reached at ``AWS_ENDPOINT_URL_EC2``
+when set (boto3 reads it itself), with the SDK's default credential chain (an instance role).
+SDK retries are off: the reconciler owns retries and backoff, and throttling reaches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
+
+from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.config import NetworkConfig
+from cloudroutes.election import Election, election_key
+from cloudroutes.errors import ConfigError, LeaseRefused, RouteError
+from cloudroutes.jsonfields import FoldedObject
+from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
+from cloudroutes.ledger import Ledger
+from cloudroutes.reconciler import Gate
+from cloudroutes.routes import Action, Destination, Route
+from providers.aws_route_table import (
+    ENI_ID,
+    AwsRouteTable,
+    EC2Client,
+    EniResolver,
+    ec2_error,
+)
+
+log = logging.getLogger(__name__)
+
+BACKEND_TYPE = "aws-vpc"
+MODES = ("node", "cluster")
+POLICY_FILES = {
+    "node": "providers/policies/aws-vpc-node.json",
+    "cluster": "providers/policies/aws-vpc-controller.json",
+}
+ROUTE_TABLE_ID = re.compile(r"rtb-[0-9a-f]{8,32}")
+DEFAULT_RESYNC = 300.0
+ELECTION_TTL = 15  # seconds; EC2 calls under its fence must finish well within TTL / 2
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 4.0  # connect + read stay below ELECTION_TTL * (1 - FENCE_FRACTION)
+IMDS_DEFAULT = "http://169.254.169.254"
+IMDS_TIMEOUT = 2.0
+IMDS_TOKEN_TTL = 21600
+MAX_CLUSTER_NAME = 200
+GC_DUTY = "aws-vpc-gc"
+CLUSTER_DUTY = "aws-vpc-controller"
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AwsVpcOptions:
+    route_table_ids: tuple[str, ...]  # empty: auto-detect
+    mode: str
+    cluster_name: str
+    resync_period: float
+    route_limit: int | None
+
+    @property
+    def policy(self) -> str:
+        return POLICY_FILES[self.mode]
+
+
+def parse_options(config: NetworkConfig, coordination: Coordination | None) -> AwsVpcOptions:
+    """The backend's options, or one ConfigError naming the option and the fix."""
+    backend = config.backend
+    tables = _route_tables(backend.get("RouteTableID"))
+    mode = backend.get("Mode", "node")
+    if not isinstance(mode, str) or mode.casefold() not in MODES:
+        raise ConfigError(
+            f'Backend.Mode must be "node" or "cluster", got {_shown(mode)}; use "node" '
+            '(each node writes its own route) or "cluster" (one elected process writes all)'
+        )
+    # Without etcd (a config being checked) the default is not known yet.
+    default_name = coordination.prefix if coordination is not None else None
+    cluster = backend.get("ClusterName")
+    if cluster is None:
+        cluster = default_name or ""
+    elif (
+        not isinstance(cluster, str)
+        or not 0 < len(cluster) <= MAX_CLUSTER_NAME
+        or not cluster.isprintable()
+    ):
+        raise ConfigError(
+            f"Backend.ClusterName must be 1 to {MAX_CLUSTER_NAME} printable characters, got "
+            f'{_shown(cluster)}; name the cluster, e.g. "prod-eu1"'
+        )
+    resync = backend.get("ResyncPeriod", DEFAULT_RESYNC)
+    if isinstance(resync, bool) or not isinstance(resync, int | float) or not 1 <= resync <= 86400:
+        raise ConfigError(
+            f"Backend.ResyncPeriod must be a number of seconds from 1 to 86400, got "
+            f"{_shown(resync)}; the default is {int(DEFAULT_RESYNC)}"
+        )
+    limit = backend.get("RouteLimit")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000
+    ):
+        raise ConfigError(
+            f"Backend.RouteLimit must be a whole number of routes (1 to 10000), got "
+            f"{_shown(limit)}; set it to the table's 'Routes per route table' quota, e.g. 50"
+        )
+    return AwsVpcOptions(tables, mode.casefold(), cluster, float(resync), limit)
+
+
+def _route_tables(value: Any) -> tuple[str, ...]:
+    if value is None or value == "" or value == []:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(
+            f"Backend.RouteTableID must be a route table id or a list of them, got "
+            f'{_shown(value)}; e.g. "rtb-0a1b2c3d4e5f60708"'
+        )
+    for item in items:
+        if not ROUTE_TABLE_ID.fullmatch(item):
+            raise ConfigError(
+                f"Backend.RouteTableID: {_shown(item)} is not a route table id; ids look like "
+                '"rtb-0a1b2c3d4e5f60708"'
+            )
+    if len(set(items)) != len(items):
+        twice = next(i for i in items if items.count(i) > 1)
+        raise ConfigError(f"Backend.RouteTableID lists {twice} twice; list each table once")
+    return tuple(items)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- instance metadata -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who this instance is, from IMDS."""
+
+    instance_id: str
+    region: str
+    mac: str
+    eni_id: str
+    subnet_id: str
+    vpc_id: str
+
+
+class Imds:
+    """IMDSv2: a token from ``PUT /latest/api/token``, then GETs that carry it."""
+
+    def __init__(self, base: str | None = None, timeout: float = IMDS_TIMEOUT) -> None:
+        self.base = base or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_DEFAULT
+        self.base = self.base.rstrip("/")
+        self._timeout = timeout
+        self._token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Imds({self.base!r})"  # never the token
+
+    def get(self, path: str) -> str:
+        if self._token is None:
+            self._token = self._request(
+                "PUT",
+                "latest/api/token",
+                {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)},
+            )
+        try:
+            return self._request("GET", path, {"X-aws-ec2-metadata-token": self._token})
+        except _Unauthorized:
+            self._token = None  # expired: one new token, once
+            return self.get(path)
+
+    def _request(self, method: str, path: str, headers: dict[str, str]) -> str:
+        url = f"{self.base}/{path}"
+        request = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+                return answer.read(65536).decode("utf-8", "replace").strip()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401 and method == "GET":
+                raise _Unauthorized from None
+            raise ConfigError(
+                f"the EC2 instance metadata service at {self.base} answered {exc.code} to "
+                f"{method} /{path}; on EC2 enable IMDSv2 (HttpTokens optional or required) "
+                "and a hop limit of 2 for containers"
+            ) from None
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "reason", exc)
+            raise ConfigError(
+                f"cannot reach the EC2 instance metadata service at {self.base} ({why}); "
+                "on EC2 enable IMDSv2 and a hop limit of 2 for containers; elsewhere set "
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+            ) from None
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def discover(imds: Imds, address: str | None) -> NodeIdentity:
+    """This instance, and the interface that holds ``address`` (the agent's interface IP;
+    the primary interface when None or not found): routes target that ENI."""
+    instance_id = imds.get("latest/meta-data/instance-id")
+    region = imds.get("latest/meta-data/placement/region")
+    mac = imds.get("latest/meta-data/mac")
+    macs_path = "latest/meta-data/network/interfaces/macs/"
+    if address is not None:
+        for line in imds.get(macs_path).split():
+            candidate = line.strip("/")
+            ips = imds.get(f"{macs_path}{candidate}/local-ipv4s").split()
+            if address in ips:
+                mac = candidate
+                break
+    base = f"{macs_path}{mac}/"
+    identity = NodeIdentity(
+        instance_id=instance_id,
+        region=region,
+        mac=mac,
+        eni_id=imds.get(f"{base}interface-id"),
+        subnet_id=imds.get(f"{base}subnet-id"),
+        vpc_id=imds.get(f"{base}vpc-id"),
+    )
+    if not ENI_ID.fullmatch(identity.eni_id) or not identity.region:
+        raise ConfigError(
+            f"the instance metadata service at {imds.base} gave no usable interface id or "
+            "region; is this an EC2 instance in a VPC?"
+        )
+    return identity
+
+
+def ec2_client(region: str) -> EC2Client:
+    """An EC2 client with SDK retries off and short timeouts; endpoint and credentials as
+    the AWS SDKs find them (AWS_ENDPOINT_URL_EC2, the default chain)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        user_agent_extra="cloudroutes",
+    )
+    return boto3.session.Session(region_name=region).client("ec2", config=config)
+
+
+# --- what each lease wants -------------------------------------------------------------------
+
+
+def lease_target(lease: Lease) -> str:
+    """Where a lease's routes go: the ENI its BackendData names (an aws-vpc lease), else its
+    PublicIP, which the table resolves to the ENI holding it (flanneld's old cloud backends)."""
+    data = lease.attrs.backend_data
+    if lease.backend_type == BACKEND_TYPE and isinstance(data, dict):
+        eni = FoldedObject(data).get("NetworkInterfaceID")
+        if isinstance(eni, str) and ENI_ID.fullmatch(eni):
+            return eni
+        if eni is not None:
+            raise LeaseRefused(
+                f"its BackendData.NetworkInterfaceID {_shown(eni)} is not an ENI id (eni-...)"
+            )
+    if lease.public_ip != NO_IPV4:
+        return str(lease.public_ip)
+    raise LeaseRefused("it names neither its network interface nor a PublicIP to route to")
+
+
+def lease_destinations(lease: Lease, config: NetworkConfig) -> Iterator[Destination]:
+    if config.enable_ipv4 and lease.subnet is not None:
+        yield lease.subnet
+    if config.enable_ipv6 and lease.ipv6_subnet is not None:
+        yield lease.ipv6_subnet
+
+
+def lease_routes(
+    lease: Lease, config: NetworkConfig, note: Callable[[str], None] | None = None
+) -> list[Route]:
+    """The routes a lease wants in every table. ``note`` hears the addresses to resolve."""
+    destinations = list(lease_destinations(lease, config))
+    if not destinations:
+        return []
+    target = lease_target(lease)
+    if note is not None and not target.startswith("eni-"):
+        note(target)
+    return [Route(d, target, lease_key=lease.key) for d in destinations]
+
+
+def live_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
+    """What the garbage collector keeps: a route at each destination of every live lease. It
+    only deletes, so a lease whose target it cannot tell still keeps its routes (to "-")."""
+    try:
+        return lease_routes(lease, config)
+    except LeaseRefused:
+        return [Route(d, "-", lease_key=lease.key) for d in lease_destinations(lease, config)]
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+
+class AwsVpcBackend:
+    accepts = frozenset({BACKEND_TYPE, ""})
+
+    def __init__(self, ctx: BackendContext) -> None:
+        config = ctx.config
+        if ctx.coordination is None:
+            raise ConfigError(
+                "aws-vpc keeps its record of the routes it owns in etcd, and this process has "
+                "no etcd connection; run it with --etcd-endpoints (the kube subnet manager is "
+                "not supported with aws-vpc)"
+            )
+        self.options = parse_options(config, ctx.coordination)
+        if ctx.controller and self.options.mode != "cluster":
+            raise ConfigError(
+                '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
+                '"node" each agent writes its own route: set Backend.Mode to "cluster"'
+            )
+        if not ctx.controller and ctx.iface is None:
+            raise ConfigError("aws-vpc needs the node's external interface")
+        self._ctx = ctx
+        self._config = config
+        self._coordination = ctx.coordination
+        self._networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
+            n
+            for n in (
+                config.network if config.enable_ipv4 else None,
+                config.ipv6_network if config.enable_ipv6 else None,
+            )
+            if n is not None
+        )
+        self._lock = threading.Lock()
+        self._identity: NodeIdentity | None = None
+        self._ec2: EC2Client | None = None
+        self._resolver: EniResolver | None = None
+        self._election: Election | None = None
+        self._gate = Gate()
+
+    @property
+    def mtu(self) -> int:
+        iface = self._ctx.iface
+        return iface.mtu if iface is not None else 1500
+
+    def __repr__(self) -> str:
+        return f"AwsVpcBackend(mode={self.options.mode!r}, cluster={self.options.cluster_name!r})"
+
+    # --- the node ---------------------------------------------------------------------------
+
+    def identity(self) -> NodeIdentity:
+        """This instance as IMDS describes it (asked once)."""
+        with self._lock:
+            if self._identity is None:
+                iface = self._ctx.iface
+                address = str(iface.ip) if iface is not None and iface.ip is not None else None
+                self._identity = discover(Imds(), address)
+            return self._identity
+
+    def prepare(self) -> LeaseAttrs:
+        identity = self.identity()
+        self._disable_source_dest_check(identity)
+        iface = self._ctx.iface
+        assert iface is not None
+        config = self._config
+        public_ip = (iface.public_ip or iface.ip or NO_IPV4) if config.enable_ipv4 else NO_IPV4
+        return LeaseAttrs(
+            public_ip=public_ip,
+            public_ipv6=(iface.public_ipv6 or iface.ipv6) if config.enable_ipv6 else None,
+            backend_type=BACKEND_TYPE,
+            backend_data={
+                "InstanceID": identity.instance_id,
+                "NetworkInterfaceID": identity.eni_id,
+                "Region": identity.region,
+            },
+        )
+
+    def _disable_source_dest_check(self, identity: NodeIdentity) -> None:
+        """A node forwards packets for its pods' addresses, which EC2 drops unless the ENI's
+        source/destination check is off. Done once per ENI; a failure only warns."""
+        try:
+            self.ec2().modify_network_interface_attribute(
+                NetworkInterfaceId=identity.eni_id, SourceDestCheck={"Value": False}
+            )
+        except Exception as exc:
+            error = ec2_error(
+                exc, "ModifyNetworkInterfaceAttribute", identity.eni_id, self.options.policy
+            )
+            log.warning(
+                "could not turn off the source/destination check of %s (%s); pod traffic to "
+                "this node is dropped until it is off: grant "
+                "ec2:ModifyNetworkInterfaceAttribute or set source_dest_check=false",
+                identity.eni_id,
+                error,
+            )
+
+    # --- EC2 ---------------------------------------------------------------------------------
+
+    def region(self) -> str:
+        if self._ctx.controller:
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if region:
+                return region
+        return self.identity().region
+
+    def ec2(self) -> EC2Client:
+        with self._lock:
+            ec2 = self._ec2
+        if ec2 is None:
+            ec2 = ec2_client(self.region())
+            with self._lock:
+                self._ec2 = self._ec2 or ec2
+                ec2 = self._ec2
+        return ec2
+
+    def resolver(self) -> EniResolver:
+        ec2 = self.ec2()
+        with self._lock:
+            if self._resolver is None:
+                self._resolver = EniResolver(ec2, self.options.policy)
+            return self._resolver
+
+    def route_table_ids(self) -> tuple[str, ...]:
+        """The configured tables, else the one of this node's subnet, else the VPC's main."""
+        if self.options.route_table_ids:
+            return self.options.route_table_ids
+        identity = self.identity()
+        ec2 = self.ec2()
+        for what, filters in (
+            (
+                f"associated with subnet {identity.subnet_id}",
+                [{"Name": "association.subnet-id", "Values": [identity.subnet_id]}],
+            ),
+            (
+                f"main table of {identity.vpc_id}",
+                [
+                    {"Name": "vpc-id", "Values": [identity.vpc_id]},
+                    {"Name": "association.main", "Values": ["true"]},
+                ],
+            ),
+        ):
+            try:
+                found = ec2.describe_route_tables(Filters=filters).get("RouteTables", [])
+            except Exception as exc:
+                raise _as_config_error(
+                    ec2_error(exc, "DescribeRouteTables", what, self.options.policy)
+                ) from None
+            ids = [t["RouteTableId"] for t in found if isinstance(t.get("RouteTableId"), str)]
+            if ids:
+                log.info("aws-vpc: using route table %s (%s)", ids[0], what)
+                return (ids[0],)
+        raise ConfigError(
+            f"main route table not found for {identity.vpc_id}; set Backend.RouteTableID"
+        )
+
+    # --- elections ---------------------------------------------------------------------------
+
+    def election(self) -> Election:
+        """The election this mode needs: the garbage collector's (node) or the writer's
+        (cluster)."""
+        with self._lock:
+            if self._election is None:
+                c = self._coordination
+                assert c is not None
+                duty = CLUSTER_DUTY if self.options.mode == "cluster" else GC_DUTY
+                key = election_key(c.prefix, self.options.cluster_name, duty)
+                self._election = Election(c.client, key, c.member, ttl=ELECTION_TTL)
+            return self._election
+
+    def tasks(self) -> list[tuple[str, BackgroundTask]]:
+        election = self.election()
+        return [(f"election-{election.key.rsplit('/', 1)[-1]}", election.run)]
+
+    # --- bindings ----------------------------------------------------------------------------
+
+    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+        if own is None and self.options.mode != "cluster":
+            raise ConfigError("aws-vpc in Mode node binds a node's own lease only")
+        resolver = self.resolver()
+        config = self._config
+        election = self.election()
+        bindings: list[RouteTableBinding] = []
+        for table_id in self.route_table_ids():
+            if self.options.mode == "cluster":
+                table = self._table(table_id, collect=True, fence=election.fence)
+
+                def every(lease: Lease) -> list[Route]:
+                    return lease_routes(lease, config, resolver.want)
+
+                bindings.append(RouteTableBinding(table, every, active=election.is_leader))
+                continue
+            assert own is not None
+            mine = frozenset(lease_destinations(own, config))
+            node_table = self._table(table_id, scope=mine)
+
+            def own_routes(lease: Lease, own_key: str = own.key) -> list[Route]:
+                return lease_routes(lease, config) if lease.key == own_key else []
+
+            def live(lease: Lease) -> list[Route]:
+                return live_routes(lease, config)
+
+            gc_table = self._table(
+                table_id, name=f"{table_id}/gc", collect=True, skip_young=True, fence=election.fence
+            )
+            bindings.append(RouteTableBinding(node_table, own_routes))
+            bindings.append(
+                RouteTableBinding(
+                    gc_table,
+                    live,
+                    actions=frozenset({Action.DELETE}),
+                    active=election.is_leader,
+                )
+            )
+        return bindings
+
+    def _table(self, table_id: str, **kw: Any) -> AwsRouteTable:
+        c = self._coordination
+        assert c is not None
+        return AwsRouteTable(
+            self.ec2(),
+            table_id,
+            ledger=Ledger(c.client, c.prefix, self.options.cluster_name, table_id),
+            networks=self._networks,
+            member=c.member,
+            policy=self.options.policy,
+            resolver=self.resolver(),
+            gate=self._gate,
+            route_limit=self.options.route_limit,
+            resync_period=self.options.resync_period,
+            cluster=self.options.cluster_name,
+            **kw,
+        )
+
+
+def _as_config_error(error: RouteError) -> ConfigError:
+    return ConfigError(str(error))
