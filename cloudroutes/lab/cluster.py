@@ -175,11 +175,12 @@ class LabCluster:
 
     # --- agents -------------------------------------------------------------------------
 
-    def start_agent(self, node: LabNode, *extra: str) -> None:
+    def start_agent(self, node: LabNode, *extra: str, iface: str | None = "eth0") -> None:
+        """Start the node's agent; ``iface=None`` leaves the choice to ``extra`` flags."""
         args = [
             self.cli, "agent",
             f"--etcd-endpoints={self.endpoints}",
-            "--iface=eth0",
+            *([f"--iface={iface}"] if iface else []),
             f"--subnet-file={node.subnet_file}",
             *extra,
         ]  # fmt: skip

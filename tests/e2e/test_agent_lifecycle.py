@@ -193,6 +193,30 @@ def test_a_ready_agent_is_unready_while_etcd_is_down(lab1: LabCluster) -> None:
     assert node.agent_running
 
 
+# --- flanneld's interface and masquerade options -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        [r"--iface-regex=^nomatch$", r"--iface-regex=^198\.18\.0\.1$"],
+        ["--iface-can-reach=198.18.0.254"],
+    ],
+    ids=["iface-regex-twice", "iface-can-reach"],
+)
+def test_interface_chosen_without_iface_and_masquerade_not_fully_random(
+    lab1: LabCluster, choice: list[str]
+) -> None:
+    node = lab1.nodes[0]
+    lab1.set_config()
+    lab1.start_agent(node, *choice, "--ip-masq", "--ip-masq-fully-random-disable", iface=None)
+    lab1.wait_ready(node)
+    assert log_lines_with(node, "using interface eth0 (198.18.0.1), public IP 198.18.0.1")
+    rules = node.ns.run("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    assert rules.count("-j MASQUERADE") == 2, rules
+    assert "--random-fully" not in rules
+
+
 # --- losing etcd's data -----------------------------------------------------------------------
 
 
