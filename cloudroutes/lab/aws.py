@@ -20,6 +20,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
+import socket
+import socketserver
 import threading
 import time
 import urllib.request
@@ -29,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from cloudroutes.lab.http_service import LOOPBACK, HttpService, listen
+from cloudroutes.lab.http_service import LOOPBACK, HttpService
 
 # boto3 clients are built at run time; there is no static type to name without extra stubs.
 EC2Client = Any
@@ -74,21 +76,14 @@ def ec2_client(
     )
 
 
-class MotoServer:
+class MotoServer(HttpService):
     """moto's server in this process, on a free port of ``host`` (in ``netns`` if given).
 
     All MotoServers in one process share moto's state (it is module-global), so ``reset()``
     clears every one of them; tests start one per module and reset between tests.
     """
 
-    def __init__(self, host: str = LOOPBACK, netns: str | None = None) -> None:
-        self.host = host
-        self.netns = netns
-        self.url = ""
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> MotoServer:
+    def make_server(self, sock: socket.socket) -> socketserver.BaseServer:
         import logging
 
         from moto.moto_server.werkzeug_app import (
@@ -100,12 +95,11 @@ class MotoServer:
 
         # werkzeug logs every request to stderr; a benchmark makes thousands.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        # What moto's ThreadedMotoServer does, but on a socket bound here: it can then be in
-        # another namespace, and a bind error is an exception (werkzeug would exit the thread).
-        sock = listen(self.host, 0, self.netns)
+        # What moto's ThreadedMotoServer does, but on our socket: it can then be in another
+        # namespace, and a bind error is an exception (werkzeug would end the thread instead).
         try:
             app = DomainDispatcherApplication(create_backend_app)
-            self._server = make_server(
+            return make_server(
                 self.host,
                 0,
                 app,
@@ -115,10 +109,6 @@ class MotoServer:
             )
         finally:
             sock.close()  # werkzeug holds its own duplicate
-        self.url = f"http://{self.host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
-        self._thread.start()
-        return self
 
     def reset(self) -> None:
         """Forget every resource (VPCs, instances, routes) in every region."""
@@ -126,23 +116,8 @@ class MotoServer:
         with urllib.request.urlopen(request, timeout=10) as answer:
             answer.read()
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
     def client(self, region: str = DEFAULT_REGION, max_attempts: int | None = None) -> EC2Client:
         return ec2_client(self.url, region, max_attempts)
-
-    def __enter__(self) -> MotoServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)

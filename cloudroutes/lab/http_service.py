@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
@@ -65,30 +66,34 @@ def _bound(host: str, port: int) -> socket.socket:
 
 
 class HttpService:
-    """A ThreadingHTTPServer in a background thread; subclasses say how to answer."""
+    """An HTTP server in a background thread; subclasses say how to answer (``handler``)."""
 
     def __init__(self, host: str = LOOPBACK, netns: str | None = None) -> None:
         self.host = host
         self.netns = netns
         self.url = ""
-        self._server: ThreadingHTTPServer | None = None
+        self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         raise NotImplementedError
 
-    def start(self) -> Self:
+    def make_server(self, sock: socket.socket) -> socketserver.BaseServer:
+        """The server to run on the listening ``sock``: a threading one calling ``handler``."""
         server = ThreadingHTTPServer((self.host, 0), self.handler(), bind_and_activate=False)
         server.socket.close()
-        server.socket = listen(self.host, 0, self.netns)
-        server.server_address = server.socket.getsockname()
+        server.socket = sock
+        server.server_address = sock.getsockname()
         # Handler threads may sit in keep-alive reads; they must not hold up stop() or exit.
         server.daemon_threads = True
-        self._server = server
-        port = server.server_address[1]
+        return server
+
+    def start(self) -> Self:
+        self._server = self.make_server(listen(self.host, 0, self.netns))
+        port = self._server.server_address[1]
         self.url = f"http://{self.host}:{port}"
         self._thread = threading.Thread(
-            target=server.serve_forever, name=f"{type(self).__name__}-{port}", daemon=True
+            target=self._server.serve_forever, name=f"{type(self).__name__}-{port}", daemon=True
         )
         self._thread.start()
         return self

@@ -55,6 +55,7 @@ def _get(url: str, token: str | None = None) -> tuple[int, str]:
         with urllib.request.urlopen(request, timeout=5) as answer:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as err:
+        err.close()
         return err.code, ""
 
 
@@ -209,6 +210,7 @@ def test_stub_is_imdsv2_only(stub: ImdsStub) -> None:
     for bad_ttl in ("", "0", "21601", "soon"):
         with pytest.raises(urllib.error.HTTPError) as err:
             _token(stub, bad_ttl)
+        err.value.close()
         assert err.value.code == 400
 
 
