@@ -77,7 +77,7 @@ class Agent:
         self._failure: BaseException | None = None
         self._revoked = threading.Event()
         self._node_lock: NodeLock | None = None
-        self._waiting_for: str | None = "the node lock"
+        self._waiting_for: str | None = "start-up"
         self._config_news = _ConfigNews(where=_config_where(source))
 
     # --- start-up -------------------------------------------------------------------------
@@ -91,6 +91,7 @@ class Agent:
             self._start_health()
             return self._run()
         finally:
+            self.shutdown()  # also when start-up failed: threads already spawned end too
             if self.health:
                 self.health.stop()
             self.source.close()
@@ -105,6 +106,7 @@ class Agent:
                 return 0
             raise
         self.config = config
+        self._watch_config()
         iface = choose_interface(
             self.options.iface,
             self.options.iface_regex,
@@ -131,7 +133,6 @@ class Agent:
         self.leases.subscribe(lambda: self.metrics.leases.set(len(self.leases)))
         self._spawn("watch", self.source.watch, self.leases, self.stop)
         self._spawn("lease", self._keep_lease, lease)
-        self._watch_config()
         self._install_masquerade(config, lease, previous)
         while not self.leases.wait_synced(0.5):
             if self.stop.is_set():
