@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
@@ -188,13 +189,16 @@ def make_vpc(
     enis_per_node: int = 1,
     name: str = "cloudroutes-lab",
     table_tags: dict[str, str] | None = None,
+    private_ips: Sequence[str] | None = None,
 ) -> LabVpc:
     """Build a VPC with ``subnets`` /20 subnets, ``tables`` route tables and ``nodes`` instances.
 
     The first table is the VPC's main one (moto creates it with the VPC); the others are new.
     ``table_tags`` go on every table, so a provider that finds its tables by tag finds them.
     Node i runs in subnet i % subnets with a predictable primary address (subnet base + 10 + i),
-    so a test can tell nodes apart by IP. ``enis_per_node`` > 1 attaches extra ENIs, which is
+    so a test can tell nodes apart by IP; ``private_ips`` sets them instead (node i gets the
+    i-th, in the subnet that holds it), so the demo's instances have its nodes' underlay
+    addresses. ``enis_per_node`` > 1 attaches extra ENIs, which is
     the case where AWS refuses an InstanceId route target and an ENI target is needed.
     Source/dest check is left on, as AWS leaves it: turning it off is the provider's job.
     """
@@ -202,11 +206,12 @@ def make_vpc(
         raise ValueError("make_vpc: nodes >= 0, tables >= 1, subnets 1..16, enis_per_node 1..4")
     if 10 + nodes + 1024 * (enis_per_node - 1) >= 4095:
         raise ValueError(f"make_vpc: {nodes} nodes with {enis_per_node} ENIs do not fit a /20")
+    subnet_nets = list(ipaddress.ip_network(VPC_CIDR).subnets(new_prefix=20))[:subnets]
+    primaries = _primary_ips(subnet_nets, nodes, enis_per_node, private_ips)
     region = ec2.meta.region_name
     zone = f"{region}a"
     vpc_id = ec2.create_vpc(CidrBlock=VPC_CIDR)["Vpc"]["VpcId"]
     ec2.create_tags(Resources=[vpc_id], Tags=[{"Key": "Name", "Value": name}])
-    subnet_nets = list(ipaddress.ip_network(VPC_CIDR).subnets(new_prefix=20))[:subnets]
     subnet_ids = tuple(
         ec2.create_subnet(VpcId=vpc_id, CidrBlock=str(net), AvailabilityZone=zone)["Subnet"][
             "SubnetId"
@@ -228,11 +233,10 @@ def make_vpc(
     ec2.create_tags(Resources=[main, *extra], Tags=tags)
 
     instances = []
-    for i in range(nodes):
-        k = i % subnets
-        net = subnet_nets[k]
-        # Node i's addresses: base + 10 + i for the primary, then +1024 per extra ENI.
-        ips = [str(net.network_address + 10 + i + 1024 * d) for d in range(enis_per_node)]
+    for i, primary_ip in enumerate(primaries):
+        k = next(k for k, net in enumerate(subnet_nets) if primary_ip in net)
+        # Extra ENIs: the primary address + 1024 per device, still in the /20.
+        ips = [str(primary_ip + 1024 * d) for d in range(enis_per_node)]
         node_name = f"{name}-node{i}"
         run = ec2.run_instances(
             ImageId=LAB_AMI,
@@ -283,6 +287,21 @@ def make_vpc(
         extra_route_table_ids=extra,
         instances=tuple(instances),
     )
+
+
+def _primary_ips(
+    subnets: list[ipaddress.IPv4Network], nodes: int, enis: int, wanted: Sequence[str] | None
+) -> list[ipaddress.IPv4Address]:
+    if wanted is None:
+        return [subnets[i % len(subnets)].network_address + 10 + i for i in range(nodes)]
+    ips = [ipaddress.IPv4Address(ip) for ip in wanted]
+    if len(ips) != nodes or len(set(ips)) != nodes:
+        raise ValueError(f"make_vpc: private_ips must be {nodes} distinct addresses")
+    for ip in ips:
+        if not any(ip in net and ip + 1024 * (enis - 1) in net for net in subnets):
+            where = ", ".join(map(str, subnets))
+            raise ValueError(f"make_vpc: {ip} and its {enis - 1} extra ENIs do not fit {where}")
+    return ips
 
 
 @dataclass(frozen=True)

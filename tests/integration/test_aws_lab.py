@@ -10,9 +10,10 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from cloudroutes.lab.aws import (
     MotoServer,
     make_vpc,
 )
+from cloudroutes.lab.netns import Netns, Underlay
+from tests.conftest import needs_root
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +153,19 @@ def test_reset_forgets_everything(moto: MotoServer, ec2) -> None:
 def test_make_vpc_refuses_what_does_not_fit(ec2) -> None:
     with pytest.raises(ValueError, match="do not fit"):
         make_vpc(ec2, nodes=3100, enis_per_node=2)
+    with pytest.raises(ValueError, match="do not fit"):
+        make_vpc(ec2, nodes=1, private_ips=["10.0.0.1"])
+    with pytest.raises(ValueError, match="2 distinct"):
+        make_vpc(ec2, nodes=2, private_ips=["198.18.0.1", "198.18.0.1"])
+
+
+def test_make_vpc_gives_nodes_the_addresses_asked_for(ec2) -> None:
+    lab = make_vpc(
+        ec2, nodes=2, subnets=2, enis_per_node=2, private_ips=["198.18.0.1", "198.18.16.7"]
+    )
+    assert [n.private_ip for n in lab.instances] == ["198.18.0.1", "198.18.16.7"]
+    assert [n.subnet_id for n in lab.instances] == list(lab.subnet_ids)
+    assert lab.instances[1].enis[1].private_ip == "198.18.20.7"
 
 
 # -- the IMDSv2 stub ---------------------------------------------------------------------
@@ -253,6 +269,46 @@ def test_boto3_with_no_keys_gets_role_credentials_from_imds_and_calls_moto(
     assert creds.method == "iam-role"
     assert creds.access_key == stub.credentials.access_key_id
     assert stub.hits["latest/meta-data/iam/security-credentials/cloudroutes-node"] >= 1
+
+
+# What a node in the demo runs: boto3 with no keys, IMDS and EC2 endpoints from the environment.
+_NODE_CLIENT = """
+import json, boto3
+session = boto3.Session()
+ec2 = session.client("ec2")
+found = ec2.describe_instances(Filters=[{"Name": "private-ip-address", "Values": ["198.18.0.1"]}])
+instance = found["Reservations"][0]["Instances"][0]
+print(json.dumps({"id": instance["InstanceId"], "creds": session.get_credentials().method,
+                  "region": session.region_name}))
+"""
+
+
+@needs_root
+@pytest.mark.root
+def test_a_node_namespace_reaches_imds_and_moto_served_in_another_namespace(
+    clean_aws_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    netns: Callable[[str], Netns],
+    underlay: Underlay,
+    ec2,
+) -> None:
+    cloud, node = netns("craws"), netns("crnode")
+    underlay.plug(cloud, "eth0", "198.18.0.253/24")
+    underlay.plug(node, "eth0", "198.18.0.1/24")
+    lab = make_vpc(ec2, nodes=1, tables=1, private_ips=["198.18.0.1"])
+
+    with (
+        MotoServer(host="198.18.0.253", netns=cloud.name) as endpoint,
+        ImdsStub(lab.instances[0], host="198.18.0.253", netns=cloud.name) as imds,
+    ):
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", endpoint.url)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+        seen = json.loads(node.run(sys.executable, "-c", _NODE_CLIENT).stdout)
+
+    # moto's state is per process: the namespace's endpoint serves what make_vpc built.
+    assert seen == {"id": lab.instances[0].instance_id, "creds": "iam-role", "region": "eu-west-1"}
+    assert imds.hits["latest/meta-data/iam/security-credentials/cloudroutes-node"] >= 1
 
 
 @pytest.mark.filterwarnings("ignore:A test tried to use socket:UserWarning")
