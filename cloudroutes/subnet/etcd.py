@@ -616,6 +616,7 @@ class _Keeper:
         self._changed = False
         self.lease = replace(self.lease, expiration=expiration, store_lease_id=lease_id)
         self._due = self._renewal_due()
+        self._problem("renewal", None)  # etcd takes writes again, whichever this one was
         return True
 
     def _renewal_due(self) -> float:
