@@ -130,6 +130,27 @@ EC2 = Dialect(
 )
 
 
+# -- plain HTTP (IMDS, metadata servers, anything without an API error format) ---------------
+
+
+def http_action(call: Call) -> str:
+    return f"{call.method} {urlsplit(call.path).path}"
+
+
+def http_error(code: str, message: str, status: int) -> Reply:
+    return Reply(status, (("Content-Type", "text/plain"),), f"{code}: {message}".encode())
+
+
+HTTP = Dialect(
+    name="http",
+    action=http_action,
+    is_read=lambda action: action.startswith(("GET ", "HEAD ")),
+    error=http_error,
+    throttle=("TooManyRequests", "Too many requests.", 429),
+    server_error={},
+)
+
+
 # -- counting -------------------------------------------------------------------------------
 
 

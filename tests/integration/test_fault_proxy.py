@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
-from cloudroutes.lab.aws import LabVpc, MotoServer, ec2_client, make_vpc
+from cloudroutes.lab.aws import ImdsStub, LabVpc, MotoServer, ec2_client, make_vpc
 from cloudroutes.lab.fault_proxy import (
+    HTTP,
     Blackhole,
     CannedError,
     Delay,
@@ -318,3 +319,26 @@ def test_unreachable_upstream_is_a_502(moto: MotoServer) -> None:
     with FaultProxy(f"http://127.0.0.1:{free_port()}") as proxy, pytest.raises(ClientError) as err:
         ec2_client(proxy.url, max_attempts=1).describe_vpcs()
     assert _code(err) == ("BadGateway", 502)
+
+
+def test_plain_http_dialect_in_front_of_imds(lab: LabVpc) -> None:
+    """Any HTTP service can sit behind the proxy: here IMDS, failing once, as seen by
+    botocore's own IMDS client (which retries)."""
+    from botocore.utils import InstanceMetadataFetcher
+
+    creds_path = "/latest/meta-data/iam/security-credentials/cloudroutes-node"
+    with ImdsStub(lab.instances[0]) as imds, FaultProxy(imds.url, HTTP) as proxy:
+        proxy.add(ServerError(actions={f"GET {creds_path}"}, times=1))
+        fetcher = InstanceMetadataFetcher(
+            timeout=2, num_attempts=2, config={"ec2_metadata_service_endpoint": proxy.url}
+        )
+        creds = fetcher.retrieve_iam_role_credentials()
+
+        assert creds["access_key"] == imds.credentials.access_key_id
+        counts = proxy.counts()
+    assert dict(counts.by_action) == {
+        "PUT /latest/api/token": 1,
+        "GET /latest/meta-data/iam/security-credentials/": 1,
+        f"GET {creds_path}": 2,
+    }
+    assert (counts.reads, counts.writes) == (3, 1)
