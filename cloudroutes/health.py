@@ -51,8 +51,12 @@ class HealthServer:
         port: int,
         metrics: Metrics,
         status: Callable[[], dict[str, Any]],
-        probe: Callable[[], Probe],
+        probe: Callable[[], Probe] | None = None,
     ) -> None:
+        # Without a probe, readiness is this event: set it once ready.
+        self.ready = threading.Event()
+        probe = probe or self._probe_ready_event
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/healthz":
@@ -89,6 +93,9 @@ class HealthServer:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="health", daemon=True
         )
+
+    def _probe_ready_event(self) -> Probe:
+        return Probe() if self.ready.is_set() else Probe(waiting_for="start-up")
 
     @property
     def port(self) -> int:

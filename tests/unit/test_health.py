@@ -68,3 +68,16 @@ def test_status_is_json_and_unknown_paths_are_404(agent_and_url: tuple[Agent, st
     status, body = get(url + "/status")
     assert (status, json.loads(body)) == (200, {"lease": None})
     assert get(url + "/nope") == (404, "not found\n")
+
+
+def test_without_a_probe_readiness_is_the_ready_event() -> None:
+    server = HealthServer("127.0.0.1", 0, Metrics(), dict)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        assert get(url + "/healthz") == (200, "ok, waiting for start-up\n")
+        assert get(url + "/readyz") == (503, "not ready: waiting for start-up\n")
+        server.ready.set()
+        assert get(url + "/readyz") == (200, "ok\n")
+    finally:
+        server.stop()
