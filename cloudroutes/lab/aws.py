@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from cloudroutes.lab.http_service import LOOPBACK, HttpService
+from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
 
 # boto3 clients are built at run time; there is no static type to name without extra stubs.
 EC2Client = Any
@@ -437,12 +437,7 @@ class ImdsStub(HttpService):
 
 
 def _imds_handler(stub: ImdsStub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # quiet: tokens would otherwise sit in the test log
-
+    class Handler(LabHandler):
         def _answer(self, status: int, body: str = "", headers: dict[str, str] | None = None):
             data = body.encode()
             self.send_response(status)

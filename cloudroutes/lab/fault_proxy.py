@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from cloudroutes.lab.http_service import LOOPBACK, HttpService
+from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
 
 # Per-connection headers: they describe the hop, not the request, so the proxy sets its own.
 _HOP_BY_HOP = frozenset(
@@ -470,13 +470,7 @@ class FaultProxy(HttpService):
 
 
 def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        # HTTP/1.1 keeps the SDK's connections alive, as a real endpoint does.
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
+    class Handler(LabHandler):
         def _relay(self) -> None:
             if self.headers.get("Transfer-Encoding"):
                 self._send(Reply(501, (), b"fault proxy: chunked request bodies are not supported"))

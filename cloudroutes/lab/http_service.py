@@ -65,6 +65,21 @@ def _bound(host: str, port: int) -> socket.socket:
     return sock
 
 
+class LabHandler(BaseHTTPRequestHandler):
+    """What every lab handler wants: keep-alive like a real endpoint, no Nagle delay, quiet."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; with Nagle on, the second waits for the
+        # client's delayed ACK (40 ms a call), which would swamp every measurement.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a line per request would flood the test log (and could show tokens)
+
+
 class HttpService:
     """An HTTP server in a background thread; subclasses say how to answer (``handler``)."""
 
