@@ -197,3 +197,12 @@ def test_encode_is_valid_json_with_field_order() -> None:
         "BackendType",
         "BackendData",
     ]
+
+
+KEYISH = st.text(alphabet="0123456789.-&:abcdefABx/ ", max_size=40)
+
+
+@given(KEYISH | st.text(max_size=40))
+def test_a_key_parses_only_when_it_is_exactly_the_key_of_what_it_parses_to(key: str) -> None:
+    parsed = parse_subnet_key(key)
+    assert parsed is None or subnet_key(*parsed) == key
