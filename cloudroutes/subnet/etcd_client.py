@@ -235,10 +235,6 @@ class EtcdClient:
         """Write the key only if nobody changed it since ``mod_revision``."""
         return self._txn_put(key, value, lease_id, lambda t: t.mod(key) == mod_revision)
 
-    def update_existing(self, key: str, value: bytes, lease_id: int) -> int:
-        """Write the key only if it still exists, so a deleted lease is not brought back."""
-        return self._txn_put(key, value, lease_id, lambda t: t.version(key) > 0)
-
     def _txn_put(self, key: str, value: bytes, lease_id: int, compare: Callable[[Any], Any]) -> int:
         def txn(c: _PyEtcd) -> int:
             put = c.transactions.put(key, value, lease=lease_id)
