@@ -1,0 +1,609 @@
+"""The aws-vpc backend end to end: real boto3 over HTTP to moto (through the fault proxy), an
+IMDSv2 stub per node, the real reconciler, and a real etcd for the ledger and the elections.
+
+Each "node" is a backend built as the agent builds it (its IMDS, its etcd connection, its
+lease); the test drives the reconcilers' passes itself, so every EC2 call can be counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from typing import Any
+
+import pytest
+
+from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
+from cloudroutes.config import parse_config
+from cloudroutes.errors import CloudroutesError, ConfigError
+from cloudroutes.lab.aws import EC2Client, ImdsStub, LabInstance, LabVpc, make_vpc
+from cloudroutes.lab.etcd import EtcdCluster, free_port
+from cloudroutes.lab.fault_proxy import Call, CannedError, FaultProxy, Proceed, RouteLimit, Throttle
+from cloudroutes.lease import Lease, LeaseAttrs
+from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
+from cloudroutes.ledger import Ledger
+from cloudroutes.reconciler import Reconciler, RouteState
+from cloudroutes.routing import Routing, node_vetting
+from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from providers import aws_route_table
+from providers.aws_vpc import AwsVpcBackend
+from tests.integration.test_aws_route_table import REGION, admin, clean_aws_env, moto, proxy
+from tests.wait import wait_for
+
+__all__ = ["admin", "clean_aws_env", "moto", "proxy"]  # fixtures, used by name
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+PREFIX = "/coreos.com/network"
+CLUSTER = "lab"
+
+
+@dataclass
+class Node:
+    """One agent's aws-vpc part: its backend, lease and reconcilers, and its election task."""
+
+    name: str
+    instance: LabInstance | None
+    backend: AwsVpcBackend
+    lease: Lease | None
+    routing: Routing
+    client: EtcdClient
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def reconcilers(self) -> list[Reconciler]:
+        return self.routing.reconcilers
+
+    def start_tasks(self) -> None:
+        for name, task in self.backend.tasks():
+            thread = threading.Thread(target=task, args=(self.stop,), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def leads(self) -> bool:
+        return self.backend.election().is_leader()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        self.client.close()
+
+    def passes(self, resync: bool = True) -> None:
+        """One pass of each reconciler (those not leading do nothing)."""
+        for reconciler in self.reconcilers:
+            # A failed read (throttled) is dropped: the next pass reads again, as run() does.
+            with contextlib.suppress(CloudroutesError):
+                reconciler.reconcile(resync=resync)
+
+    def status(self) -> dict[str, Any]:
+        return self.routing.status()["routes"]
+
+
+class Lab:
+    """A VPC in moto, its nodes' IMDS stubs, and the network config every node reads."""
+
+    def __init__(
+        self,
+        admin: EC2Client,
+        proxy: FaultProxy,
+        etcd: EtcdCluster,
+        monkeypatch: pytest.MonkeyPatch,
+        nodes: int = 3,
+    ) -> None:
+        self.admin = admin
+        self.proxy = proxy
+        self.etcd = etcd
+        self.monkeypatch = monkeypatch
+        self.vpc: LabVpc = make_vpc(admin, nodes=nodes, tables=2)
+        self.stubs = [ImdsStub(i).start() for i in self.vpc.instances]
+        self.leases = LeaseTable()
+        self.leases.replace_all([], revision=1)
+        self.nodes: list[Node] = []
+        self.backend_options: dict[str, Any] = {
+            "RouteTableID": list(self.vpc.route_table_ids),
+            "ClusterName": CLUSTER,
+            "ResyncPeriod": 60,
+        }
+        self.extra: dict[str, Any] = {}
+        self._revision = 1
+        monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", proxy.url)
+
+    def config(self) -> Any:
+        doc = {"Network": "10.5.0.0/16", "Backend": {"Type": "aws-vpc", **self.backend_options}}
+        return parse_config(json.dumps({**doc, **self.extra}))
+
+    def etcd_client(self) -> EtcdClient:
+        return EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,), request_timeout=3))
+
+    def node(self, i: int, *, six: bool = False) -> Node:
+        """Node i as its agent starts: IMDS discovery, source/dest check, its lease, bind."""
+        instance = self.vpc.instances[i]
+        self.monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", self.stubs[i].url)
+        ip = IPv4Address(instance.private_ip)
+        iface = ExternalInterface("eth0", 2, 9001, ip, ip)
+        client = self.etcd_client()
+        ctx = BackendContext(self.config(), iface, Coordination(client, PREFIX, f"node-{i}"))
+        backend = AwsVpcBackend(ctx)
+        attrs = backend.prepare()
+        lease = Lease(
+            subnet=IPv4Network(f"10.5.{i + 1}.0/24"),
+            attrs=attrs,
+            ipv6_subnet=IPv6Network(f"fc00:0:0:{i + 1}::/64") if six else None,
+            store_lease_id=100 + i,
+        )
+        self.put_lease(lease)
+        return self._bind(f"node-{i}", instance, backend, lease, client, ctx)
+
+    def controller(self, name: str = "controller-1") -> Node:
+        self.monkeypatch.setenv("AWS_REGION", REGION)
+        # It runs on an instance of its own, whose role the SDK finds through IMDS.
+        self.monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", self.stubs[0].url)
+        client = self.etcd_client()
+        ctx = BackendContext(self.config(), None, Coordination(client, PREFIX, name), True)
+        return self._bind(name, None, AwsVpcBackend(ctx), None, client, ctx)
+
+    def _bind(
+        self,
+        name: str,
+        instance: LabInstance | None,
+        backend: AwsVpcBackend,
+        lease: Lease | None,
+        client: EtcdClient,
+        ctx: BackendContext,
+    ) -> Node:
+        vetting = node_vetting(ctx.config, backend, lease, ctx.iface, [self.etcd.endpoint])
+        routing = Routing(backend, backend.bind(lease), self.leases, vetting)
+        node = Node(name, instance, backend, lease, routing, client)
+        node.start_tasks()
+        self.nodes.append(node)
+        return node
+
+    def put_lease(self, lease: Lease) -> None:
+        self._revision += 1
+        self.leases.apply([LeaseEvent(EventType.ADDED, lease)], revision=self._revision)
+
+    def drop_lease(self, lease: Lease) -> None:
+        self._revision += 1
+        self.leases.apply([LeaseEvent(EventType.REMOVED, lease)], revision=self._revision)
+
+    def routes(self, table_id: str) -> dict[str, str]:
+        listing = self.admin.describe_route_tables(RouteTableIds=[table_id])["RouteTables"][0]
+        return {
+            r.get("DestinationCidrBlock") or r.get("DestinationIpv6CidrBlock"): (
+                r.get("NetworkInterfaceId") or r.get("GatewayId")
+            )
+            for r in listing["Routes"]
+            if r.get("Origin") == "CreateRoute"
+        }
+
+    def all_routes(self) -> dict[str, dict[str, str]]:
+        return {t: self.routes(t) for t in self.vpc.route_table_ids}
+
+    def passes(self, resync: bool = True) -> None:
+        for node in self.nodes:
+            node.passes(resync)
+
+    def leader(self) -> Node:
+        return wait_for(
+            lambda: next((n for n in self.nodes if n.leads()), None), 30, "an elected leader"
+        )
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.shutdown()
+        for stub in self.stubs:
+            stub.stop()
+
+
+@pytest.fixture
+def lab(
+    admin: EC2Client, proxy: FaultProxy, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Lab]:
+    # Routes made seconds ago by a node count as the collector's to judge (in production it
+    # waits a minute, in case their lease has not reached it yet).
+    monkeypatch.setattr(aws_route_table, "LEDGER_GRACE", 0.0)
+    made = Lab(admin, proxy, etcd, monkeypatch)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def expected(lab: Lab, nodes: list[int]) -> dict[str, str]:
+    return {f"10.5.{i + 1}.0/24": lab.vpc.instances[i].eni_id for i in nodes}
+
+
+# -- node mode ------------------------------------------------------------------------------
+
+
+def test_node_mode_each_node_routes_its_own_subnet_in_every_table(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(3)]
+    # prepare() turned off the source/dest check of each node's ENI and published its identity.
+    for node in nodes:
+        assert node.instance is not None and node.lease is not None
+        eni = lab.admin.describe_network_interfaces(NetworkInterfaceIds=[node.instance.eni_id])
+        assert eni["NetworkInterfaces"][0]["SourceDestCheck"] is False
+        assert node.lease.attrs.backend_data == {
+            "InstanceID": node.instance.instance_id,
+            "NetworkInterfaceID": node.instance.eni_id,
+            "Region": REGION,
+        }
+    lab.leader()
+    lab.proxy.reset_counts()
+    lab.passes()
+    want = expected(lab, [0, 1, 2])
+    assert lab.all_routes() == {t: want for t in lab.vpc.route_table_ids}
+    # Each node wrote only its own route, once per table.
+    assert lab.proxy.counts()["CreateRoute"] == 6 and lab.proxy.counts().writes == 6
+    for table_id in lab.vpc.route_table_ids:
+        ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+        assert {e.by for e in ledger.values()} == {"node-0", "node-1", "node-2"}
+    for node in nodes:
+        own = [s for k, s in node.status().items() if "/gc" not in k]
+        assert [s["state"] for s in own] == ["programmed", "programmed"]
+
+    # Steady state: a resync reads each table once per reconciler that acts, writes nothing.
+    lab.proxy.reset_counts()
+    lab.passes()
+    active = sum(1 for n in nodes for r in n.reconcilers if r.is_active())
+    assert active == 3 * 2 + 2  # every node's table bindings, plus the leader's collectors
+    assert lab.proxy.counts().by_action == {"DescribeRouteTables": active}
+
+
+def test_the_elected_collector_removes_a_dead_nodes_route(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(3)]
+    leader = lab.leader()
+    lab.passes()
+    # The collector learns of routes other nodes made at its next read of the table.
+    leader.passes()
+    dead = next(n for n in nodes if n is not leader)
+    assert dead.lease is not None
+    dead.shutdown()
+    lab.nodes.remove(dead)
+    lab.drop_lease(dead.lease)
+
+    lab.proxy.reset_counts()
+    lab.passes(resync=False)  # the lease event alone: no read, one delete per table
+    alive = [nodes.index(n) for n in nodes if n is not dead]
+    assert lab.all_routes() == {t: expected(lab, alive) for t in lab.vpc.route_table_ids}
+    assert lab.proxy.counts().by_action == {"DeleteRoute": 2}
+    for table_id in lab.vpc.route_table_ids:
+        ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+        assert dead.lease.subnet not in ledger
+
+
+def test_routes_of_leases_that_expired_while_no_agent_ran_are_collected(lab: Lab) -> None:
+    first = [lab.node(i) for i in range(3)]
+    lab.leader()
+    lab.passes()
+    gone = first[2].lease
+    assert gone is not None
+    for node in first:
+        node.shutdown()
+    lab.nodes.clear()
+    # While nothing ran, node 2's lease expired.
+    lab.leases.replace_all([n.lease for n in first[:2] if n.lease], revision=50)
+
+    lab.proxy.reset_counts()
+    again = [lab.node(i) for i in range(2)]  # the agents restart
+    lab.leader()
+    lab.passes()
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.vpc.route_table_ids}
+    # The restart made no write of its own: only the two deletes of the expired lease.
+    counts = lab.proxy.counts()
+    assert counts["DeleteRoute"] == 2 and counts["CreateRoute"] == 0
+    assert counts["ReplaceRoute"] == 0
+    assert len(again) == 2
+
+
+def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(2)]
+    lab.leader()
+    lab.passes()
+    for node in nodes:
+        node.shutdown()
+    lab.nodes.clear()
+    lab.proxy.reset_counts()
+    [lab.node(i) for i in range(2)]
+    lab.leader()
+    lab.passes()
+    counts = lab.proxy.counts()
+    # prepare() turns the source/dest check off again; no route is written.
+    assert counts["CreateRoute"] + counts["ReplaceRoute"] + counts["DeleteRoute"] == 0
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.vpc.route_table_ids}
+
+
+def test_a_route_deleted_by_hand_comes_back_and_one_retargeted_by_hand_is_reported(
+    lab: Lab,
+) -> None:
+    nodes = [lab.node(i) for i in range(3)]
+    lab.leader()
+    lab.passes()
+    table_id = lab.vpc.main_route_table_id
+    lab.admin.delete_route(RouteTableId=table_id, DestinationCidrBlock="10.5.1.0/24")
+    other = lab.vpc.instances[2].eni_id
+    lab.admin.replace_route(
+        RouteTableId=table_id, DestinationCidrBlock="10.5.2.0/24", NetworkInterfaceId=other
+    )
+    lab.proxy.reset_counts()
+    mine = lab.vpc.instances[0].eni_id
+
+    def repaired() -> bool:
+        # A read that misses a route made within READ_LAG takes it for EC2's read lag.
+        lab.passes()
+        return lab.routes(table_id).get("10.5.1.0/24") == mine
+
+    wait_for(repaired, aws_route_table.READ_LAG + 10, "the deleted route back")
+    routes = lab.routes(table_id)
+    # Pointed elsewhere by hand: no longer ours (the ledger records another target), so it
+    # is left alone and reported, never overwritten.
+    assert routes["10.5.2.0/24"] == other
+    assert lab.proxy.counts()["CreateRoute"] == 1 and lab.proxy.counts().writes == 1
+    status = nodes[1].status()[f"{table_id} 10.5.2.0/24"]
+    assert status["state"] == "failed" and other in status["reason"]
+    # The collector does not delete it either.
+    assert "10.5.2.0/24" in lab.routes(table_id)
+
+
+def test_one_lease_change_is_one_write_per_table(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(2)]
+    lab.leader()
+    lab.passes()
+    lab.proxy.reset_counts()
+    lab.node(2)
+    lab.passes(resync=False)
+    assert lab.proxy.counts()["CreateRoute"] == 2
+    assert lab.proxy.counts().writes == 2 + 1  # and prepare()'s source/dest check
+    assert len(nodes) == 2
+
+
+def test_an_ipv6_lease_gets_a_route_per_family(lab: Lab) -> None:
+    lab.extra = {"EnableIPv6": True, "IPv6Network": "fc00::/48"}
+    lab.node(0, six=True)
+    lab.leader()
+    lab.passes()
+    eni = lab.vpc.instances[0].eni_id
+    for table_id in lab.vpc.route_table_ids:
+        assert lab.routes(table_id) == {"10.5.1.0/24": eni, "fc00:0:0:1::/64": eni}
+
+
+# -- cluster mode ---------------------------------------------------------------------------
+
+
+def test_cluster_mode_one_leader_writes_every_route(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    nodes = [lab.node(i) for i in range(3)]
+    leader = lab.leader()
+    lab.proxy.reset_counts()
+    lab.passes()
+    want = expected(lab, [0, 1, 2])
+    assert lab.all_routes() == {t: want for t in lab.vpc.route_table_ids}
+    assert lab.proxy.counts()["CreateRoute"] == 6
+    # Only the leader read or wrote.
+    assert lab.proxy.counts()["DescribeRouteTables"] == 2
+    for table_id in lab.vpc.route_table_ids:
+        ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+        assert {e.by for e in ledger.values()} == {leader.name}
+    assert len(nodes) == 3
+
+
+def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    for i in range(3):
+        lab.node(i)
+    controller = lab.controller()
+    leader = lab.leader()
+    created = threading.Semaphore(0)
+
+    class Slow(CannedError):
+        """Lets CreateRoute through, slowly: the leader is killed after the first one."""
+
+        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Any:
+            reply = proceed()
+            created.release()
+            threading.Event().wait(0.3)
+            return reply
+
+    slow = lab.proxy.add(Slow(actions={"CreateRoute"}, code="", message=""))
+    lab.proxy.reset_counts()
+    worker = threading.Thread(target=leader.passes, daemon=True)
+    worker.start()
+    assert created.acquire(timeout=20)
+    leader.backend.election().resign()  # killed: its fence ends at once
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    lab.proxy.remove(slow)
+    written_by_old = lab.proxy.counts()["CreateRoute"]
+    assert 1 <= written_by_old < 6
+
+    successor = wait_for(
+        lambda: next((n for n in lab.nodes if n is not leader and n.leads()), None),
+        30,
+        "a new leader",
+    )
+    successor.passes()
+    want = expected(lab, [0, 1, 2])
+    assert lab.all_routes() == {t: want for t in lab.vpc.route_table_ids}
+    # Every route was created exactly once, across both leaders.
+    assert lab.proxy.counts()["CreateRoute"] == 6
+    assert lab.proxy.counts()["ReplaceRoute"] == 0 and lab.proxy.counts()["DeleteRoute"] == 0
+    assert controller in lab.nodes
+
+
+def test_the_controller_serves_cluster_mode_without_a_lease(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    leases = [lab.node(i) for i in range(2)]
+    for node in leases:
+        node.shutdown()  # agents that are not candidates (only the controller is)
+    lab.nodes.clear()
+    controller = lab.controller()
+    lab.leader()
+    controller.passes()
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.vpc.route_table_ids}
+
+
+def test_an_old_flanneld_route_is_adopted_and_its_lease_resolved(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    controller = lab.controller()
+    old = lab.vpc.instances[1]
+    # flanneld's aws-vpc made this route for its lease, which names only its IP.
+    table_id = lab.vpc.main_route_table_id
+    lab.admin.create_route(
+        RouteTableId=table_id, DestinationCidrBlock="10.5.9.0/24", NetworkInterfaceId=old.eni_id
+    )
+    lab.put_lease(
+        Lease(IPv4Network("10.5.9.0/24"), LeaseAttrs(public_ip=IPv4Address(old.private_ip)))
+    )
+    lab.leader()
+    lab.proxy.reset_counts()
+    controller.passes()
+    # Adopted in place in one table (no write), created in the other; one lookup of the IP.
+    counts = lab.proxy.counts()
+    assert counts["DescribeNetworkInterfaces"] == 1
+    assert counts["CreateRoute"] == 1 and counts.writes == 1
+    assert lab.all_routes() == {t: {"10.5.9.0/24": old.eni_id} for t in lab.vpc.route_table_ids}
+    ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+    assert ledger[IPv4Network("10.5.9.0/24")].target == old.eni_id
+    lab.proxy.reset_counts()
+    controller.passes()
+    assert lab.proxy.counts().writes == 0
+
+
+# -- a misbehaving EC2 ----------------------------------------------------------------------
+
+
+def test_throttling_on_a_third_of_calls_still_converges_without_duplicates(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    for i in range(3):
+        lab.node(i)
+    leader = lab.leader()
+    lab.proxy.add(Throttle(probability=0.3))
+    want = expected(lab, [0, 1, 2])
+
+    def converged() -> bool:
+        leader.passes(resync=True)
+        return lab.all_routes() == {t: want for t in lab.vpc.route_table_ids}
+
+    wait_for(converged, 60, "routes despite throttling")
+    lab.proxy.clear()
+    states = {s["state"] for s in leader.status().values()}
+    leader.passes()
+    assert {s["state"] for s in leader.status().values()} == {"programmed"}, states
+    assert lab.proxy.counts()["DeleteRoute"] == 0
+
+
+def test_a_full_table_blocks_cleanly_and_recovers_when_the_quota_is_raised(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    limit = lab.proxy.add(RouteLimit(limit=2))
+    for i in range(3):
+        lab.node(i)
+    leader = lab.leader()
+    leader.passes()
+    statuses = leader.status()
+    states = sorted(s["state"] for s in statuses.values())
+    assert states == ["programmed"] * 4 + ["quota-blocked"] * 2
+    blocked = [s for s in statuses.values() if s["state"] == "quota-blocked"]
+    assert all("RouteLimitExceeded" in s["reason"] or "full" in s["reason"] for s in blocked)
+    # Blocked is quiet: further lease events make no doomed creates.
+    refused = limit.fired
+    leader.passes(resync=False)
+    assert limit.fired == refused
+
+    limit.limit = 50  # the quota is raised
+    want = expected(lab, [0, 1, 2])
+
+    def recovered() -> bool:
+        leader.passes(resync=True)
+        return lab.all_routes() == {t: want for t in lab.vpc.route_table_ids}
+
+    wait_for(recovered, 30, "the blocked routes after the quota was raised")
+
+
+def test_a_missing_permission_fails_that_route_alone(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+
+    class DeniedFor(CannedError):
+        """UnauthorizedOperation for creates of one destination (a policy with a condition)."""
+
+        def applies_to(self, call: Call) -> bool:
+            return super().applies_to(call) and (
+                call.params().get("DestinationCidrBlock") == "10.5.2.0/24"
+            )
+
+    lab.proxy.add(
+        DeniedFor(
+            actions={"CreateRoute"},
+            code="UnauthorizedOperation",
+            message="You are not authorized. Encoded authorization failure message: abc123",
+            status=403,
+        )
+    )
+    for i in range(3):
+        lab.node(i)
+    leader = lab.leader()
+    leader.passes()
+    table_id = lab.vpc.main_route_table_id
+    status = leader.status()
+    failed = status[f"{table_id} 10.5.2.0/24"]
+    assert failed["state"] == RouteState.FAILED.value
+    assert "ec2:CreateRoute" in failed["reason"]
+    assert "providers/policies/aws-vpc-controller.json" in failed["reason"]
+    assert "abc123" not in failed["reason"]
+    assert status[f"{table_id} 10.5.1.0/24"]["state"] == "programmed"
+    assert status[f"{table_id} 10.5.3.0/24"]["state"] == "programmed"
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+
+def test_unreachable_metadata_service_is_one_clear_error(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", closed)
+    ip = IPv4Address(lab.vpc.instances[0].private_ip)
+    client = lab.etcd_client()
+    try:
+        backend = AwsVpcBackend(
+            BackendContext(
+                lab.config(),
+                ExternalInterface("eth0", 2, 9001, ip, ip),
+                Coordination(client, PREFIX, "node-0"),
+            )
+        )
+        with pytest.raises(ConfigError) as err:
+            backend.prepare()
+    finally:
+        client.close()
+    text = str(err.value)
+    assert text.startswith(f"cannot reach the EC2 instance metadata service at {closed}")
+    assert "AWS_EC2_METADATA_SERVICE_ENDPOINT" in text and "\n" not in text
+
+
+def test_the_route_table_is_found_when_none_is_configured(lab: Lab) -> None:
+    del lab.backend_options["RouteTableID"]
+    node = lab.node(0)
+    # The node's subnet has no table of its own: the VPC's main table.
+    assert [r.table.name for r in node.reconcilers] == [
+        lab.vpc.main_route_table_id,
+        f"{lab.vpc.main_route_table_id}/gc",
+    ]
+    extra = lab.vpc.extra_route_table_ids[0]
+    lab.admin.associate_route_table(RouteTableId=extra, SubnetId=lab.vpc.subnet_id)
+    assert lab.node(1).backend.route_table_ids() == (extra,)
+
+
+def test_credentials_come_from_the_instance_role_and_stay_out_of_repr(lab: Lab) -> None:
+    node = lab.node(0)
+    stub = lab.stubs[0]
+    role = f"latest/meta-data/iam/security-credentials/{stub.credentials.role}"
+    assert stub.hits[role] >= 1
+    for text in (repr(node.backend), *(repr(r.table) for r in node.reconcilers)):
+        assert stub.credentials.secret_access_key not in text
+        assert stub.credentials.token not in text
