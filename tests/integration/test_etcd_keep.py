@@ -4,12 +4,16 @@ given up only when an operator deletes it or another node holds its subnet."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 
@@ -309,4 +313,45 @@ def test_a_failed_renewal_is_retried_within_a_tenth_of_the_ttl(
     held = stored(etcd, SUBNETS + lease.key)
     assert held is not None and held["lease"] != lease.store_lease_id
     assert logged(caplog, "created it again") == 0  # never lost
+    assert keeper.error is None and not keeper.done()
+
+
+def restore(cluster: EtcdCluster, snapshot: Path) -> None:
+    """Put etcd back to ``snapshot``, as an operator restoring a backup does."""
+    cluster.stop()
+    member = cluster.members[0]
+    shutil.rmtree(member.data_dir)
+    subprocess.run(
+        ["etcdctl", "snapshot", "restore", str(snapshot), "--data-dir", str(member.data_dir),
+         "--name", member.name, "--initial-cluster", f"{member.name}={member.peer_url}",
+         "--initial-advertise-peer-urls", member.peer_url],
+        env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, check=True,
+    )  # fmt: skip
+    cluster.start()
+
+
+def test_an_older_lease_restored_from_a_backup_is_written_back(
+    etcd: EtcdCluster,
+    make_source: Callable[..., EtcdLeaseSource],
+    background: Callable[..., Background],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    source, _ = joined(make_source, etcd.endpoint, lease_ttl=600)
+    backup = tmp_path / "backup.db"
+    etcdctl(etcd, "snapshot", "save", str(backup))
+    # Since the backup the node restarted with a new VtepMAC, and wrote more.
+    lease = source.acquire(configured(source), node(1, "0a:00:00:00:00:0b"))
+    for n in range(20):
+        etcdctl(etcd, "put", f"{PREFIX}/unrelated", str(n))
+    keeper = keeping(caplog, background, source, lease)
+    restore(etcd, backup)
+    ours = encode_attrs(node(1, "0a:00:00:00:00:0b")).decode()
+    wait_for(
+        lambda: (held := stored(etcd, SUBNETS + lease.key)) and held["value"] == ours,
+        20,
+        "this node's value back",
+    )
+    assert logged(caplog, "etcd's revision went back") == 1
+    assert logged(caplog, "held other attributes; wrote this node's lease back") == 1
     assert keeper.error is None and not keeper.done()
