@@ -26,7 +26,8 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import parse_qs, urlsplit
+from typing import ClassVar, TypeVar
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
 
@@ -193,6 +194,8 @@ class Fault:
     probability: float = 1.0
     times: int | None = None
     fired: int = field(default=0, init=False)
+    # A fault that only sometimes acts once applied (RouteLimit) counts ``fired`` itself.
+    counts_own_firing: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.actions, str):
@@ -269,6 +272,17 @@ def _tag(name: str) -> str:
     return "{*}" + name
 
 
+def _xml(reply: Reply) -> ET.Element | None:
+    """The document of a successful EC2 answer; None for errors and anything unparsable
+    (then the fault leaves the call alone rather than break it)."""
+    if reply.status != 200:
+        return None
+    try:
+        return ET.fromstring(reply.body)
+    except ET.ParseError:
+        return None
+
+
 def _routes(root: ET.Element) -> list[ET.Element]:
     return root.findall(f".//{_tag('routeSet')}/{_tag('item')}")
 
@@ -286,6 +300,7 @@ class RouteLimit(Fault):
 
     limit: int = 50
     actions: Collection[str] | None = frozenset({"CreateRoute"})
+    counts_own_firing: ClassVar[bool] = True
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
@@ -295,18 +310,14 @@ class RouteLimit(Fault):
         key = "destinationIpv6CidrBlock" if v6 else "destinationCidrBlock"
         wanted = params.get("DestinationIpv6CidrBlock" if v6 else "DestinationCidrBlock")
         with self._lock:
-            listing = proxy.upstream(
-                Call(
-                    "POST",
-                    "/",
-                    _signature_headers(call),
-                    f"Action=DescribeRouteTables&Version=2016-11-15&RouteTableId.1={table}".encode(),
-                )
-            )
-            if listing.status == 200:
+            query = {"Action": "DescribeRouteTables", "Version": "2016-11-15"}
+            body = urlencode({**query, "RouteTableId.1": table}).encode()
+            listing = proxy.upstream(Call("POST", "/", _signature_headers(call), body))
+            root = _xml(listing)
+            if root is not None:
                 destinations = [
                     r.findtext(_tag(key))
-                    for r in _routes(ET.fromstring(listing.body))
+                    for r in _routes(root)
                     if r.findtext(_tag("origin")) != "CreateRouteTable"
                     and r.find(_tag(key)) is not None
                 ]
@@ -341,9 +352,9 @@ class Blackhole(Fault):
 
     def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
         reply = proceed()
-        if reply.status != 200:
+        root = _xml(reply)
+        if root is None:
             return reply
-        root = ET.fromstring(reply.body)
         for route in _routes(root):
             target = route.findtext(_tag("instanceId")) or route.findtext(
                 _tag("networkInterfaceId")
@@ -359,6 +370,8 @@ class Blackhole(Fault):
 
 
 # -- the proxy ------------------------------------------------------------------------------
+
+F = TypeVar("F", bound=Fault)
 
 
 class FaultProxy(HttpService):
@@ -391,7 +404,7 @@ class FaultProxy(HttpService):
 
     # -- faults and counts (any thread) ---------------------------------------------------
 
-    def add(self, fault: Fault) -> Fault:
+    def add(self, fault: F) -> F:
         """Add a rule; rules apply in the order added. Returns it, to remove or inspect."""
         with self._lock:
             self._faults.append(fault)
@@ -438,7 +451,7 @@ class FaultProxy(HttpService):
         # Draw only for chancy faults, so adding a certain one does not shift the sequence.
         if fault.probability < 1.0 and self._random.random() >= fault.probability:
             return False
-        if not isinstance(fault, RouteLimit):  # it counts refusals, not checks
+        if not fault.counts_own_firing:
             fault.fired += 1
         return True
 
@@ -472,17 +485,28 @@ class FaultProxy(HttpService):
 def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(LabHandler):
         def _relay(self) -> None:
-            if self.headers.get("Transfer-Encoding"):
-                self._send(Reply(501, (), b"fault proxy: chunked request bodies are not supported"))
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if self.headers.get("Transfer-Encoding") or length < 0:
+                # The body's end is unknown: answer and close rather than misread the stream.
+                self.close_connection = True
+                self._send(proxy.dialect.error("BadRequest", "fault proxy: no usable length", 400))
                 return
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            call = Call(self.command, self.path, tuple(self.headers.items()), body)
+            call = Call(
+                self.command, self.path, tuple(self.headers.items()), self.rfile.read(length)
+            )
             call = replace(call, action=proxy.dialect.action(call))
             try:
                 reply = proxy.handle(call)
             except DropConnection:
                 self._reset()
                 return
+            except Exception as exc:
+                # A broken fault must show in the test as an error, not as a hung connection.
+                text = f"fault proxy: {type(exc).__name__}: {exc}"
+                reply = proxy.dialect.error("FaultProxyError", text, 500)
             self._send(reply)
 
         def _send(self, reply: Reply) -> None:

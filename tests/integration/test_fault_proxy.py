@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
@@ -14,10 +15,14 @@ from cloudroutes.lab.aws import ImdsStub, LabVpc, MotoServer, ec2_client, make_v
 from cloudroutes.lab.fault_proxy import (
     HTTP,
     Blackhole,
+    Call,
     CannedError,
     Delay,
     DropAfterForward,
+    Fault,
     FaultProxy,
+    Proceed,
+    Reply,
     RouteLimit,
     ServerError,
     Throttle,
@@ -311,6 +316,19 @@ def test_cleared_faults_stop_firing(proxy: FaultProxy, ec2) -> None:
         ec2.describe_vpcs()
     proxy.clear()
     ec2.describe_vpcs()
+
+
+def test_a_broken_fault_is_an_error_the_client_sees(proxy: FaultProxy, ec2) -> None:
+    @dataclass(eq=False, kw_only=True)
+    class Broken(Fault):
+        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+            raise KeyError("oops")
+
+    proxy.add(Broken(actions={"DescribeVpcs"}))
+    with pytest.raises(ClientError) as err:
+        ec2.describe_vpcs()
+    assert _code(err) == ("FaultProxyError", 500)
+    assert "KeyError" in str(err.value)
 
 
 def test_unreachable_upstream_is_a_502(moto: MotoServer) -> None:
