@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudroutes.backend import BackendContext, RouteTableBinding, backend_factory
+from cloudroutes.backend import BackendContext, Coordination, ExternalInterface, backend_factory
 from cloudroutes.config import NetworkConfig, parse_config
 from cloudroutes.errors import (
     CloudroutesError,
@@ -38,8 +38,9 @@ from cloudroutes.lease_table import LeaseTable
 from cloudroutes.masq import MasqSpec, Rules, masquerade_rules
 from cloudroutes.metrics import Metrics
 from cloudroutes.node_lock import ROUTE_PROTOCOL, NodeLock, take_node_lock
-from cloudroutes.reconciler import Reconciler
+from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet import LeaseSource
+from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from cloudroutes.subnet_env import SubnetEnv, read_previous, write_subnet_env
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Agent:
         self.metrics = Metrics()
         self.leases = LeaseTable()
         self.stop = threading.Event()
-        self.reconcilers: list[Reconciler] = []
+        self.routing: Routing | None = None
         self.health: HealthServer | None = None
         self.lease: Lease | None = None
         self.config: NetworkConfig | None = None
@@ -77,6 +78,7 @@ class Agent:
         self._failure: BaseException | None = None
         self._revoked = threading.Event()
         self._node_lock: NodeLock | None = None
+        self._coordination_client: EtcdClient | None = None
         self._waiting_for: str | None = "start-up"
         self._config_news = _ConfigNews(where=_config_where(source))
 
@@ -95,6 +97,8 @@ class Agent:
             if self.health:
                 self.health.stop()
             self.source.close()
+            if self._coordination_client is not None:
+                self._coordination_client.close()
             self._node_lock.release()
 
     def _run(self) -> int:
@@ -117,7 +121,13 @@ class Agent:
             need_ipv6=config.enable_ipv6,
         )
         log.info("using interface %s (%s), public IP %s", iface.name, iface.ip, iface.public_ip)
-        backend = backend_factory(config.backend_type)(BackendContext(config, iface))
+        context = BackendContext(
+            config,
+            iface,
+            coordination=self._coordination(iface),
+            blackhole_own_subnet=self.options.ip_blackhole_route,
+        )
+        backend = backend_factory(config.backend_type)(context)
         # Without a lease this programs nothing, but fails now if iptables or nft is missing.
         self._masquerade(config, _masq_spec(config, None), masq=self.options.ip_masq)
         previous = read_previous(self.options.subnet_file)
@@ -137,8 +147,9 @@ class Agent:
         while not self.leases.wait_synced(0.5):
             if self.stop.is_set():
                 return self._finish()
-        for binding in backend.bind(lease):
-            self._start_reconciler(binding)
+        vetting = node_vetting(config, backend, lease, iface, self._store_endpoints())
+        self.routing = Routing(backend, backend.bind(lease), self.leases, vetting, self.metrics)
+        self.routing.start(self._spawn, self.stop)
         write_subnet_env(
             self.options.subnet_file,
             SubnetEnv(
@@ -172,6 +183,15 @@ class Agent:
             log.info("acquired lease %s (public IP %s)", lease.key, lease.public_ip)
             return lease
         return None
+
+    def _coordination(self, iface: ExternalInterface) -> Coordination | None:
+        """Ledgers and elections for cloud backends, in the etcd that holds the leases."""
+        settings = getattr(self.source, "settings", None)
+        if not isinstance(settings, EtcdSettings):
+            return None  # a lease source without etcd: backends that need it say so
+        self._coordination_client = EtcdClient(settings)
+        member = str(iface.public_ip or iface.public_ipv6)
+        return Coordination(self._coordination_client, settings.prefix, member)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -227,16 +247,6 @@ class Agent:
         rules = self._masquerade(config, spec, masq=self.options.ip_masq)
         rules.apply()
         self._spawn("masquerade", rules.keep, self.stop, float(self.options.iptables_resync))
-
-    def _start_reconciler(self, binding: RouteTableBinding) -> None:
-        reconciler = Reconciler(binding.table, self.leases, binding.desired, metrics=self.metrics)
-        self.reconcilers.append(reconciler)
-        self._spawn(f"reconcile-{binding.table.name}", reconciler.run, self.stop)
-        watch_drift = getattr(binding.table, "watch_drift", None)
-        if watch_drift is not None:
-            self._spawn(
-                f"drift-{binding.table.name}", watch_drift, reconciler.invalidate, self.stop
-            )
 
     # --- running --------------------------------------------------------------------------
 
@@ -307,8 +317,8 @@ class Agent:
 
     def shutdown(self) -> None:
         self.stop.set()
-        for reconciler in self.reconcilers:
-            reconciler.wake()
+        if self.routing is not None:
+            self.routing.wake()
 
     def _finish(self) -> int:
         for thread in self._threads:
@@ -328,21 +338,20 @@ class Agent:
         problem = getattr(self.source, "store_problem", None)
         return problem if isinstance(problem, str) else None
 
+    def _store_endpoints(self) -> tuple[str, ...]:
+        settings = getattr(self.source, "settings", None)
+        return tuple(getattr(settings, "endpoints", ()))
+
     def status(self) -> dict[str, Any]:
-        routes = {}
-        for reconciler in self.reconcilers:
-            for destination, st in reconciler.status().items():
-                routes[f"{reconciler.table.name} {destination}"] = {
-                    "route": str(st.entry),
-                    "state": st.state.value,
-                    "reason": st.reason,
-                    "lease": st.entry.lease_key,
-                }
+        routing = (
+            self.routing.status()
+            if self.routing is not None
+            else {"routes": {}, "refused_leases": {}, "passes": {}}
+        )
         return {
             "lease": self.lease.key if self.lease else None,
             "leases": len(self.leases),
-            "routes": routes,
-            "passes": {r.table.name: r.passes for r in self.reconcilers},
+            **routing,
             "etcd": self._store_problem() or "ok",
             "waiting_for": self._waiting_for,
             "config": self._config_news.note,
