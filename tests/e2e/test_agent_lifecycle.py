@@ -252,6 +252,13 @@ def test_interface_chosen_without_iface_and_masquerade_not_fully_random(
     assert "--random-fully" not in rules
 
 
+def test_ip_blackhole_route_reaches_the_backend(lab1: LabCluster) -> None:
+    node = lab1.nodes[0]
+    lab1.start("--ip-blackhole-route")
+    wait_for(lambda: node.ns.ip("route", "show", "type", "blackhole", node.subnet).strip(),
+             what="a blackhole route for the node's own subnet")  # fmt: skip
+
+
 # --- losing etcd's data -----------------------------------------------------------------------
 
 
