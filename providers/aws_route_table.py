@@ -356,7 +356,7 @@ class AwsRouteTable:
     def observe(self) -> Observation:
         self._resolver.resolve_wanted()
         routes = self._describe()
-        entries = self._ledger.entries()
+        entries = self._ledger_entries()
         now = time.time()
         owned: dict[Destination, Observed] = {}
         foreign: dict[Destination, Foreign] = {}
@@ -387,6 +387,14 @@ class AwsRouteTable:
         if self._collect:
             self._forget_stale(entries, present, now)
         return Observation(owned=owned, foreign=foreign, capacity=self._capacity(routes))
+
+    def _ledger_entries(self) -> dict[Destination, LedgerEntry]:
+        try:
+            return self._ledger.entries()
+        except Exception as exc:  # etcd unreachable or refusing: read again later
+            raise Transient(
+                f"cannot read the route ledger of {self.table_id} in etcd: {exc}"
+            ) from None
 
     def _describe(self) -> list[AwsRoute]:
         try:
@@ -456,10 +464,11 @@ class AwsRouteTable:
             and now - e.written >= LEDGER_GRACE
             and (self._scope is None or d in self._scope)
         ]
-        if not stale:
+        fence = self._current_fence()
+        if not stale or (self._fence is not None and fence is None):
             return
         try:
-            self._ledger.forget(stale, self._current_fence())
+            self._ledger.forget(stale, fence)
         except (Deposed, RouteError) as exc:
             log.info("%s: stale ledger entries kept for now: %s", self.name, exc)
             return
@@ -482,7 +491,11 @@ class AwsRouteTable:
                 outcomes.append(Outcome(change, Transient("not the leader now; not writing")))
                 break
             if change.action is Action.DELETE and fresh is None:
-                fresh = self._ledger.entries()  # one read, for every delete of this plan
+                try:
+                    fresh = self._ledger_entries()  # one read, for every delete of this plan
+                except Transient as exc:
+                    outcomes.append(Outcome(change, exc))
+                    break
             try:
                 outcomes.append(self._one(change, fence, fresh))
             except Deposed as exc:

@@ -172,30 +172,45 @@ class Imds:
     def __init__(self, base: str | None = None, timeout: float = IMDS_TIMEOUT) -> None:
         self.base = base or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_DEFAULT
         self.base = self.base.rstrip("/")
+        if not self.base.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"AWS_EC2_METADATA_SERVICE_ENDPOINT {_shown(self.base)} is not an http:// URL; "
+                f"unset it on EC2 (the default is {IMDS_DEFAULT})"
+            )
         self._timeout = timeout
         self._token: str | None = None
+        # Metadata is link-local: never through an HTTP proxy from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
         return f"Imds({self.base!r})"  # never the token
 
     def get(self, path: str) -> str:
         if self._token is None:
-            self._token = self._request(
-                "PUT",
-                "latest/api/token",
-                {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)},
-            )
+            self._token = self._new_token()
         try:
             return self._request("GET", path, {"X-aws-ec2-metadata-token": self._token})
         except _Unauthorized:
-            self._token = None  # expired: one new token, once
-            return self.get(path)
+            pass
+        # The token expired: one new token, one more try.
+        self._token = self._new_token()
+        try:
+            return self._request("GET", path, {"X-aws-ec2-metadata-token": self._token})
+        except _Unauthorized:
+            raise ConfigError(
+                f"the EC2 instance metadata service at {self.base} refused a fresh IMDSv2 "
+                f"token for /{path}; check the instance's metadata options"
+            ) from None
+
+    def _new_token(self) -> str:
+        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)}
+        return self._request("PUT", "latest/api/token", ttl)
 
     def _request(self, method: str, path: str, headers: dict[str, str]) -> str:
         url = f"{self.base}/{path}"
         request = urllib.request.Request(url, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+            with self._opener.open(request, timeout=self._timeout) as answer:
                 return answer.read(65536).decode("utf-8", "replace").strip()
         except urllib.error.HTTPError as exc:
             if exc.code == 401 and method == "GET":
@@ -398,8 +413,9 @@ class AwsVpcBackend:
                 NetworkInterfaceId=identity.eni_id, SourceDestCheck={"Value": False}
             )
         except Exception as exc:
+            # Only the agent's own role needs this, in either mode: the node policy has it.
             error = ec2_error(
-                exc, "ModifyNetworkInterfaceAttribute", identity.eni_id, self.options.policy
+                exc, "ModifyNetworkInterfaceAttribute", identity.eni_id, POLICY_FILES["node"]
             )
             log.warning(
                 "could not turn off the source/destination check of %s (%s); pod traffic to "

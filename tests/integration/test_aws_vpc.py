@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
@@ -22,7 +23,16 @@ from cloudroutes.config import parse_config
 from cloudroutes.errors import CloudroutesError, ConfigError
 from cloudroutes.lab.aws import EC2Client, ImdsStub, LabInstance, LabVpc, make_vpc
 from cloudroutes.lab.etcd import EtcdCluster, free_port
-from cloudroutes.lab.fault_proxy import Call, CannedError, FaultProxy, Proceed, RouteLimit, Throttle
+from cloudroutes.lab.fault_proxy import (
+    Call,
+    CannedError,
+    Fault,
+    FaultProxy,
+    Proceed,
+    Reply,
+    RouteLimit,
+    Throttle,
+)
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
 from cloudroutes.ledger import Ledger
@@ -30,7 +40,7 @@ from cloudroutes.reconciler import Reconciler, RouteState
 from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import aws_route_table
-from providers.aws_vpc import AwsVpcBackend
+from providers.aws_vpc import AwsVpcBackend, Imds
 from tests.integration.test_aws_route_table import REGION, admin, clean_aws_env, moto, proxy
 from tests.wait import wait_for
 
@@ -401,16 +411,17 @@ def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> Non
     leader = lab.leader()
     created = threading.Semaphore(0)
 
-    class Slow(CannedError):
-        """Lets CreateRoute through, slowly: the leader is killed after the first one."""
+    class Slow(Fault):
+        """A slow EC2: each CreateRoute is applied, then answered 0.3 s later, so the test can
+        kill the leader between two of them."""
 
-        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Any:
+        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
             reply = proceed()
             created.release()
-            threading.Event().wait(0.3)
+            time.sleep(0.3)
             return reply
 
-    slow = lab.proxy.add(Slow(actions={"CreateRoute"}, code="", message=""))
+    slow = lab.proxy.add(Slow(actions={"CreateRoute"}))
     lab.proxy.reset_counts()
     worker = threading.Thread(target=leader.passes, daemon=True)
     worker.start()
@@ -607,3 +618,15 @@ def test_credentials_come_from_the_instance_role_and_stay_out_of_repr(lab: Lab) 
     for text in (repr(node.backend), *(repr(r.table) for r in node.reconcilers)):
         assert stub.credentials.secret_access_key not in text
         assert stub.credentials.token not in text
+
+
+def test_imds_takes_a_new_token_when_the_old_one_expired(lab: Lab) -> None:
+    stub = lab.stubs[0]
+    imds = Imds(stub.url)
+    assert imds.get("latest/meta-data/instance-id") == lab.vpc.instances[0].instance_id
+    stub.expire_tokens()
+    assert imds.get("latest/meta-data/placement/region") == REGION
+    token = imds._token
+    assert token and token not in repr(imds)
+    with pytest.raises(ConfigError, match="not an http:// URL"):
+        Imds("file:///etc/passwd")
