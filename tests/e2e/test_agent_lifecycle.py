@@ -162,6 +162,11 @@ def test_a_waiting_agent_is_alive_and_says_what_it_waits_for(lab1: LabCluster) -
     assert node.http_get(HEALTH, "/readyz") == (503, f"not ready: waiting for {waiting}\n")
     status = node.status(HEALTH)
     assert (status["waiting_for"], status["etcd"], status["lease"]) == (waiting, "ok", None)
+    assert node.agent is not None
+    node.agent.send_signal(signal.SIGHUP)
+    wait_for(lambda: log_lines_with(node, f"SIGHUP: waiting for {waiting}; nothing to re-read"),
+             what="the SIGHUP line of a waiting agent")  # fmt: skip
+    assert node.agent_running
 
     lab1.set_config()
     lab1.wait_ready(node)
