@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import secrets
 import socket
 import socketserver
@@ -32,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from cloudroutes.lab.fault_proxy import FaultProxy
 from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
 
 # boto3 clients are built at run time; there is no static type to name without extra stubs.
@@ -489,3 +491,84 @@ def _imds_handler(stub: ImdsStub) -> type[BaseHTTPRequestHandler]:
         do_POST = do_DELETE = do_PATCH = _refuse
 
     return Handler
+
+
+class AwsLab:
+    """A whole fake AWS for a cluster of agents: what the demo and the benchmarks start.
+
+    moto listens on loopback, for the lab's own set-up calls (``admin``). The agents reach
+    EC2 through a counting ``FaultProxy`` and each has its own ``ImdsStub``; those listen on
+    ``host`` inside ``netns`` when given (the demo's "cloud" namespace on its switch), else on
+    loopback. The proxy forwards to the loopback moto from this process, so nodes never reach
+    moto except through it, and every call they make is counted.
+    """
+
+    def __init__(
+        self,
+        node_ips: Sequence[str],
+        *,
+        region: str = DEFAULT_REGION,
+        tables: int = 2,
+        host: str = LOOPBACK,
+        netns: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.node_ips = list(node_ips)
+        self.region = region
+        self.tables = tables
+        self.host = host
+        self.netns = netns
+        self.seed = seed
+        self.moto = MotoServer()
+        self.proxy: FaultProxy | None = None
+        self.stubs: list[ImdsStub] = []
+        self.vpc: LabVpc | None = None
+
+    def start(self) -> AwsLab:
+        try:
+            self.moto.start()
+            self.vpc = make_vpc(
+                self.admin(),
+                nodes=len(self.node_ips),
+                tables=self.tables,
+                private_ips=self.node_ips,
+            )
+            self.proxy = FaultProxy(self.moto.url, seed=self.seed, host=self.host, netns=self.netns)
+            self.proxy.start()
+            for instance in self.vpc.instances:
+                self.stubs.append(ImdsStub(instance, host=self.host, netns=self.netns).start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def admin(self) -> EC2Client:
+        """A client straight to moto (not counted, no faults): for set-up and for checks."""
+        return self.moto.client(self.region)
+
+    def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
+        """The environment for node i's agent: ``base`` without any AWS_* variable (nothing
+        from the host may reach the SDK), plus the IMDS and EC2 endpoints of this lab.
+        Credentials and region then come from IMDS, as on an instance."""
+        assert self.proxy is not None, "AwsLab.start() first"
+        env = {k: v for k, v in base.items() if not k.startswith("AWS_")}
+        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = self.stubs[i].url
+        env["AWS_ENDPOINT_URL_EC2"] = self.proxy.url
+        # Nor may the host's ~/.aws files.
+        env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+        return env
+
+    def stop(self) -> None:
+        for stub in self.stubs:
+            stub.stop()
+        self.stubs.clear()
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+        self.moto.stop()
+
+    def __enter__(self) -> AwsLab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

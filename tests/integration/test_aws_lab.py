@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ import pytest
 from cloudroutes.lab.aws import (
     TOKEN_HEADER,
     TTL_HEADER,
+    AwsLab,
     ImdsStub,
     LabVpc,
     MotoServer,
@@ -271,44 +273,69 @@ def test_boto3_with_no_keys_gets_role_credentials_from_imds_and_calls_moto(
     assert stub.hits["latest/meta-data/iam/security-credentials/cloudroutes-node"] >= 1
 
 
-# What a node in the demo runs: boto3 with no keys, IMDS and EC2 endpoints from the environment.
+# What a node's agent does: boto3 with no keys, the region from IMDS, endpoints from the
+# environment.
 _NODE_CLIENT = """
-import json, boto3
-session = boto3.Session()
+import json, os, sys, boto3
+from botocore.utils import InstanceMetadataRegionFetcher
+imds = {"ec2_metadata_service_endpoint": os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]}
+session = boto3.Session(region_name=InstanceMetadataRegionFetcher(config=imds).retrieve_region())
 ec2 = session.client("ec2")
-found = ec2.describe_instances(Filters=[{"Name": "private-ip-address", "Values": ["198.18.0.1"]}])
+found = ec2.describe_instances(Filters=[{"Name": "private-ip-address", "Values": [sys.argv[1]]}])
 instance = found["Reservations"][0]["Instances"][0]
 print(json.dumps({"id": instance["InstanceId"], "creds": session.get_credentials().method,
                   "region": session.region_name}))
 """
 
 
+def _node_sees(run: Callable[..., subprocess.CompletedProcess[str]], ip: str) -> dict[str, str]:
+    result = run(sys.executable, "-c", _NODE_CLIENT, ip)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_aws_lab_gives_each_node_its_identity_and_counts_its_calls() -> None:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAFROMTHEHOST", "AWS_REGION": "us-west-2"}
+    with AwsLab(["198.18.0.1", "198.18.0.2"], region="eu-west-1") as lab:
+        assert lab.vpc is not None and lab.proxy is not None
+
+        def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(cmd, env=lab.node_env(1, env), capture_output=True, text=True)
+
+        seen = _node_sees(run, "198.18.0.2")
+        assert seen == {
+            "id": lab.vpc.instances[1].instance_id,
+            "creds": "iam-role",
+            "region": "eu-west-1",
+        }
+        assert lab.proxy.counts().by_action == {"DescribeInstances": 1}
+        assert lab.stubs[1].hits["latest/meta-data/iam/security-credentials/cloudroutes-node"] >= 1
+        assert not lab.stubs[0].hits
+
+
 @needs_root
 @pytest.mark.root
-def test_a_node_namespace_reaches_imds_and_moto_served_in_another_namespace(
-    clean_aws_env: None,
-    monkeypatch: pytest.MonkeyPatch,
-    netns: Callable[[str], Netns],
-    underlay: Underlay,
-    ec2,
+def test_a_node_namespace_reaches_the_aws_lab_in_a_cloud_namespace(
+    netns: Callable[[str], Netns], underlay: Underlay
 ) -> None:
     cloud, node = netns("craws"), netns("crnode")
     underlay.plug(cloud, "eth0", "198.18.0.253/24")
     underlay.plug(node, "eth0", "198.18.0.1/24")
-    lab = make_vpc(ec2, nodes=1, tables=1, private_ips=["198.18.0.1"])
 
-    with (
-        MotoServer(host="198.18.0.253", netns=cloud.name) as endpoint,
-        ImdsStub(lab.instances[0], host="198.18.0.253", netns=cloud.name) as imds,
-    ):
-        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", endpoint.url)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-        seen = json.loads(node.run(sys.executable, "-c", _NODE_CLIENT).stdout)
+    with AwsLab(["198.18.0.1"], host="198.18.0.253", netns=cloud.name) as lab:
+        assert lab.vpc is not None and lab.proxy is not None
+        assert lab.proxy.url.startswith("http://198.18.0.253:")
 
-    # moto's state is per process: the namespace's endpoint serves what make_vpc built.
-    assert seen == {"id": lab.instances[0].instance_id, "creds": "iam-role", "region": "eu-west-1"}
-    assert imds.hits["latest/meta-data/iam/security-credentials/cloudroutes-node"] >= 1
+        def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+            env = lab.node_env(0, dict(os.environ))
+            return subprocess.run(
+                ["ip", "netns", "exec", node.name, *cmd], env=env, capture_output=True, text=True
+            )
+
+        seen = _node_sees(run, "198.18.0.1")
+        assert seen["id"] == lab.vpc.instances[0].instance_id
+        assert seen["creds"] == "iam-role"
+        assert lab.proxy.counts()["DescribeInstances"] == 1
 
 
 @pytest.mark.filterwarnings("ignore:A test tried to use socket:UserWarning")
