@@ -293,12 +293,14 @@ def test_etcd_wiped_while_agents_run_gets_every_lease_back() -> None:
 
 
 def test_a_lease_taken_by_another_node_meanwhile_exits_1_for_a_restart() -> None:
-    lab = LabCluster(1).build()
+    lab = LabCluster(2).build()
     try:
         lab.start()
-        node = lab.nodes[0]
+        node, peer = lab.nodes
         assert node.agent is not None
         key = f"{PREFIX}/subnets/{node.subnet.replace('/', '-')}"
+        route_to_peer = route_to(node, peer.subnet)
+        assert route_to_peer
         # Cut the node off etcd, so that its subnet is taken before it can ask for it back.
         cut = ["OUTPUT", "-d", "198.18.0.254", "-p", "tcp", "-j", "REJECT",
                "--reject-with", "tcp-reset"]  # fmt: skip
@@ -313,7 +315,7 @@ def test_a_lease_taken_by_another_node_meanwhile_exits_1_for_a_restart() -> None
         assert last.startswith(f"cloudroutes: error: cannot keep lease {key.rsplit('/', 1)[1]}: ")
         assert last.endswith("; exiting to start over")
         assert lab.etcd.etcdctl("get", "--print-value-only", key).strip() == thief
-        assert route_to(node, node.subnet) != ""  # its own routes stay for the next agent
+        assert route_to(node, peer.subnet) == route_to_peer  # left for the next agent to adopt
     finally:
         lab.close()
 
