@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import struct
 import threading
@@ -86,19 +87,22 @@ def take_node_lock(protocol: int, description: str) -> NodeLock:
 
 def describe_holder(protocol: int, timeout: float = 1.0) -> str:
     """``pid 1234, etcd prefix /x`` for the lock's holder, as much as can be learnt."""
-    pid = 0
+    pid = uid = 0
     said = ""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(lock_name(protocol))
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            pid = _PEERCRED.unpack(creds)[0]
+            pid, uid, _ = _PEERCRED.unpack(creds)
             said = _printable(sock.recv(_DESCRIPTION_MAX + 1))
         except OSError:
             pass  # a holder that is exiting or hung: say what is known
     # 0: the holder is in a pid namespace this process cannot see into.
     who = f"pid {pid}" if pid else "pid unknown"
+    if pid and uid != os.getuid():
+        # Any local user can bind an abstract name: show who, in case it is not an agent.
+        who += f", user id {uid}"
     return f"{who}, {said}" if said else who
 
 

@@ -95,3 +95,24 @@ def test_release_frees_the_lock_in_process(netns: Callable[[str], Netns]) -> Non
         "print('again')\n"
     )
     assert ns.run(sys.executable, "-c", script).stdout == "again\n"
+
+
+def test_a_holder_of_another_user_is_named_with_its_user_id(
+    netns: Callable[[str], Netns], holders: Callable[[Netns, str], subprocess.Popen[bytes]]
+) -> None:
+    ns = netns("lk")
+    squatter = ns.popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         "import socket, signal\n"
+         "s = socket.socket(socket.AF_UNIX)\n"
+         "s.bind(b'\\0cloudroutes.rtproto.157'); s.listen(1)\n"
+         "print('held', flush=True); signal.pause()\n"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == b"held\n"
+        assert take(ns).stdout.startswith(
+            f"another cloudroutes agent (pid {squatter.pid}, user id 65534) already manages"
+        )
+    finally:
+        stop_process(squatter, kill=True)
