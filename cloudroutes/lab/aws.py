@@ -349,9 +349,11 @@ class ImdsStub(HttpService):
     """IMDSv2 for one instance, on its own port (one stub per node).
 
     Only IMDSv2: a GET must carry a token from ``PUT /latest/api/token``, or it gets 401, as
-    on an instance with ``HttpTokens=required``. ``hits`` counts GETs per path, so a test can
-    assert how often an agent asks; ``expire_tokens()`` makes every token issued so far
-    invalid, as a token past its TTL is.
+    on an instance with ``HttpTokens=required``. ``hits`` counts token PUTs and GETs per path,
+    so a test can assert how often an agent asks; ``expire_tokens()`` makes every token issued
+    so far invalid, as a token past its TTL is. The role's credentials expire after
+    ``credential_lifetime``; ``rotate_credentials()`` issues new ones, as IMDS does before the
+    old ones expire.
     """
 
     def __init__(
@@ -361,10 +363,12 @@ class ImdsStub(HttpService):
         account_id: str = "123456789012",
         host: str = LOOPBACK,
         netns: str | None = None,
+        credential_lifetime: timedelta = timedelta(hours=6),
     ) -> None:
         super().__init__(host, netns)
         self.instance = instance
-        self.credentials = RoleCredentials.fresh(role)
+        self.credential_lifetime = credential_lifetime
+        self.credentials = RoleCredentials.fresh(role, credential_lifetime)
         self.account_id = account_id
         self.hits: Counter[str] = Counter()
         self._tokens: dict[str, float] = {}
@@ -412,6 +416,10 @@ class ImdsStub(HttpService):
             out[f"{base}device-number"] = str(eni.device_index)
             out[f"{base}mac"] = eni.mac
         return out
+
+    def rotate_credentials(self) -> RoleCredentials:
+        self.credentials = RoleCredentials.fresh(self.credentials.role, self.credential_lifetime)
+        return self.credentials
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -462,6 +470,7 @@ def _imds_handler(stub: ImdsStub) -> type[BaseHTTPRequestHandler]:
             if not 1 <= ttl <= MAX_TOKEN_TTL:
                 self._answer(400, "Bad Request")
                 return
+            stub.count("latest/api/token")
             self._answer(200, stub.issue_token(ttl), {TTL_HEADER: str(ttl)})
 
         def do_GET(self) -> None:

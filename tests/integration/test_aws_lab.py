@@ -15,6 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,24 @@ def test_stub_is_imdsv2_only(stub: ImdsStub) -> None:
             _token(stub, bad_ttl)
         err.value.close()
         assert err.value.code == 400
+
+
+def test_rotated_credentials_reach_botocore(clean_aws_env: None, lab: LabVpc) -> None:
+    from botocore.utils import InstanceMetadataFetcher
+
+    with ImdsStub(lab.instances[0], credential_lifetime=timedelta(minutes=30)) as stub:
+        fetcher = InstanceMetadataFetcher(
+            timeout=2, num_attempts=1, config={"ec2_metadata_service_endpoint": stub.url}
+        )
+        first = fetcher.retrieve_iam_role_credentials()
+        expiry = datetime.strptime(first["expiry_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert timedelta(minutes=29) < expiry - datetime.now(UTC) <= timedelta(minutes=30)
+
+        new = stub.rotate_credentials()
+        second = fetcher.retrieve_iam_role_credentials()
+        assert (second["access_key"], second["token"]) == (new.access_key_id, new.token)
+        assert second["access_key"] != first["access_key"]
+        assert stub.hits["latest/api/token"] == 2
 
 
 def test_credentials_stay_out_of_repr(stub: ImdsStub) -> None:
