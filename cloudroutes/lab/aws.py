@@ -1,18 +1,20 @@
 """A local AWS for the aws-vpc provider's tests, the demo and the benchmarks.
 
-Three pieces, all bound to 127.0.0.1 so nothing leaves the machine:
-
-- ``MotoServer``: moto's EC2 in server mode on a free loopback port. The provider talks to it
-  over real HTTP with a real boto3 client, exactly as it talks to AWS.
-- ``make_vpc``: builds the scenario every test needs (a VPC in 198.18.0.0/15, subnets, the main
+- ``MotoServer``: moto's EC2 in server mode on a free port. The provider talks to it over
+  real HTTP with a real boto3 client, exactly as it talks to AWS.
+- ``make_vpc``: builds the scenario every test needs (a VPC in 198.18.0.0/16, subnets, the main
   route table and extra ones, instances with ENIs) and returns typed ids, so tests do not
   parse EC2 answers themselves.
 - ``ImdsStub``: an IMDSv2-only instance metadata service for one instance. moto's own IMDS is
   static, so an agent that learns "who am I" (instance, ENI, subnet, VPC, region, role
   credentials) from IMDS needs this to see the instance moto created.
+- ``AwsLab``: all of it for a cluster of agents, EC2 behind a counting fault proxy
+  (cloudroutes.lab.fault_proxy).
 
-moto and boto3 are imported inside the functions that need them: importing cloudroutes.lab
-must stay cheap for the host-gw demo and the tests that never touch AWS.
+Everything listens on 127.0.0.1 unless told to listen inside a network namespace the caller
+made, so nothing leaves the machine. moto and boto3 are imported inside the functions that
+need them: importing cloudroutes.lab must stay cheap for the host-gw demo and the tests that
+never touch AWS.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ EC2Client = Any
 # Any keys do for moto; real-looking ones would invite copying into a real config.
 DUMMY_KEY = "testing"
 DEFAULT_REGION = "us-east-1"
-# TEST-NET-2's big sibling (RFC 2544 benchmarking range): never routed on the internet.
+# Part of 198.18.0.0/15, the benchmarking range (RFC 2544): never routed on the internet.
 VPC_CIDR = "198.18.0.0/16"
 # An Amazon Linux AMI from moto's built-in catalogue, known in every region. RunInstances needs
 # a known AMI, and looking one up (DescribeImages) costs moto seconds per call.
