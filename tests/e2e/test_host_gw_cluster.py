@@ -153,7 +153,8 @@ def test_agent_restart_keeps_subnet_and_routes(cluster: LabCluster) -> None:
     before = {n.name: route_to(n, subnet) for n in (node1, node3)}
     own_routes = cluster.routes(node2)
     cluster.stop_agent(node2, kill=True)
-    # While it is down, nothing moves: peers keep their route to it, it keeps its own.
+    # While it is down, nothing moves: peers keep their route to it, it keeps its own. (Not
+    # waited on: its lease has a 30 s TTL here, and the point is the restart below.)
     assert {n.name: route_to(n, subnet) for n in (node1, node3)} == before
     assert cluster.routes(node2) == own_routes
     assert cluster.ping(node1, node2)
@@ -161,6 +162,7 @@ def test_agent_restart_keeps_subnet_and_routes(cluster: LabCluster) -> None:
     cluster.start_agent(node2, *node2.agent_args)
     cluster.wait_ready(node2)
     assert node2.subnet == subnet
+    wait_for_two_passes(node2)  # the new agent has read the table and adopted what it found
     assert cluster.routes(node2) == own_routes
     assert cluster.ping(node2, node3)
 
