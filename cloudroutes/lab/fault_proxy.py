@@ -8,7 +8,8 @@ blackhole. It also counts every call per action, so tests and benchmarks can ass
 ("one DescribeRouteTables per table per cycle") exactly.
 
 What differs between clouds (how to name a call, what an error looks like) is a ``Dialect``;
-``EC2`` is provided. Faults are rules added and removed at run time, from any thread; the ones
+``EC2`` and plain ``HTTP`` (IMDS, metadata servers) are provided, and a fake for another cloud
+brings its own. Faults are rules added and removed at run time, from any thread; the ones
 that fire by chance draw from a seeded ``random.Random``, so a failing run can be replayed.
 """
 

@@ -175,6 +175,33 @@ def test_route_limit_refuses_creates_into_a_full_table_until_raised(
     assert proxy.counts()["DescribeRouteTables"] == 0
 
 
+def test_route_limit_counts_ipv4_and_ipv6_routes_separately(
+    proxy: FaultProxy, ec2, direct, lab: LabVpc
+) -> None:
+    table, node = lab.extra_route_table_ids[0], lab.instances[0]
+    limit = proxy.add(RouteLimit(limit=1))
+    ec2.create_route(
+        RouteTableId=table, DestinationCidrBlock="10.5.1.0/24", InstanceId=node.instance_id
+    )
+    ec2.create_route(
+        RouteTableId=table, DestinationIpv6CidrBlock="fc00:0:0:1::/64", InstanceId=node.instance_id
+    )
+
+    with pytest.raises(ClientError) as err:
+        ec2.create_route(
+            RouteTableId=table,
+            DestinationIpv6CidrBlock="fc00:0:0:2::/64",
+            InstanceId=node.instance_id,
+        )
+    assert _code(err) == ("RouteLimitExceeded", 400)
+    with pytest.raises(ClientError) as err:
+        ec2.create_route(
+            RouteTableId=table, DestinationCidrBlock="10.5.2.0/24", InstanceId=node.instance_id
+        )
+    assert _code(err) == ("RouteLimitExceeded", 400)
+    assert limit.fired == 2
+
+
 def test_route_limit_holds_under_concurrent_creates(proxy: FaultProxy, direct, lab: LabVpc) -> None:
     table, node = lab.extra_route_table_ids[0], lab.instances[0]
     proxy.add(RouteLimit(limit=3))
