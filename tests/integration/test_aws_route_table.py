@@ -7,6 +7,7 @@ are also used by the backend's tests in test_aws_vpc.py.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
@@ -45,17 +46,25 @@ REGION = "eu-west-1"
 # -- fixtures shared with test_aws_vpc.py ---------------------------------------------------
 
 
+def upstream(moto: MotoServer) -> str:
+    """The EC2 API under test: LocalStack when LOCALSTACK_ENDPOINT names one, else moto."""
+    localstack = os.environ.get("LOCALSTACK_ENDPOINT")
+    if localstack:
+        return localstack
+    moto.reset()
+    return moto.url
+
+
 @pytest.fixture
 def proxy(moto: MotoServer, clean_aws_env: None) -> Iterator[FaultProxy]:
-    moto.reset()
-    with FaultProxy(moto.url) as server:
+    with FaultProxy(upstream(moto)) as server:
         yield server
 
 
 @pytest.fixture
-def admin(moto: MotoServer, proxy: FaultProxy) -> EC2Client:
-    """The test's own EC2 client, straight to moto (not counted, no faults)."""
-    return moto.client(region=REGION, max_attempts=1)
+def admin(proxy: FaultProxy) -> EC2Client:
+    """The test's own EC2 client, straight to the API (not counted, no faults)."""
+    return ec2_client(proxy.upstream_url, REGION, max_attempts=1)
 
 
 @pytest.fixture

@@ -400,7 +400,16 @@ def test_cluster_mode_one_leader_writes_every_route(lab: Lab) -> None:
     for table_id in lab.vpc.route_table_ids:
         ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
         assert {e.by for e in ledger.values()} == {leader.name}
-    assert len(nodes) == 3
+    # Steady state: one read per table per resync, by the leader alone, and no write.
+    lab.proxy.reset_counts()
+    lab.passes()
+    assert lab.proxy.counts().by_action == {"DescribeRouteTables": 2}
+    # One lease change: one write per table.
+    assert nodes[2].lease is not None
+    lab.drop_lease(nodes[2].lease)
+    lab.proxy.reset_counts()
+    lab.passes(resync=False)
+    assert lab.proxy.counts().by_action == {"DeleteRoute": 2}
 
 
 def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> None:
