@@ -105,12 +105,13 @@ class Lab:
         etcd: EtcdCluster,
         monkeypatch: pytest.MonkeyPatch,
         nodes: int = 3,
+        enis_per_node: int = 1,
     ) -> None:
         self.admin = admin
         self.proxy = proxy
         self.etcd = etcd
         self.monkeypatch = monkeypatch
-        self.vpc: LabVpc = make_vpc(admin, nodes=nodes, tables=2)
+        self.vpc: LabVpc = make_vpc(admin, nodes=nodes, tables=2, enis_per_node=enis_per_node)
         self.stubs = [ImdsStub(i).start() for i in self.vpc.instances]
         self.leases = LeaseTable()
         self.leases.replace_all([], revision=1)
@@ -131,11 +132,12 @@ class Lab:
     def etcd_client(self) -> EtcdClient:
         return EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,), request_timeout=3))
 
-    def node(self, i: int, *, six: bool = False) -> Node:
-        """Node i as its agent starts: IMDS discovery, source/dest check, its lease, bind."""
+    def node(self, i: int, *, six: bool = False, eni: int = 0) -> Node:
+        """Node i as its agent starts: IMDS discovery, source/dest check, its lease, bind.
+        ``eni``: which of its interfaces the agent uses (--iface)."""
         instance = self.vpc.instances[i]
         self.monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", self.stubs[i].url)
-        ip = IPv4Address(instance.private_ip)
+        ip = IPv4Address(instance.enis[eni].private_ip)
         iface = ExternalInterface("eth0", 2, 9001, ip, ip)
         client = self.etcd_client()
         ctx = BackendContext(self.config(), iface, Coordination(client, PREFIX, f"node-{i}"))
@@ -381,6 +383,24 @@ def test_an_ipv6_lease_gets_a_route_per_family(lab: Lab) -> None:
     eni = lab.vpc.instances[0].eni_id
     for table_id in lab.vpc.route_table_ids:
         assert lab.routes(table_id) == {"10.5.1.0/24": eni, "fc00:0:0:1::/64": eni}
+
+
+def test_a_multi_interface_node_routes_to_the_interface_the_agent_uses(
+    admin: EC2Client, proxy: FaultProxy, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab(admin, proxy, etcd, monkeypatch, nodes=1, enis_per_node=2)
+    try:
+        node = lab.node(0, eni=1)
+        second = lab.vpc.instances[0].enis[1].eni_id
+        assert node.lease is not None
+        assert node.lease.attrs.backend_data["NetworkInterfaceID"] == second
+        lab.passes()
+        for table_id in lab.vpc.route_table_ids:
+            assert lab.routes(table_id) == {"10.5.1.0/24": second}
+        eni = admin.describe_network_interfaces(NetworkInterfaceIds=[second])
+        assert eni["NetworkInterfaces"][0]["SourceDestCheck"] is False
+    finally:
+        lab.close()
 
 
 # -- cluster mode ---------------------------------------------------------------------------
