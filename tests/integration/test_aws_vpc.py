@@ -659,3 +659,52 @@ def test_imds_takes_a_new_token_when_the_old_one_expired(lab: Lab) -> None:
     assert token and token not in repr(imds)
     with pytest.raises(ConfigError, match="not an http:// URL"):
         Imds("file:///etc/passwd")
+
+
+def test_the_controller_verb_routes_leases_from_etcd(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cloudroutes controller` in-process: leases in etcd become routes, a lease deleted from
+    etcd takes its routes with it."""
+    from cloudroutes.controller import Controller
+    from cloudroutes.subnet.etcd import EtcdLeaseSource
+
+    lab.backend_options["Mode"] = "cluster"
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", lab.stubs[0].url)
+    settings = EtcdSettings(endpoints=(lab.etcd.endpoint,), request_timeout=3)
+    writer = EtcdLeaseSource(settings)
+    config = writer.put_config(
+        json.dumps(
+            {"Network": "10.5.0.0/16", "Backend": {"Type": "aws-vpc", **lab.backend_options}}
+        )
+    )
+    leases = []
+    for node in lab.vpc.instances[:2]:
+        attrs = LeaseAttrs(
+            public_ip=IPv4Address(node.private_ip),
+            backend_type="aws-vpc",
+            backend_data={"NetworkInterfaceID": node.eni_id},
+        )
+        leases.append(writer.acquire(config, attrs))
+    controller = Controller(EtcdLeaseSource(settings))
+    thread = threading.Thread(target=controller.run, daemon=True)
+    thread.start()
+    try:
+        want = {str(x.subnet): n.eni_id for x, n in zip(leases, lab.vpc.instances, strict=False)}
+        wait_for(
+            lambda: lab.all_routes() == {t: want for t in lab.vpc.route_table_ids},
+            30,
+            "the controller's routes",
+        )
+        lab.etcd.etcdctl("del", writer.lease_path(leases[0].key))
+        del want[str(leases[0].subnet)]
+        wait_for(
+            lambda: lab.all_routes() == {t: want for t in lab.vpc.route_table_ids},
+            30,
+            "the deleted lease's routes gone",
+        )
+    finally:
+        controller.stop.set()
+        thread.join(timeout=15)
+        writer.close()
