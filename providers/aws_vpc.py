@@ -407,7 +407,10 @@ class AwsVpcBackend:
 
     def _disable_source_dest_check(self, identity: NodeIdentity) -> None:
         """A node forwards packets for its pods' addresses, which EC2 drops unless the ENI's
-        source/destination check is off. Done once per ENI; a failure only warns."""
+        source/destination check is off. Done once per ENI: a restart finds it off and writes
+        nothing. A failure only warns."""
+        if not self._source_dest_check_on(identity.eni_id):
+            return
         try:
             self.ec2().modify_network_interface_attribute(
                 NetworkInterfaceId=identity.eni_id, SourceDestCheck={"Value": False}
@@ -424,6 +427,14 @@ class AwsVpcBackend:
                 identity.eni_id,
                 error,
             )
+
+    def _source_dest_check_on(self, eni: str) -> bool:
+        """Whether the check is on (also when it cannot be read: then the write says why)."""
+        try:
+            answer = self.ec2().describe_network_interfaces(NetworkInterfaceIds=[eni])
+            return any(i.get("SourceDestCheck") is not False for i in answer["NetworkInterfaces"])
+        except Exception:
+            return True
 
     # --- EC2 ---------------------------------------------------------------------------------
 

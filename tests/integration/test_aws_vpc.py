@@ -325,9 +325,8 @@ def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
     [lab.node(i) for i in range(2)]
     lab.leader()
     lab.passes()
-    counts = lab.proxy.counts()
-    # prepare() turns the source/dest check off again; no route is written.
-    assert counts["CreateRoute"] + counts["ReplaceRoute"] + counts["DeleteRoute"] == 0
+    # prepare() finds the source/dest check already off; no route is written.
+    assert lab.proxy.counts().writes == 0
     assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.vpc.route_table_ids}
 
 
@@ -371,7 +370,8 @@ def test_one_lease_change_is_one_write_per_table(lab: Lab) -> None:
     lab.node(2)
     lab.passes(resync=False)
     assert lab.proxy.counts()["CreateRoute"] == 2
-    assert lab.proxy.counts().writes == 2 + 1  # and prepare()'s source/dest check
+    assert lab.proxy.counts()["ModifyNetworkInterfaceAttribute"] == 1  # the new node's prepare()
+    assert lab.proxy.counts().writes == 2 + 1
     assert len(nodes) == 2
 
 
@@ -708,3 +708,25 @@ def test_the_controller_verb_routes_leases_from_etcd(
         controller.stop.set()
         thread.join(timeout=15)
         writer.close()
+
+
+def test_a_refused_source_dest_check_change_is_a_warning_not_a_failure(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab.proxy.add(
+        CannedError(
+            actions={"ModifyNetworkInterfaceAttribute"},
+            code="UnauthorizedOperation",
+            message="Encoded authorization failure message: xyz987",
+            status=403,
+        )
+    )
+    with caplog.at_level("WARNING", logger="providers.aws_vpc"):
+        node = lab.node(0)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "providers.aws_vpc"]
+    assert "ec2:ModifyNetworkInterfaceAttribute" in warning
+    assert "providers/policies/aws-vpc-node.json" in warning and "xyz987" not in warning
+    lab.passes()  # the node still routes its subnet
+    eni = lab.vpc.instances[0].eni_id
+    assert lab.routes(lab.vpc.main_route_table_id) == {"10.5.1.0/24": eni}
+    assert node.lease is not None
