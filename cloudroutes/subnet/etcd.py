@@ -139,7 +139,9 @@ class EtcdLeaseSource:
                 text = self.get_config_text()
             except StoreUnavailable as exc:
                 log.warning("Couldn't fetch network config: %s", exc)
+                self._problems.report("config", str(exc))
             else:
+                self._problems.report("config", None)
                 if text is not None:
                     return parse_config(text, source=f"etcd {self.config_key}")
                 log.warning(CONFIG_NOT_FOUND)

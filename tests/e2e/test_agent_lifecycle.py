@@ -199,10 +199,6 @@ def test_an_agent_waiting_for_etcd_is_alive_and_not_ready(lab1: LabCluster) -> N
     assert node.status(HEALTH)["etcd"] == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EtcdLeaseSource.network_config() does not report to store_problem yet",
-)
 def test_status_says_etcd_is_unreachable_while_waiting_for_the_config(lab1: LabCluster) -> None:
     node = start_with_etcd_down(lab1)
     try:
