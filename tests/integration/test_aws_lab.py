@@ -357,6 +357,16 @@ def test_a_node_namespace_reaches_the_aws_lab_in_a_cloud_namespace(
         assert lab.proxy.counts()["DescribeInstances"] == 1
 
 
+def test_importing_the_lab_does_not_load_the_aws_sdks() -> None:
+    """The host-gw demo imports the lab too; it must not pay for (or need) moto and boto3."""
+    script = (
+        "import sys, cloudroutes.lab.aws, cloudroutes.lab.fault_proxy; "
+        "print(sorted({'moto', 'boto3', 'botocore', 'werkzeug'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
+
+
 @pytest.mark.filterwarnings("ignore:A test tried to use socket:UserWarning")
 def test_off_loopback_connections_are_blocked() -> None:
     """The guard the whole suite relies on: an unconfigured SDK cannot reach real AWS IMDS."""
