@@ -24,6 +24,7 @@ from cloudroutes.lab.aws import (
     TOKEN_HEADER,
     TTL_HEADER,
     AwsLab,
+    EC2Client,
     ImdsStub,
     LabVpc,
     MotoServer,
@@ -40,7 +41,7 @@ def moto() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def ec2(moto: MotoServer):
+def ec2(moto: MotoServer) -> EC2Client:
     moto.reset()
     return moto.client(region="eu-west-1")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
-from cloudroutes.lab.aws import ImdsStub, LabVpc, MotoServer, ec2_client, make_vpc
+from cloudroutes.lab.aws import EC2Client, ImdsStub, LabVpc, MotoServer, ec2_client, make_vpc
 from cloudroutes.lab.fault_proxy import (
     HTTP,
     Blackhole,
@@ -27,34 +27,31 @@ from cloudroutes.lab.fault_proxy import (
     ServerError,
     Throttle,
 )
+from tests.integration.test_aws_lab import moto
 
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        yield server
+__all__ = ["moto"]  # a fixture, used by name
 
 
 @pytest.fixture
-def direct(moto: MotoServer):
+def direct(moto: MotoServer) -> EC2Client:
     """A client straight to moto: what is really there, past the proxy's lies."""
     moto.reset()
     return moto.client()
 
 
 @pytest.fixture
-def lab(direct) -> LabVpc:
+def lab(direct: EC2Client) -> LabVpc:
     return make_vpc(direct, nodes=2, tables=2)
 
 
 @pytest.fixture
-def proxy(moto: MotoServer, direct) -> Iterator[FaultProxy]:
+def proxy(moto: MotoServer, direct: EC2Client) -> Iterator[FaultProxy]:
     with FaultProxy(moto.url) as server:
         yield server
 
 
 @pytest.fixture
-def ec2(proxy: FaultProxy):
+def ec2(proxy: FaultProxy) -> EC2Client:
     """Through the proxy, retries off: each call is one request, each fault one error."""
     return ec2_client(proxy.url, max_attempts=1)
 
