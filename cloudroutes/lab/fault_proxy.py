@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler
@@ -402,6 +402,9 @@ class FaultProxy(HttpService):
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._counts: Counter[str] = Counter()
+        # The order of calls, for tests of ordering (replace before delete); bounded so a
+        # long benchmark does not grow it without end.
+        self._history: deque[str] = deque(maxlen=100_000)
 
     # -- faults and counts (any thread) ---------------------------------------------------
 
@@ -426,9 +429,15 @@ class FaultProxy(HttpService):
         reads = sum(n for a, n in by_action.items() if self.dialect.is_read(a))
         return CallCounts(by_action, reads, sum(by_action.values()) - reads)
 
+    def history(self) -> list[str]:
+        """The actions of the calls since the last ``reset_counts()``, oldest first."""
+        with self._lock:
+            return list(self._history)
+
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._history.clear()
 
     # -- one call -------------------------------------------------------------------------
 
@@ -436,6 +445,7 @@ class FaultProxy(HttpService):
         """Count the call, then run it through the faults that fire, then the upstream."""
         with self._lock:
             self._counts[call.action] += 1
+            self._history.append(call.action)
             chosen = [f for f in self._faults if self._fires(f, call)]
 
         def run(i: int) -> Reply:

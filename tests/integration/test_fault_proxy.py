@@ -76,9 +76,11 @@ def test_calls_pass_through_and_are_counted_per_action(proxy: FaultProxy, ec2, d
     assert dict(counts.by_action) == {"CreateVpc": 1, "DescribeVpcs": 2}
     assert (counts.reads, counts.writes, counts.total) == (2, 1, 3)
     assert counts["CreateRoute"] == 0
+    assert proxy.history() == ["CreateVpc", "DescribeVpcs", "DescribeVpcs"]
 
     proxy.reset_counts()
     assert proxy.counts().total == 0
+    assert proxy.history() == []
 
 
 def test_counts_are_exact_under_concurrent_clients(proxy: FaultProxy) -> None:
