@@ -265,6 +265,44 @@ class DropAfterForward(Fault):
         raise DropConnection
 
 
+@dataclass(eq=False, kw_only=True)
+class TokenBucket(Fault):
+    """A cloud's request-rate limit, as AWS models it: a bucket of ``capacity`` tokens refilled
+    at ``rate`` per second; a call that finds it empty gets the throttling error. ``kind``
+    ("read" or "write") limits the bucket to reads or writes, as EC2 keeps separate buckets.
+    ``fired`` counts the throttled calls.
+    """
+
+    capacity: float
+    rate: float
+    kind: str | None = None
+    counts_own_firing: ClassVar[bool] = True
+    _tokens: float | None = field(default=None, init=False, repr=False)
+    _stamp: float = field(default=0.0, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind not in (None, "read", "write") or self.capacity < 1 or self.rate < 0:
+            raise ValueError("TokenBucket: kind read|write|None, capacity >= 1, rate >= 0")
+
+    def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+        if self.kind is not None and proxy.dialect.is_read(call.action) != (self.kind == "read"):
+            return proceed()
+        with self._lock:
+            now = time.monotonic()
+            tokens = self.capacity if self._tokens is None else self._tokens
+            tokens = min(self.capacity, tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            allowed = tokens >= 1
+            self._tokens = tokens - 1 if allowed else tokens
+            if not allowed:
+                self.fired += 1
+        if not allowed:
+            return proxy.dialect.error(*proxy.dialect.throttle)
+        return proceed()
+
+
 # -- EC2 route faults -----------------------------------------------------------------------
 
 

@@ -26,8 +26,10 @@ from cloudroutes.lab.fault_proxy import (
     RouteLimit,
     ServerError,
     Throttle,
+    TokenBucket,
 )
 from tests.integration.test_aws_lab import moto
+from tests.wait import wait_for
 
 __all__ = ["moto"]  # a fixture, used by name
 
@@ -128,6 +130,31 @@ def test_botocore_retries_through_throttling_and_every_attempt_counts(
     )
     assert "10.5.1.0/24" in _destinations(direct, table)
     assert proxy.counts()["CreateRoute"] == 3
+
+
+def test_token_bucket_throttles_reads_once_empty_and_refills(proxy: FaultProxy, ec2) -> None:
+    reads = proxy.add(TokenBucket(kind="read", capacity=3, rate=0))
+    outcomes = []
+    for _ in range(5):
+        try:
+            ec2.describe_vpcs()
+            outcomes.append("ok")
+        except ClientError as err:
+            outcomes.append(err.response["Error"]["Code"])
+    assert outcomes == ["ok", "ok", "ok", "RequestLimitExceeded", "RequestLimitExceeded"]
+    ec2.create_vpc(CidrBlock="198.19.0.0/16")  # writes have their own bucket
+    assert reads.fired == 2
+
+    reads.rate = 20.0  # refilled at 20 a second, a call soon gets through again
+
+    def answered() -> bool:
+        try:
+            ec2.describe_vpcs()
+            return True
+        except ClientError:
+            return False
+
+    wait_for(answered, timeout=5, what="a token to come back")
 
 
 def test_route_limit_refuses_creates_into_a_full_table_until_raised(
