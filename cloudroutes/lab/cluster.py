@@ -4,27 +4,39 @@ Every node is plugged into the switch on 198.18.0.0/24 (a documentation range: n
 the machine) and runs a real ``cloudroutes agent``. Once a node has written subnet.env, its
 FLANNEL_SUBNET gateway address goes on a ``cni0`` bridge, as Docker or the CNI bridge plugin
 would put it. The demo and the end-to-end tests both build their clusters with this.
+
+With ``backend="aws-vpc"`` the cluster also gets a fake AWS (cloudroutes.lab.aws.AwsLab): a
+"cloud" namespace on the switch holds the EC2 endpoint (a counting proxy in front of moto) and
+one IMDS stub per node, each node is an instance of a VPC whose addresses are the nodes'
+underlay addresses, and each agent runs with its own instance's environment and nothing from
+the host's AWS configuration.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cloudroutes.errors import CloudroutesError
+from cloudroutes.lab.aws import AwsLab, LabInstance
 from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.netns import Netns, Underlay, unique_name
 from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
 ETCD_ADDRESS = "198.18.0.254"
+# The fake AWS's endpoints (EC2 and every node's IMDS), as a cloud's sit on the instance's network.
+CLOUD_ADDRESS = "198.18.0.253"
+AWS_VPC = "aws-vpc"
 
 # GET a URL from inside a node: prints the status code (0 when nothing answered), then the body.
 _HTTP_GET = """
@@ -45,6 +57,11 @@ class ClusterError(CloudroutesError):
     pass
 
 
+def node_address(i: int) -> str:
+    """Node i's underlay address (1-based)."""
+    return f"198.18.0.{i}"
+
+
 @dataclass
 class LabNode:
     name: str
@@ -53,6 +70,8 @@ class LabNode:
     run_dir: Path
     agent: subprocess.Popen[bytes] | None = None
     agent_args: list[str] = field(default_factory=list)
+    # The EC2 instance this node is, in an aws-vpc cluster.
+    instance: LabInstance | None = None
 
     @property
     def subnet_file(self) -> Path:
@@ -105,11 +124,14 @@ class LabNode:
 class LabCluster:
     def __init__(
         self, nodes: int = 3, *, network: str = "10.5.0.0/16", backend: str = "host-gw",
-        etcd_members: int = 1,
+        etcd_members: int = 1, backend_options: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
+        """``backend_options`` go into the network config's Backend object (an aws-vpc
+        cluster's default to Mode "node" and its VPC's main route table)."""
         self.node_count = nodes
         self.network = network
         self.backend = backend
+        self.backend_options = dict(backend_options or {})
         self.etcd_members = etcd_members
         self.workdir = Path(tempfile.mkdtemp(prefix="cloudroutes-lab-"))
         self.switch: Underlay | None = None
@@ -117,6 +139,8 @@ class LabCluster:
         self.etcd: EtcdCluster | None = None
         self.nodes: list[LabNode] = []
         self.cli = str(Path(sys.executable).with_name("cloudroutes"))
+        self.cloud_host: Netns | None = None
+        self.aws: AwsLab | None = None
 
     # --- building -----------------------------------------------------------------------
 
@@ -128,19 +152,35 @@ class LabCluster:
         self.etcd_hosts.append(host)
         self.switch.plug(host, "eth0", f"{ETCD_ADDRESS}/24")
         self.etcd = EtcdCluster(size=self.etcd_members, host=ETCD_ADDRESS, netns=host.name).start()
+        if self.backend == AWS_VPC:
+            self._build_aws()
         for i in range(1, self.node_count + 1):
             self.add_node(i)
         return self
 
+    def _build_aws(self) -> None:
+        assert self.switch is not None
+        self.cloud_host = Netns(unique_name("craws"))
+        self.switch.plug(self.cloud_host, "eth0", f"{CLOUD_ADDRESS}/24")
+        addresses = [node_address(i) for i in range(1, self.node_count + 1)]
+        self.aws = AwsLab(addresses, tables=1, host=CLOUD_ADDRESS, netns=self.cloud_host.name)
+        self.aws.start()
+
     def add_node(self, i: int) -> LabNode:
         assert self.switch is not None
+        instance = None
+        if self.aws is not None:
+            assert self.aws.vpc is not None
+            if not 1 <= i <= len(self.aws.vpc.instances):
+                raise ClusterError(f"node{i} has no instance in the lab's VPC; build it with more")
+            instance = self.aws.vpc.instances[i - 1]
         ns = Netns(unique_name(f"crn{i}-"))
-        address = f"198.18.0.{i}"
+        address = node_address(i)
         self.switch.plug(ns, "eth0", f"{address}/24")
         ns.sysctl("net.ipv4.ip_forward", "1")
         run_dir = self.workdir / f"node{i}"
         run_dir.mkdir(exist_ok=True)
-        node = LabNode(f"node{i}", ns, address, run_dir)
+        node = LabNode(f"node{i}", ns, address, run_dir, instance=instance)
         self.nodes.append(node)
         return node
 
@@ -167,8 +207,28 @@ class LabCluster:
             self.cli, *args, f"--etcd-endpoints={self.endpoints}", input=input, check=False
         )
 
+    def etcd_get_prefix(self, prefix: str) -> dict[str, str]:
+        """Every key under ``prefix`` and its value, as etcdctl on the etcd machine reads them."""
+        assert self.etcd is not None
+        lines = self.etcd.etcdctl("get", "--prefix", prefix).splitlines()
+        return dict(zip(lines[0::2], lines[1::2], strict=False))
+
+    @property
+    def route_table_id(self) -> str:
+        """The VPC route table the agents of an aws-vpc cluster keep."""
+        assert self.aws is not None and self.aws.vpc is not None, "an aws-vpc cluster, built"
+        return self.aws.vpc.main_route_table_id
+
+    def backend_config(self) -> dict[str, Any]:
+        """The network config's Backend object."""
+        backend: dict[str, Any] = {"Type": self.backend}
+        if self.aws is not None:
+            backend.update(Mode="node", RouteTableID=self.route_table_id)
+        backend.update(self.backend_options)
+        return backend
+
     def set_config(self, config: str | None = None) -> None:
-        text = config or f'{{"Network": "{self.network}", "Backend": {{"Type": "{self.backend}"}}}}'
+        text = config or json.dumps({"Network": self.network, "Backend": self.backend_config()})
         result = self.cli_in_etcd_host("config", "set", "-", input=text)
         if result.returncode != 0:
             raise ClusterError(result.stderr.strip())
@@ -186,7 +246,18 @@ class LabCluster:
         ]  # fmt: skip
         node.agent_args = list(extra)
         with node.log_file.open("ab") as log:
-            node.agent = node.ns.popen(args, stdout=log, stderr=subprocess.STDOUT)
+            node.agent = node.ns.popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=self.agent_env(node)
+            )
+
+    def agent_env(self, node: LabNode) -> dict[str, str]:
+        """The node's agent environment: this process's, and in an aws-vpc cluster its
+        instance's endpoints instead of any AWS_* setting of the host (region and credentials
+        then come from its IMDS, as on an instance)."""
+        env = dict(os.environ)
+        if self.aws is None:
+            return env
+        return self.aws.node_env(self.nodes.index(node), env)
 
     def stop_agent(self, node: LabNode, *, kill: bool = False) -> int | None:
         if node.agent is None:
@@ -250,6 +321,10 @@ class LabCluster:
             self.etcd.close()
         for host in self.etcd_hosts:
             host.delete()
+        if self.aws is not None:
+            self.aws.stop()
+        if self.cloud_host is not None:
+            self.cloud_host.delete()
         if self.switch is not None:
             self.switch.delete()
         shutil.rmtree(self.workdir, ignore_errors=True)
