@@ -570,17 +570,18 @@ class Reconciler:
             for change in deferred:
                 self._replan.add(change.key)
             for change in held:
-                old = status.get(change.key)
+                old = self._status.get(change.key)  # the last pass's, also when rebuilding
                 if old is not None and old.state is RouteState.FAILED:
                     status[change.key] = RouteStatus(change.entry, old.state, old.reason)
             if doubtful:
                 self._picture = None
             self._status = status
             touched = want.keys() if scope is None else scope
-            for key in (*touched, *conflicts, *(o.change.key for o in outcomes)):
-                st = status.get(key)
-                if st is not None:
-                    self._announce(key, st)
+            self._announce(
+                (key, status[key])
+                for key in {*touched, *conflicts, *(o.change.key for o in outcomes)}
+                if key in status
+            )
 
     def _record_outcome(
         self,
@@ -643,7 +644,7 @@ class Reconciler:
         if change.action is not Action.DELETE:
             status[key] = RouteStatus(change.entry, state, reason)
         elif state is not RouteState.PROGRAMMED:
-            self._announce(("delete", key), RouteStatus(change.entry, state, reason))
+            self._announce([(("delete", key), RouteStatus(change.entry, state, reason))])
         if state is RouteState.RETRY:
             present = outcome.present
             if present is UNKNOWN:
@@ -655,14 +656,20 @@ class Reconciler:
                 picture.owned[key] = Observed(present)  # type: ignore[arg-type]
         return False
 
-    def _announce(self, key: object, st: RouteStatus) -> None:
-        """Log a key's state when it changes: once per change, not at every pass."""
-        if not self._said.changed(key, st.state.value, st.reason):
-            return
-        if st.state is RouteState.PROGRAMMED or st.state is RouteState.PENDING:
-            return
-        action = f"delete {st.entry}" if isinstance(key, tuple) else str(st.entry)
-        log.warning("%s: %s: %s: %s", self.table.name, action, st.state.value, st.reason)
+    def _announce(self, items: Iterable[tuple[object, RouteStatus]]) -> None:
+        """Log each key's state when it changes, once per change and not at every pass; keys
+        that changed to the same state for the same reason (a throttled table) share a line."""
+        news: dict[tuple[RouteState, str], list[str]] = {}
+        for key, st in items:
+            if not self._said.changed(key, st.state.value, st.reason):
+                continue
+            if st.state is RouteState.PROGRAMMED or st.state is RouteState.PENDING:
+                continue
+            action = f"delete {st.entry}" if isinstance(key, tuple) else str(st.entry)
+            news.setdefault((st.state, st.reason), []).append(action)
+        for (state, reason), actions in news.items():
+            what = actions[0] if len(actions) == 1 else f"{len(actions)} routes ({actions[0]}, ...)"
+            log.warning("%s: %s: %s: %s", self.table.name, what, state.value, reason)
 
     def _report_refusals(self) -> None:
         refused = self._want.refused

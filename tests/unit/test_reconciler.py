@@ -553,3 +553,28 @@ def test_a_garbage_collector_only_deletes_and_only_while_elected(leases: LeaseTa
     result = rec.reconcile()
     assert [(c.action.value, str(c.key)) for c in result.plan] == [("delete", "10.5.9.0/24")]
     assert table.owned() == {}  # nothing created for the live leases either
+
+
+def test_a_throttled_table_is_one_log_line_not_one_per_route(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table, leases = MemoryRouteTable(), LeaseTable()
+    leases.replace_all([lease(n) for n in range(1, 51)], revision=1)
+    table.fail_next_call(Throttled("RequestLimitExceeded"))
+    rec = make(table, leases)
+    rec.reconcile()
+    lines = [r.getMessage() for r in caplog.records if "throttled" in r.getMessage()]
+    assert lines == [
+        "memory: 50 routes (10.5.1.0/24 via i-1, ...): throttled: RequestLimitExceeded"
+    ]
+
+
+def test_a_held_route_stays_failed_through_a_resync(leases: LeaseTable) -> None:
+    clock = FakeClock()
+    table = MemoryRouteTable()
+    table.fail_next(net(2), Rejected("next hop is not on-link"))
+    rec = make(table, leases, clock=clock, policy=ReconcilePolicy(jitter=0))
+    rec.reconcile()
+    rec.reconcile(resync=True)
+    status = rec.status()[net(2)]
+    assert (status.state, status.reason) == (RouteState.FAILED, "next hop is not on-link")
