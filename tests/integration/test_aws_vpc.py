@@ -123,6 +123,7 @@ class Lab:
         }
         self.extra: dict[str, Any] = {}
         self._revision = 1
+        self._reader: EtcdClient | None = None
         monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", proxy.url)
 
     def config(self) -> Any:
@@ -176,6 +177,12 @@ class Lab:
         self.nodes.append(node)
         return node
 
+    def ledger(self, table_id: str) -> dict[Any, Any]:
+        """The table's ledger as another process reads it from etcd."""
+        if self._reader is None:
+            self._reader = self.etcd_client()
+        return Ledger(self._reader, PREFIX, CLUSTER, table_id).entries()
+
     def put_lease(self, lease: Lease) -> None:
         self._revision += 1
         self.leases.apply([LeaseEvent(EventType.ADDED, lease)], revision=self._revision)
@@ -211,6 +218,8 @@ class Lab:
             node.shutdown()
         for stub in self.stubs:
             stub.stop()
+        if self._reader is not None:
+            self._reader.close()
 
 
 @pytest.fixture
@@ -254,7 +263,7 @@ def test_node_mode_each_node_routes_its_own_subnet_in_every_table(lab: Lab) -> N
     # Each node wrote only its own route, once per table.
     assert lab.proxy.counts()["CreateRoute"] == 6 and lab.proxy.counts().writes == 6
     for table_id in lab.vpc.route_table_ids:
-        ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+        ledger = lab.ledger(table_id)
         assert {e.by for e in ledger.values()} == {"node-0", "node-1", "node-2"}
     for node in nodes:
         own = [s for k, s in node.status().items() if "/gc" not in k]
@@ -286,7 +295,7 @@ def test_the_elected_collector_removes_a_dead_nodes_route(lab: Lab) -> None:
     assert lab.all_routes() == {t: expected(lab, alive) for t in lab.vpc.route_table_ids}
     assert lab.proxy.counts().by_action == {"DeleteRoute": 2}
     for table_id in lab.vpc.route_table_ids:
-        ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+        ledger = lab.ledger(table_id)
         assert dead.lease.subnet not in ledger
 
 
@@ -345,19 +354,20 @@ def test_a_route_deleted_by_hand_comes_back_and_one_retargeted_by_hand_is_report
     lab.proxy.reset_counts()
     mine = lab.vpc.instances[0].eni_id
 
-    def repaired() -> bool:
-        # A read that misses a route made within READ_LAG takes it for EC2's read lag.
+    def settled() -> bool:
+        # A read that misses a route made within READ_LAG takes it for EC2's read lag, so
+        # each node sees the change once its own write is older than that.
         lab.passes()
-        return lab.routes(table_id).get("10.5.1.0/24") == mine
+        status = nodes[1].status().get(f"{table_id} 10.5.2.0/24", {})
+        return lab.routes(table_id).get("10.5.1.0/24") == mine and status.get("state") == "failed"
 
-    wait_for(repaired, aws_route_table.READ_LAG + 10, "the deleted route back")
-    routes = lab.routes(table_id)
+    wait_for(settled, aws_route_table.READ_LAG + 15, "the deleted route back, the other failed")
     # Pointed elsewhere by hand: no longer ours (the ledger records another target), so it
     # is left alone and reported, never overwritten.
-    assert routes["10.5.2.0/24"] == other
+    assert lab.routes(table_id)["10.5.2.0/24"] == other
     assert lab.proxy.counts()["CreateRoute"] == 1 and lab.proxy.counts().writes == 1
-    status = nodes[1].status()[f"{table_id} 10.5.2.0/24"]
-    assert status["state"] == "failed" and other in status["reason"]
+    reason = nodes[1].status()[f"{table_id} 10.5.2.0/24"]["reason"]
+    assert other in reason and "aws ec2 delete-route" in reason
     # The collector does not delete it either.
     assert "10.5.2.0/24" in lab.routes(table_id)
 
@@ -383,6 +393,21 @@ def test_an_ipv6_lease_gets_a_route_per_family(lab: Lab) -> None:
     eni = lab.vpc.instances[0].eni_id
     for table_id in lab.vpc.route_table_ids:
         assert lab.routes(table_id) == {"10.5.1.0/24": eni, "fc00:0:0:1::/64": eni}
+
+
+def test_a_node_switching_from_flanneld_takes_over_its_route_in_place(lab: Lab) -> None:
+    eni = lab.vpc.instances[0].eni_id
+    for table_id in lab.vpc.route_table_ids:  # flanneld's aws-vpc made these
+        lab.admin.create_route(
+            RouteTableId=table_id, DestinationCidrBlock="10.5.1.0/24", NetworkInterfaceId=eni
+        )
+    node = lab.node(0)
+    lab.proxy.reset_counts()
+    lab.passes()
+    assert lab.proxy.counts().writes == 0  # adopted, never deleted and re-added
+    for table_id in lab.vpc.route_table_ids:
+        assert lab.ledger(table_id)[IPv4Network("10.5.1.0/24")].target == eni
+    assert {s["state"] for k, s in node.status().items() if "/gc" not in k} == {"programmed"}
 
 
 def test_a_multi_interface_node_routes_to_the_interface_the_agent_uses(
@@ -418,7 +443,7 @@ def test_cluster_mode_one_leader_writes_every_route(lab: Lab) -> None:
     # Only the leader read or wrote.
     assert lab.proxy.counts()["DescribeRouteTables"] == 2
     for table_id in lab.vpc.route_table_ids:
-        ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+        ledger = lab.ledger(table_id)
         assert {e.by for e in ledger.values()} == {leader.name}
     # Steady state: one read per table per resync, by the leader alone, and no write.
     lab.proxy.reset_counts()
@@ -508,7 +533,7 @@ def test_an_old_flanneld_route_is_adopted_and_its_lease_resolved(lab: Lab) -> No
     assert counts["DescribeNetworkInterfaces"] == 1
     assert counts["CreateRoute"] == 1 and counts.writes == 1
     assert lab.all_routes() == {t: {"10.5.9.0/24": old.eni_id} for t in lab.vpc.route_table_ids}
-    ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id).entries()
+    ledger = lab.ledger(table_id)
     assert ledger[IPv4Network("10.5.9.0/24")].target == old.eni_id
     lab.proxy.reset_counts()
     controller.passes()
