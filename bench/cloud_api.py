@@ -23,7 +23,10 @@ Shrunk: moto answers DescribeRouteTables in about 0.45 ms per route, so N agents
 an N-route table cost about N^2 / 2 * 0.45 ms (4 minutes at 1,000, for each of (a) and (b)).
 Node mode and the flannel baseline are therefore run with all N agents only up to
 ALL_AGENTS leases; above that, SAMPLE agents are measured on the full table (which cluster mode
-converged) and the figures are per agent. Cluster mode is measured whole at every size.
+converged): (b) is then per node, (a) is not measured for them, and cluster mode, measured
+whole at every size, is set against flannel's calls for the whole cluster as N times one node's
+start (its calls do not depend on the table: 1 read, 2 writes; its time does, so no time is
+extrapolated).
 
 Not counted on either side: the start-up calls both make once per node (instance metadata,
 the source/destination check), and the simulated agents share one boto3 client (1,000 clients
@@ -107,14 +110,19 @@ class CloudLab:
             self.ec2: EC2Client = ec2_client(
                 self.proxy.url, DEFAULT_REGION, max_attempts=1, read_timeout=aws_vpc.READ_TIMEOUT
             )
-            self.enis = [self._eni() for _ in range(nodes)]
+            self.enis = [self._eni(i) for i in range(nodes)]
         except BaseException:
             self._stack.close()
             raise
 
-    def _eni(self) -> tuple[str, IPv4Address]:
-        eni = self.admin.create_network_interface(SubnetId=self.vpc.subnet_id)["NetworkInterface"]
-        return eni["NetworkInterfaceId"], IPv4Address(eni["PrivateIpAddress"])
+    def _eni(self, i: int) -> tuple[str, IPv4Address]:
+        # An address of its own (moto would draw them at random, and two nodes sharing one
+        # would refuse each other's leases).
+        ip = IPv4Network(self.vpc.cidr).network_address + 10 + i
+        eni = self.admin.create_network_interface(
+            SubnetId=self.vpc.subnet_id, PrivateIpAddress=str(ip)
+        )["NetworkInterface"]
+        return eni["NetworkInterfaceId"], ip
 
     def new_table(self) -> str:
         return self.admin.create_route_table(VpcId=self.vpc.vpc_id)["RouteTable"]["RouteTableId"]
@@ -273,6 +281,11 @@ class Scenario:
         for agent in self.agents.values():
             agent.passes(resync=resync)
 
+    def first_pass(self, newcomer: int) -> None:
+        """A new node's agent makes its first pass; the others hear of its lease."""
+        for i, agent in self.agents.items():
+            agent.passes(resync=i == newcomer)
+
     def expect(self, what: str) -> None:
         self.lab.expect(self.table_id, [self.lab.lease(i) for i in self.live], what)
 
@@ -344,19 +357,12 @@ def node_mode_all(lab: CloudLab, n: int) -> Costs:
         s.expect("node mode, converged")
         resync = lab.measure(lambda: s.passes(resync=True))
         s.join(n)
-        joining = s.agent(n)
-
-        def join() -> None:
-            joining.passes(resync=True)  # its first pass
-            for i, agent in s.agents.items():
-                if i != n:
-                    agent.passes(resync=False)
-
-        join_cost = lab.measure(join)
+        s.agent(n)
+        join = lab.measure(lambda: s.first_pass(n))
         s.leave(n - 1)
         leave = lab.measure(lambda: s.passes(resync=False))
         s.expect("node mode, after a join and a leave")
-        return Costs(converge, resync, join_cost, leave)
+        return Costs(converge, resync, join, leave)
     finally:
         s.close()
 
@@ -377,8 +383,8 @@ def node_mode_sampled(lab: CloudLab, n: int, table: Scenario) -> Costs:
         ).per(len(sample))
         newcomer = n + 1
         s.join(newcomer)
-        joining = s.agent(newcomer)
-        join = lab.measure(lambda: joining.passes(resync=True))
+        s.agent(newcomer)
+        join = lab.measure(lambda: s.first_pass(newcomer))
         s.leave(sample[-1])
         leave = lab.measure(lambda: s.passes(resync=False))
         s.expect("node mode, sampled, after a join and a leave")
@@ -441,57 +447,42 @@ def pair(name: str, cost: Cost, base: Baseline) -> Iterator[Figure]:
     )
 
 
-def leave_baseline() -> Baseline:
-    return Baseline(None, f"{FLANNEL}: no call, and the route stays for good")
+def changes(head: str, ours: Costs, flannel: Costs) -> Iterator[Figure]:
+    """(c): a node joins, then one leaves."""
+    yield from pair(f"{head}, (c) a node joins", ours.join, Baseline(flannel.join, FLANNEL))
+    if ours.leave is not None:
+        stays = Baseline(None, f"{FLANNEL}: no call, and the route stays for good")
+        yield from pair(f"{head}, (c) a node leaves", ours.leave, stays)
 
 
 def whole(n: int, mode: str, ours: Costs, flannel: Costs) -> Iterator[Figure]:
     """Figures of a size where every agent ran."""
     assert ours.converge is not None and flannel.converge is not None
     head = f"{n} leases, {mode} mode"
-    yield from pair(
-        f"{head}, (a) full convergence", ours.converge, Baseline(flannel.converge, FLANNEL)
-    )
-    yield from pair(
-        f"{head}, (b) steady resync",
-        ours.resync,
-        Baseline(flannel.resync, f"{FLANNEL} restart of every node (it has no resync)"),
-    )
-    yield from pair(f"{head}, (c) a node joins", ours.join, Baseline(flannel.join, FLANNEL))
-    if ours.leave is not None:
-        yield from pair(f"{head}, (c) a node leaves", ours.leave, leave_baseline())
+    converge = Baseline(flannel.converge, FLANNEL)
+    yield from pair(f"{head}, (a) full convergence", ours.converge, converge)
+    restart = Baseline(flannel.resync, f"{FLANNEL} restart of every node (it has no resync)")
+    yield from pair(f"{head}, (b) steady resync", ours.resync, restart)
+    yield from changes(head, ours, flannel)
 
 
 def sampled(n: int, node: Costs, cluster: Costs, flannel: Costs) -> Iterator[Figure]:
     """Figures of a size where node mode and flannel ran SAMPLE agents on the full table."""
     each = f"per node (mean of {SAMPLE})"
     head = f"{n} leases, node mode"
-    restart = f"{FLANNEL} restart (it has no resync)"
-    yield from pair(
-        f"{head}, (b) steady resync {each}",
-        node.resync,
-        Baseline(flannel.resync, f"{restart}, {each}"),
-    )
-    yield from pair(f"{head}, (c) a node joins", node.join, Baseline(flannel.join, FLANNEL))
-    if node.leave is not None:
-        yield from pair(f"{head}, (c) a node leaves", node.leave, leave_baseline())
+    restart = Baseline(flannel.resync, f"{FLANNEL} restart (it has no resync), {each}")
+    yield from pair(f"{head}, (b) steady resync {each}", node.resync, restart)
+    yield from changes(head, node, flannel)
     # flannel's whole cluster at this size: n times one node's start, whose calls do not
     # depend on the table (1 read, 2 writes); its time does, so it is not extrapolated.
     scaled = Cost(flannel.resync.reads * n, flannel.resync.writes * n, 0.0)
-    scaled_name = f"{FLANNEL}, {n} x one node's start"
     head = f"{n} leases, cluster mode"
     assert cluster.converge is not None
-    yield from pair(
-        f"{head}, (a) full convergence", cluster.converge, Baseline(scaled, scaled_name, False)
-    )
-    yield from pair(
-        f"{head}, (b) steady resync",
-        cluster.resync,
-        Baseline(scaled, f"{scaled_name} (a restart of every node)", False),
-    )
-    yield from pair(f"{head}, (c) a node joins", cluster.join, Baseline(flannel.join, FLANNEL))
-    if cluster.leave is not None:
-        yield from pair(f"{head}, (c) a node leaves", cluster.leave, leave_baseline())
+    every = Baseline(scaled, f"{FLANNEL}, {n} x one node's start", timed=False)
+    yield from pair(f"{head}, (a) full convergence", cluster.converge, every)
+    every = Baseline(scaled, f"{FLANNEL} restart of every node, {n} x one node's", timed=False)
+    yield from pair(f"{head}, (b) steady resync", cluster.resync, every)
+    yield from changes(head, cluster, flannel)
 
 
 def measure(lab: CloudLab, n: int) -> Iterator[Figure]:
