@@ -14,6 +14,7 @@ agent on every node. Everything is removed at the end, also on Ctrl-C.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -285,6 +286,11 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
     if mode not in AWS_MODES:
         raise ConfigError(f'--mode must be "node" or "cluster", got {mode!r}')
     cloud = backend == AWS_VPC
+    if cloud and not all(importlib.util.find_spec(m) for m in ("moto", "boto3")):
+        raise ConfigError(
+            "the aws-vpc demo runs a fake AWS with moto and boto3, which are not installed; "
+            "run `make demo BACKEND=aws-vpc`, or pip install 'cloudroutes[aws,test]'"
+        )
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
