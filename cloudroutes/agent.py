@@ -191,7 +191,12 @@ class Agent:
             return None  # a lease source without etcd: backends that need it say so
         self._coordination_client = EtcdClient(settings)
         member = str(iface.public_ip or iface.public_ipv6)
-        return Coordination(self._coordination_client, settings.prefix, member)
+        return Coordination(
+            self._coordination_client,
+            settings.prefix,
+            member,
+            connect=lambda: EtcdClient(settings),
+        )
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -62,6 +62,8 @@ class Coordination:
     client: EtcdClient
     prefix: str
     member: str
+    # Opens another connection, for loops that must not share one (an election).
+    connect: Callable[[], EtcdClient] | None = None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,12 @@ class Controller:
                     return 0
                 raise
             settings = self.source.settings
-            coordination = Coordination(EtcdClient(settings), settings.prefix, controller_id())
+            coordination = Coordination(
+                EtcdClient(settings),
+                settings.prefix,
+                controller_id(),
+                connect=lambda: EtcdClient(settings),
+            )
             context = BackendContext(config, None, coordination=coordination, controller=True)
             backend = backend_factory(config.backend_type)(context)
             self._spawn("watch", self.source.watch, self.leases, self.stop)

@@ -25,20 +25,20 @@ import re
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
 from cloudroutes.config import NetworkConfig
-from cloudroutes.election import Election, election_key
+from cloudroutes.election import Election
 from cloudroutes.errors import ConfigError, LeaseRefused, RouteError
 from cloudroutes.jsonfields import FoldedObject
 from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
 from cloudroutes.ledger import Ledger
 from cloudroutes.reconciler import Gate
-from cloudroutes.routes import Action, Destination, Route
+from cloudroutes.routes import Destination, Route
 from providers.aws_route_table import (
     ENI_ID,
     AwsRouteTable,
@@ -46,26 +46,28 @@ from providers.aws_route_table import (
     EniResolver,
     ec2_error,
 )
+from providers.cloud import (
+    CloudModes,
+    CloudOptions,
+    kept_routes,
+    lease_destinations,
+    parse_cloud_options,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
 BACKEND_TYPE = "aws-vpc"
-MODES = ("node", "cluster")
 POLICY_FILES = {
     "node": "providers/policies/aws-vpc-node.json",
     "cluster": "providers/policies/aws-vpc-controller.json",
 }
 ROUTE_TABLE_ID = re.compile(r"rtb-[0-9a-f]{8,32}")
-DEFAULT_RESYNC = 300.0
-ELECTION_TTL = 15  # seconds; EC2 calls under its fence must finish well within TTL / 2
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 4.0  # connect + read stay below ELECTION_TTL * (1 - FENCE_FRACTION)
 IMDS_DEFAULT = "http://169.254.169.254"
 IMDS_TIMEOUT = 2.0
 IMDS_TOKEN_TTL = 21600
-MAX_CLUSTER_NAME = 200
-GC_DUTY = "aws-vpc-gc"
-CLUSTER_DUTY = "aws-vpc-controller"
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -74,10 +76,23 @@ CLUSTER_DUTY = "aws-vpc-controller"
 @dataclass(frozen=True)
 class AwsVpcOptions:
     route_table_ids: tuple[str, ...]  # empty: auto-detect
-    mode: str
-    cluster_name: str
-    resync_period: float
-    route_limit: int | None
+    common: CloudOptions
+
+    @property
+    def mode(self) -> str:
+        return self.common.mode
+
+    @property
+    def cluster_name(self) -> str:
+        return self.common.cluster_name
+
+    @property
+    def resync_period(self) -> float:
+        return self.common.resync_period
+
+    @property
+    def route_limit(self) -> int | None:
+        return self.common.route_limit
 
     @property
     def policy(self) -> str:
@@ -86,43 +101,11 @@ class AwsVpcOptions:
 
 def parse_options(config: NetworkConfig, coordination: Coordination | None) -> AwsVpcOptions:
     """The backend's options, or one ConfigError naming the option and the fix."""
-    backend = config.backend
-    tables = _route_tables(backend.get("RouteTableID"))
-    mode = backend.get("Mode", "node")
-    if not isinstance(mode, str) or mode.casefold() not in MODES:
-        raise ConfigError(
-            f'Backend.Mode must be "node" or "cluster", got {_shown(mode)}; use "node" '
-            '(each node writes its own route) or "cluster" (one elected process writes all)'
-        )
-    # Without etcd (a config being checked) the default is not known yet.
-    default_name = coordination.prefix if coordination is not None else None
-    cluster = backend.get("ClusterName")
-    if cluster is None:
-        cluster = default_name or ""
-    elif (
-        not isinstance(cluster, str)
-        or not 0 < len(cluster) <= MAX_CLUSTER_NAME
-        or not cluster.isprintable()
-    ):
-        raise ConfigError(
-            f"Backend.ClusterName must be 1 to {MAX_CLUSTER_NAME} printable characters, got "
-            f'{_shown(cluster)}; name the cluster, e.g. "prod-eu1"'
-        )
-    resync = backend.get("ResyncPeriod", DEFAULT_RESYNC)
-    if isinstance(resync, bool) or not isinstance(resync, int | float) or not 1 <= resync <= 86400:
-        raise ConfigError(
-            f"Backend.ResyncPeriod must be a number of seconds from 1 to 86400, got "
-            f"{_shown(resync)}; the default is {int(DEFAULT_RESYNC)}"
-        )
-    limit = backend.get("RouteLimit")
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000
-    ):
-        raise ConfigError(
-            f"Backend.RouteLimit must be a whole number of routes (1 to 10000), got "
-            f"{_shown(limit)}; set it to the table's 'Routes per route table' quota, e.g. 50"
-        )
-    return AwsVpcOptions(tables, mode.casefold(), cluster, float(resync), limit)
+    tables = _route_tables(config.backend.get("RouteTableID"))
+    common = parse_cloud_options(
+        config, coordination, limit_hint="the 'Routes per route table' quota, e.g. 50"
+    )
+    return AwsVpcOptions(tables, common)
 
 
 def _route_tables(value: Any) -> tuple[str, ...]:
@@ -132,23 +115,18 @@ def _route_tables(value: Any) -> tuple[str, ...]:
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise ConfigError(
             f"Backend.RouteTableID must be a route table id or a list of them, got "
-            f'{_shown(value)}; e.g. "rtb-0a1b2c3d4e5f60708"'
+            f'{shown(value)}; e.g. "rtb-0a1b2c3d4e5f60708"'
         )
     for item in items:
         if not ROUTE_TABLE_ID.fullmatch(item):
             raise ConfigError(
-                f"Backend.RouteTableID: {_shown(item)} is not a route table id; ids look like "
+                f"Backend.RouteTableID: {shown(item)} is not a route table id; ids look like "
                 '"rtb-0a1b2c3d4e5f60708"'
             )
     if len(set(items)) != len(items):
         twice = next(i for i in items if items.count(i) > 1)
         raise ConfigError(f"Backend.RouteTableID lists {twice} twice; list each table once")
     return tuple(items)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- instance metadata -----------------------------------------------------------------------
@@ -174,7 +152,7 @@ class Imds:
         self.base = self.base.rstrip("/")
         if not self.base.startswith(("http://", "https://")):
             raise ConfigError(
-                f"AWS_EC2_METADATA_SERVICE_ENDPOINT {_shown(self.base)} is not an http:// URL; "
+                f"AWS_EC2_METADATA_SERVICE_ENDPOINT {shown(self.base)} is not an http:// URL; "
                 f"unset it on EC2 (the default is {IMDS_DEFAULT})"
             )
         self._timeout = timeout
@@ -292,18 +270,11 @@ def lease_target(lease: Lease) -> str:
             return eni
         if eni is not None:
             raise LeaseRefused(
-                f"its BackendData.NetworkInterfaceID {_shown(eni)} is not an ENI id (eni-...)"
+                f"its BackendData.NetworkInterfaceID {shown(eni)} is not an ENI id (eni-...)"
             )
     if lease.public_ip != NO_IPV4:
         return str(lease.public_ip)
     raise LeaseRefused("it names neither its network interface nor a PublicIP to route to")
-
-
-def lease_destinations(lease: Lease, config: NetworkConfig) -> Iterator[Destination]:
-    if config.enable_ipv4 and lease.subnet is not None:
-        yield lease.subnet
-    if config.enable_ipv6 and lease.ipv6_subnet is not None:
-        yield lease.ipv6_subnet
 
 
 def lease_routes(
@@ -320,12 +291,8 @@ def lease_routes(
 
 
 def live_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
-    """What the garbage collector keeps: a route at each destination of every live lease. It
-    only deletes, so a lease whose target it cannot tell still keeps its routes (to "-")."""
-    try:
-        return lease_routes(lease, config)
-    except LeaseRefused:
-        return [Route(d, "-", lease_key=lease.key) for d in lease_destinations(lease, config)]
+    """What the garbage collector keeps for a live lease."""
+    return kept_routes(lease, config, lambda one: lease_routes(one, config))
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -365,7 +332,7 @@ class AwsVpcBackend:
         self._identity: NodeIdentity | None = None
         self._ec2: EC2Client | None = None
         self._resolver: EniResolver | None = None
-        self._election: Election | None = None
+        self._modes = CloudModes(BACKEND_TYPE, self.options.common, ctx.coordination, config)
         self._gate = Gate()
 
     @property
@@ -495,69 +462,37 @@ class AwsVpcBackend:
             f"main route table not found for {identity.vpc_id}; set Backend.RouteTableID"
         )
 
-    # --- elections ---------------------------------------------------------------------------
+    # --- modes ------------------------------------------------------------------------------
 
     def election(self) -> Election:
-        """The election this mode needs: the garbage collector's (node) or the writer's
-        (cluster)."""
-        with self._lock:
-            if self._election is None:
-                c = self._coordination
-                assert c is not None
-                duty = CLUSTER_DUTY if self.options.mode == "cluster" else GC_DUTY
-                key = election_key(c.prefix, self.options.cluster_name, duty)
-                self._election = Election(c.client, key, c.member, ttl=ELECTION_TTL)
-            return self._election
+        return self._modes.election()
 
     def tasks(self) -> list[tuple[str, BackgroundTask]]:
-        election = self.election()
-        return [(f"election-{election.key.rsplit('/', 1)[-1]}", election.run)]
-
-    # --- bindings ----------------------------------------------------------------------------
+        return self._modes.tasks()
 
     def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
-        if own is None and self.options.mode != "cluster":
-            raise ConfigError("aws-vpc in Mode node binds a node's own lease only")
         resolver = self.resolver()
         config = self._config
-        election = self.election()
-        bindings: list[RouteTableBinding] = []
-        for table_id in self.route_table_ids():
-            if self.options.mode == "cluster":
-                table = self._table(table_id, collect=True, fence=election.fence)
 
-                def every(lease: Lease) -> list[Route]:
-                    return lease_routes(lease, config, resolver.want)
+        def routes(lease: Lease) -> list[Route]:
+            return lease_routes(lease, config, resolver.want)
 
-                bindings.append(RouteTableBinding(table, every, active=election.is_leader))
-                continue
-            assert own is not None
-            mine = frozenset(lease_destinations(own, config))
-            node_table = self._table(table_id, scope=mine)
+        return self._modes.bindings(own, self.route_table_ids(), self._table, routes)
 
-            def own_routes(lease: Lease, own_key: str = own.key) -> list[Route]:
-                return lease_routes(lease, config) if lease.key == own_key else []
-
-            def live(lease: Lease) -> list[Route]:
-                return live_routes(lease, config)
-
-            gc_table = self._table(
-                table_id, name=f"{table_id}/gc", collect=True, skip_young=True, fence=election.fence
-            )
-            bindings.append(RouteTableBinding(node_table, own_routes))
-            bindings.append(
-                RouteTableBinding(
-                    gc_table,
-                    live,
-                    actions=frozenset({Action.DELETE}),
-                    active=election.is_leader,
-                )
-            )
-        return bindings
-
-    def _table(self, table_id: str, **kw: Any) -> AwsRouteTable:
+    def _table(
+        self,
+        table_id: str,
+        *,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        fence: Callable[[], Any] | None = None,
+    ) -> AwsRouteTable:
         c = self._coordination
         assert c is not None
+        # The node-mode garbage collector leaves routes alone that are too young for their
+        # lease to have reached it yet.
+        extra: dict[str, Any] = {"name": name} if name else {}
         return AwsRouteTable(
             self.ec2(),
             table_id,
@@ -570,7 +505,11 @@ class AwsVpcBackend:
             route_limit=self.options.route_limit,
             resync_period=self.options.resync_period,
             cluster=self.options.cluster_name,
-            **kw,
+            scope=scope,
+            collect=collect,
+            fence=fence,
+            skip_young=collect and self.options.mode == "node",
+            **extra,
         )
 
 

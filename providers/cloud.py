@@ -1,0 +1,215 @@
+"""What every cloud backend shares: its common options, its modes, and its elections.
+
+A cloud file (aws_vpc, gce, ali_vpc) says only what is particular to its cloud: how a node
+finds out who it is, what a lease's route points at, and how to read and write one route
+table. This module turns that into the bindings of a mode:
+
+- ``node`` (flannel's way): per route table, one binding that wants only this node's own
+  routes, and one garbage collector that may only delete, active while this process holds the
+  ``<type>-gc`` election; it keeps every live lease's routes and removes the others.
+- ``cluster``: per route table, one binding that wants every lease's routes, active while this
+  process holds the ``<type>-controller`` election. Agents and `cloudroutes controller` are
+  candidates alike.
+
+Common options of the ``Backend`` object: ``Mode`` ("node" | "cluster"), ``ClusterName``
+(whose routes these are, default the etcd prefix), ``ResyncPeriod`` (seconds between full
+reads of each table, default 300) and ``RouteLimit`` (the table's route quota, when known).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cloudroutes.backend import BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.config import NetworkConfig
+from cloudroutes.election import Election, election_key
+from cloudroutes.errors import ConfigError, LeaseRefused
+from cloudroutes.lease import Lease
+from cloudroutes.routes import Action, Destination, Route, RouteTable
+
+MODES = ("node", "cluster")
+DEFAULT_RESYNC = 300.0
+MAX_CLUSTER_NAME = 200
+# Seconds. Cloud calls made under the election's fence must finish well within TTL / 2.
+ELECTION_TTL = 15
+# A target the garbage collector keeps for a live lease whose own target it cannot tell: it
+# only deletes, so any value that keeps the destination wanted will do.
+UNKNOWN_TARGET = "-"
+
+
+@dataclass(frozen=True)
+class CloudOptions:
+    mode: str
+    cluster_name: str
+    resync_period: float
+    route_limit: int | None
+
+
+def shown(value: Any) -> str:
+    """A value from the config as a message shows it: quoted, and never very long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_cloud_options(
+    config: NetworkConfig, coordination: Coordination | None, *, limit_hint: str = "e.g. 50"
+) -> CloudOptions:
+    """The common options, or one ConfigError naming the option and the fix."""
+    backend = config.backend
+    mode = backend.get("Mode", "node")
+    if not isinstance(mode, str) or mode.casefold() not in MODES:
+        raise ConfigError(
+            f'Backend.Mode must be "node" or "cluster", got {shown(mode)}; use "node" '
+            '(each node writes its own route) or "cluster" (one elected process writes all)'
+        )
+    # Without etcd (a config being checked) the default is not known yet.
+    default_name = coordination.prefix if coordination is not None else None
+    cluster = backend.get("ClusterName")
+    if cluster is None:
+        cluster = default_name or ""
+    elif (
+        not isinstance(cluster, str)
+        or not 0 < len(cluster) <= MAX_CLUSTER_NAME
+        or not cluster.isprintable()
+    ):
+        raise ConfigError(
+            f"Backend.ClusterName must be 1 to {MAX_CLUSTER_NAME} printable characters, got "
+            f'{shown(cluster)}; name the cluster, e.g. "prod-eu1"'
+        )
+    resync = backend.get("ResyncPeriod", DEFAULT_RESYNC)
+    if isinstance(resync, bool) or not isinstance(resync, int | float) or not 1 <= resync <= 86400:
+        raise ConfigError(
+            f"Backend.ResyncPeriod must be a number of seconds from 1 to 86400, got "
+            f"{shown(resync)}; the default is {int(DEFAULT_RESYNC)}"
+        )
+    limit = backend.get("RouteLimit")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000
+    ):
+        raise ConfigError(
+            f"Backend.RouteLimit must be a whole number of routes (1 to 10000), got "
+            f"{shown(limit)}; set it to the route table's quota, {limit_hint}"
+        )
+    return CloudOptions(mode.casefold(), cluster, float(resync), limit)
+
+
+def lease_destinations(lease: Lease, config: NetworkConfig) -> Iterator[Destination]:
+    """A lease's subnets of the families the network enables."""
+    if config.enable_ipv4 and lease.subnet is not None:
+        yield lease.subnet
+    if config.enable_ipv6 and lease.ipv6_subnet is not None:
+        yield lease.ipv6_subnet
+
+
+def kept_routes(
+    lease: Lease, config: NetworkConfig, routes: Callable[[Lease], list[Route]]
+) -> list[Route]:
+    """What a garbage collector keeps for a live lease: its routes, or, when its target cannot
+    be told, a placeholder at each destination (it only deletes, so nothing alive goes)."""
+    try:
+        return routes(lease)
+    except LeaseRefused:
+        return [
+            Route(d, UNKNOWN_TARGET, lease_key=lease.key) for d in lease_destinations(lease, config)
+        ]
+
+
+class TableFactory(Protocol):
+    """Builds a cloud's route table. ``scope``: the destinations a node-mode table owns (its
+    own); ``collect``: the table sees every route the cluster owns (garbage collector,
+    cluster writer); ``fence``: the election's fence its writes carry; ``name``: the table's
+    name in /status and metrics."""
+
+    def __call__(
+        self,
+        table_id: str,
+        *,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        fence: Callable[[], Any] | None = None,
+    ) -> RouteTable: ...
+
+
+class CloudModes:
+    """The bindings and the election of one cloud backend, for its mode."""
+
+    def __init__(
+        self,
+        backend_type: str,
+        options: CloudOptions,
+        coordination: Coordination,
+        config: NetworkConfig,
+    ) -> None:
+        self.backend_type = backend_type
+        self.options = options
+        self._coordination = coordination
+        self._config = config
+        self._lock = threading.Lock()
+        self._election: Election | None = None
+
+    @property
+    def cluster(self) -> bool:
+        return self.options.mode == "cluster"
+
+    def election(self) -> Election:
+        """The election this mode needs: the garbage collector's (node) or the writer's
+        (cluster). It gets an etcd connection of its own when the coordination can open one."""
+        with self._lock:
+            if self._election is None:
+                c = self._coordination
+                duty = f"{self.backend_type}-{'controller' if self.cluster else 'gc'}"
+                key = election_key(c.prefix, self.options.cluster_name, duty)
+                client = c.connect() if c.connect is not None else c.client
+                self._election = Election(client, key, c.member, ttl=ELECTION_TTL)
+            return self._election
+
+    def tasks(self) -> list[tuple[str, BackgroundTask]]:
+        election = self.election()
+        return [(f"election-{election.key.rsplit('/', 1)[-1]}", election.run)]
+
+    def bindings(
+        self,
+        own: Lease | None,
+        table_ids: Iterable[str],
+        make_table: TableFactory,
+        routes: Callable[[Lease], list[Route]],
+    ) -> Sequence[RouteTableBinding]:
+        """``routes(lease)``: the routes a lease wants in every table (raising LeaseRefused
+        when it cannot be routed)."""
+        if own is None and not self.cluster:
+            raise ConfigError(
+                f"{self.backend_type} in Mode node binds a node's own lease only; "
+                'the controller serves Mode "cluster"'
+            )
+        config = self._config
+        election = self.election()
+        bindings: list[RouteTableBinding] = []
+        for table_id in table_ids:
+            if self.cluster:
+                table = make_table(table_id, collect=True, fence=election.fence)
+                bindings.append(RouteTableBinding(table, routes, active=election.is_leader))
+                continue
+            assert own is not None
+            mine = frozenset(lease_destinations(own, config))
+
+            def own_routes(lease: Lease, own_key: str = own.key) -> list[Route]:
+                return routes(lease) if lease.key == own_key else []
+
+            def live(lease: Lease) -> list[Route]:
+                return kept_routes(lease, config, routes)
+
+            node_table = make_table(table_id, scope=mine)
+            gc_table = make_table(
+                table_id, name=f"{table_id}/gc", collect=True, fence=election.fence
+            )
+            bindings.append(RouteTableBinding(node_table, own_routes))
+            bindings.append(
+                RouteTableBinding(
+                    gc_table, live, actions=frozenset({Action.DELETE}), active=election.is_leader
+                )
+            )
+        return bindings
