@@ -16,6 +16,7 @@ that fire by chance draw from a seeded ``random.Random``, so a failing run can b
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import socket
 import struct
@@ -128,6 +129,40 @@ EC2 = Dialect(
     server_error={
         500: ("InternalError", "An internal error has occurred."),
         503: ("Unavailable", "The server is overloaded and can't handle the request."),
+    },
+)
+
+
+# -- Alibaba Cloud (RPC APIs: VPC 2016-04-28) -------------------------------------------------
+
+
+def alibaba_error(code: str, message: str, status: int) -> Reply:
+    """Alibaba's JSON error document; aliyunsdkcore raises it as ServerException(Code)."""
+    request_id = str(uuid.uuid4()).upper()
+    body = {
+        "RequestId": request_id,
+        "HostId": "vpc.aliyuncs.com",
+        "Code": code,
+        "Message": message,
+        "Recommend": f"https://api.aliyun.com/troubleshoot?q={code}&product=Vpc",
+    }
+    headers = (("Content-Type", "application/json;charset=utf-8"), ("x-acs-request-id", request_id))
+    return Reply(status, headers, json.dumps(body).encode())
+
+
+ALIBABA = Dialect(
+    name="alibaba",
+    # An RPC call names its action as an EC2 query call does: the Action parameter.
+    action=ec2_action,
+    is_read=lambda action: action.startswith(("Describe", "Get", "List")),
+    error=alibaba_error,
+    throttle=("Throttling.User", "Request was denied due to user flow control.", 400),
+    server_error={
+        500: ("InternalError", "The request processing has failed due to some unknown error."),
+        503: (
+            "ServiceUnavailable",
+            "The request has failed due to a temporary failure of the server.",
+        ),
     },
 )
 
