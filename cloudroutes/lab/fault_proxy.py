@@ -18,6 +18,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import re
 import socket
 import struct
 import threading
@@ -164,6 +165,106 @@ ALIBABA = Dialect(
             "The request has failed due to a temporary failure of the server.",
         ),
     },
+)
+
+
+# -- GCE (Compute Engine API v1) ------------------------------------------------------------
+
+# (method, path under /compute/v1/projects/{p}/) -> the API method's name, as Google names it.
+_GCE_ACTIONS: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
+    (method, re.compile(rf"^/compute/v1/projects/[^/]+/{pattern}$"), action)
+    for method, pattern, action in (
+        ("POST", "global/routes", "routes.insert"),
+        ("GET", "global/routes", "routes.list"),
+        ("GET", "global/routes/[^/]+", "routes.get"),
+        ("DELETE", "global/routes/[^/]+", "routes.delete"),
+        ("GET", "global/operations/[^/]+", "globalOperations.get"),
+        ("POST", "global/operations/[^/]+/wait", "globalOperations.wait"),
+        ("GET", "global/networks/[^/]+", "networks.get"),
+        ("GET", "zones/[^/]+/instances/[^/]+", "instances.get"),
+    )
+)
+
+# The status names Google's newer error answers carry next to the HTTP code.
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ALREADY_EXISTS",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+_USAGE_LIMITS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
+
+
+def gce_action(call: Call) -> str:
+    """The Compute method (``routes.insert``); other paths (metadata) as plain HTTP names them."""
+    path = urlsplit(call.path).path
+    for method, pattern, action in _GCE_ACTIONS:
+        if call.method == method and pattern.match(path):
+            return action
+    return http_action(call)
+
+
+def gce_error(code: str, message: str, status: int) -> Reply:
+    """Compute's JSON error, which google-api-core raises as the exception for ``status``.
+
+    A camelCase ``code`` (``alreadyExists``, ``rateLimitExceeded``) is the legacy
+    ``errors[].reason`` every Compute error carries. An UPPER_SNAKE one (``QUOTA_EXCEEDED``,
+    ``RATE_LIMIT_EXCEEDED``) is the newer answer: the same legacy reason in camelCase, plus a
+    ``google.rpc.ErrorInfo`` with the code, which the client shows as ``exception.reason``.
+    """
+    error: dict[str, object] = {"code": status, "message": message}
+    if code.isupper():
+        words = code.lower().split("_")
+        reason = words[0] + "".join(w.title() for w in words[1:])
+        error["status"] = _GOOGLE_STATUS.get(status, "UNKNOWN")
+        domain = "googleapis.com" if code == "RATE_LIMIT_EXCEEDED" else "compute.googleapis.com"
+        error["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": code,
+                "domain": domain,
+                "metadata": {"service": "compute.googleapis.com"},
+            }
+        ]
+    else:
+        reason = code
+    domain = "usageLimits" if reason in _USAGE_LIMITS else "global"
+    error["errors"] = [{"message": message, "domain": domain, "reason": reason}]
+    body = json.dumps({"error": error}, indent=1).encode()
+    return Reply(status, (("Content-Type", "application/json; charset=UTF-8"),), body)
+
+
+def _gce_is_read(action: str) -> bool:
+    return action.endswith((".get", ".list", ".wait")) or action.startswith(("GET ", "HEAD "))
+
+
+GCE = Dialect(
+    name="gce",
+    action=gce_action,
+    is_read=_gce_is_read,
+    error=gce_error,
+    # Compute's classic per-project rate limit answer.
+    throttle=("rateLimitExceeded", "Rate Limit Exceeded", 403),
+    server_error={
+        500: ("internalError", "Internal error. Please try again or contact Google Support."),
+        503: ("backendError", "Backend Error"),
+    },
+)
+
+# The same limit as newer front ends answer it: 429 RESOURCE_EXHAUSTED with an ErrorInfo.
+GCE_429 = replace(
+    GCE,
+    name="gce-429",
+    throttle=(
+        "RATE_LIMIT_EXCEEDED",
+        "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service "
+        "'compute.googleapis.com'.",
+        429,
+    ),
 )
 
 

@@ -1,0 +1,579 @@
+"""The local GCE lab: the fake Compute API and metadata server, checked with the real clients.
+
+The gce backend's tests trust this lab, so every behaviour is shown through
+google-cloud-compute (the routes, operations and instances clients) and google-auth's own
+metadata code, over HTTP on 127.0.0.1, as the backend will use them.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from google.api_core.client_options import ClientOptions
+from google.api_core.exceptions import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GoogleAPICallError,
+    NotFound,
+    TooManyRequests,
+)
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.cloud import compute_v1
+
+from cloudroutes.lab.fault_proxy import GCE, GCE_429, FaultProxy, Throttle
+from cloudroutes.lab.gce import (
+    LINK_BASE,
+    ApiError,
+    FakeComputeApi,
+    FakeMetadataServer,
+    LabGceProject,
+    make_gce_project,
+    metadata_servers,
+    route_filter,
+)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeComputeApi]:
+    with FakeComputeApi() as api:
+        yield api
+
+
+@pytest.fixture
+def api(server: FakeComputeApi) -> Iterator[FakeComputeApi]:
+    server.reset()
+    yield server
+    server.operation_seconds = 0.0
+    server.quota_in_operation = True
+    server.require_token = False
+
+
+@pytest.fixture
+def lab(api: FakeComputeApi) -> LabGceProject:
+    return make_gce_project(api, nodes=3, can_ip_forward=[True, True, False])
+
+
+class Gce:
+    """The three clients the backend uses, built on one endpoint as the backend will."""
+
+    def __init__(self, url: str, credentials: Credentials | None = None) -> None:
+        creds = credentials or AnonymousCredentials()
+        options = ClientOptions(api_endpoint=url)
+        self.routes = compute_v1.RoutesClient(credentials=creds, client_options=options)
+        self.operations = compute_v1.GlobalOperationsClient(
+            credentials=creds, client_options=options
+        )
+        self.instances = compute_v1.InstancesClient(credentials=creds, client_options=options)
+
+    def insert(
+        self, lab: LabGceProject, name: str, dest: str, **fields: Any
+    ) -> compute_v1.Operation:
+        """insert_unary, then wait on the operation: what the backend does."""
+        fields.setdefault("next_hop_instance", lab.instances[0].self_link)
+        fields.setdefault("network", lab.network_path)
+        route = compute_v1.Route(name=name, dest_range=dest, **fields)
+        op = self.routes.insert_unary(project=lab.project_id, route_resource=route)
+        return self.operations.wait(project=lab.project_id, operation=op.name)
+
+    def delete(self, lab: LabGceProject, name: str) -> compute_v1.Operation:
+        op = self.routes.delete_unary(project=lab.project_id, route=name)
+        return self.operations.wait(project=lab.project_id, operation=op.name)
+
+    def names(self, lab: LabGceProject, filter: str = "", max_results: int = 0) -> list[str]:
+        request = compute_v1.ListRoutesRequest(project=lab.project_id, filter=filter)
+        if max_results:
+            request.max_results = max_results
+        return [r.name for r in self.routes.list(request=request)]
+
+
+@pytest.fixture
+def gce(api: FakeComputeApi) -> Gce:
+    return Gce(api.url)
+
+
+DONE = compute_v1.Operation.Status.DONE
+RUNNING = compute_v1.Operation.Status.RUNNING
+
+
+def _reason(err: pytest.ExceptionInfo[GoogleAPICallError]) -> str:
+    """The legacy errors[].reason every Compute error carries."""
+    return err.value.errors[0]["reason"]
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+
+def test_insert_then_wait_then_the_route_is_there_with_full_links(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    node = lab.instances[1]
+    route = compute_v1.Route(
+        name="cr-10-244-1-0-24",
+        network=lab.network_path,
+        dest_range="10.244.1.0/24",
+        priority=900,
+        next_hop_instance=node.path,  # a partial path, as the API also takes
+        description="cloudroutes: lease 10.244.1.0/24",
+        tags=["pods"],
+    )
+    op = gce.routes.insert_unary(project=lab.project_id, route_resource=route)
+    assert op.status == RUNNING
+    assert op.operation_type == "insert"
+    assert op.target_link == f"{LINK_BASE}/projects/{lab.project_id}/global/routes/{route.name}"
+
+    done = gce.operations.wait(project=lab.project_id, operation=op.name)
+    assert (done.status, done.error.errors) == (DONE, [])
+    assert gce.operations.get(project=lab.project_id, operation=op.name).status == DONE
+
+    got = gce.routes.get(project=lab.project_id, route=route.name)
+    assert got.network == lab.network_link
+    assert got.next_hop_instance == node.self_link
+    assert (got.dest_range, got.priority, got.description) == (
+        "10.244.1.0/24",
+        900,
+        "cloudroutes: lease 10.244.1.0/24",
+    )
+    assert list(got.tags) == ["pods"]
+    assert got.warnings == []
+
+
+def test_an_operation_runs_for_a_while_and_the_route_appears_only_when_done(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    api.operation_seconds = 60.0
+    route = compute_v1.Route(
+        name="cr-slow",
+        network=lab.network_path,
+        dest_range="10.244.2.0/24",
+        next_hop_ip="198.18.0.11",
+    )
+    op = gce.routes.insert_unary(project=lab.project_id, route_resource=route)
+    assert gce.operations.get(project=lab.project_id, operation=op.name).status == RUNNING
+    assert gce.names(lab) == []
+    # The name is taken while the insert runs.
+    with pytest.raises(Conflict):
+        gce.routes.insert_unary(project=lab.project_id, route_resource=route)
+
+    api.wait_seconds = 0.2
+    try:
+        # A wait that runs out answers the operation as it stands, as GCE's does.
+        assert gce.operations.wait(project=lab.project_id, operation=op.name).status == RUNNING
+    finally:
+        api.wait_seconds = 120.0
+    api.complete_operations()
+    assert gce.operations.wait(project=lab.project_id, operation=op.name).status == DONE
+    assert gce.names(lab) == ["cr-slow"]
+    assert gce.routes.get(project=lab.project_id, route="cr-slow").next_hop_ip == "198.18.0.11"
+
+
+def test_wait_blocks_until_the_operation_is_done(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    api.operation_seconds = 0.3
+    done = gce.insert(lab, "cr-a", "10.244.1.0/24")
+    assert done.status == DONE
+    assert gce.names(lab) == ["cr-a"]
+
+
+def test_list_filters_by_name_description_and_network_across_pages(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    for i in range(7):
+        gce.insert(lab, f"cr-{i}", f"10.244.{i}.0/24", description="cloudroutes")
+    gce.insert(lab, "other-a", "10.9.0.0/24", description="someone else")
+    gce.insert(lab, "other-b", "10.9.1.0/24")
+
+    before = api.counts().get("routes.list", 0)
+    names = gce.names(lab, filter='name eq "cr-.*"', max_results=3)
+    assert names == [f"cr-{i}" for i in range(7)]
+    assert api.counts()["routes.list"] - before == 3  # pages of 3, 3 and 1
+
+    assert gce.names(lab, filter='description eq "cloudroutes"') == names
+    assert gce.names(lab, filter="description ne cloudroutes") == ["other-a", "other-b"]
+    assert gce.names(lab, filter=f'network eq ".*/networks/{lab.network_name}"') == sorted(
+        [*names, "other-a", "other-b"]
+    )
+    assert gce.names(lab, filter='(name eq "cr-.*") (destRange eq "10.244.[12].0/24")') == [
+        "cr-1",
+        "cr-2",
+    ]
+    assert gce.names(lab, filter='name = "cr-1"') == ["cr-1"]
+    # A regex must match the whole field, as RE2 full match on GCE.
+    assert gce.names(lab, filter='name eq "cr"') == []
+    assert gce.names(lab, filter='name eq "nothing-.*"') == []
+
+
+def test_list_refuses_what_it_does_not_understand(gce: Gce, lab: LabGceProject) -> None:
+    for bad in ('name eq "a" description eq "b"', "nosuchfield eq x", 'name eq "("'):
+        with pytest.raises(BadRequest) as err:
+            gce.names(lab, filter=bad)
+        assert _reason(err) == "invalid"
+    with pytest.raises(BadRequest):
+        gce.names(lab, max_results=501)
+
+
+def test_delete_removes_the_route_and_a_second_delete_is_not_found(
+    gce: Gce, lab: LabGceProject
+) -> None:
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    gce.insert(lab, "cr-b", "10.244.2.0/24")
+    done = gce.delete(lab, "cr-a")
+    assert (done.status, done.operation_type, done.error.errors) == (DONE, "delete", [])
+    assert gce.names(lab) == ["cr-b"]
+    with pytest.raises(NotFound) as err:
+        gce.routes.delete_unary(project=lab.project_id, route="cr-a")
+    assert _reason(err) == "notFound"
+    with pytest.raises(NotFound):
+        gce.routes.get(project=lab.project_id, route="cr-a")
+
+
+def test_a_route_being_deleted_cannot_be_deleted_again(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    api.operation_seconds = 60.0
+    gce.routes.delete_unary(project=lab.project_id, route="cr-a")
+    with pytest.raises(BadRequest) as err:
+        gce.routes.delete_unary(project=lab.project_id, route="cr-a")
+    assert _reason(err) == "resourceNotReady"
+    assert gce.names(lab) == ["cr-a"]  # still there until the delete is DONE
+    api.complete_operations()
+    assert gce.names(lab) == []
+
+
+def test_a_taken_name_is_409_already_exists(gce: Gce, lab: LabGceProject) -> None:
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    with pytest.raises(Conflict) as err:
+        gce.insert(lab, "cr-a", "10.244.9.0/24")
+    assert err.value.code == 409
+    assert _reason(err) == "alreadyExists"
+    assert "projects/cloudroutes-lab/global/routes/cr-a" in err.value.message
+    assert gce.routes.get(project=lab.project_id, route="cr-a").dest_range == "10.244.1.0/24"
+
+
+def test_a_retried_insert_with_the_same_request_id_gets_the_same_operation(
+    gce: Gce, lab: LabGceProject
+) -> None:
+    route = compute_v1.Route(
+        name="cr-a", network=lab.network_path, dest_range="10.244.1.0/24", next_hop_ip="198.18.0.10"
+    )
+    request = compute_v1.InsertRouteRequest(
+        project=lab.project_id,
+        route_resource=route,
+        request_id="6f1c1b7e-1d3a-4c55-9a3e-6c9a8a1d2b10",
+    )
+    first = gce.routes.insert_unary(request=request)
+    again = gce.routes.insert_unary(request=request)  # the answer was lost; the client retries
+    assert again.name == first.name
+    assert gce.names(lab) == ["cr-a"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "what"),
+    [
+        ({"name": "Cr_A"}, "resource.name"),
+        ({"name": "a" * 64}, "resource.name"),
+        ({"name": "cr-"}, "resource.name"),
+        ({"dest_range": "10.244.1.1/24"}, "resource.destRange"),
+        ({"dest_range": "not-a-cidr"}, "resource.destRange"),
+        ({"next_hop_ip": "198.18.0.11"}, "Exactly one next hop"),
+        ({"next_hop_instance": ""}, "Exactly one next hop"),
+        ({"network": "projects/elsewhere/global/networks/x"}, "resource.network"),
+    ],
+)
+def test_an_invalid_route_is_refused_and_nothing_is_made(
+    gce: Gce, lab: LabGceProject, fields: dict[str, str], what: str
+) -> None:
+    values = {
+        "name": "cr-a",
+        "network": lab.network_path,
+        "dest_range": "10.244.1.0/24",
+        "next_hop_instance": lab.instances[0].self_link,
+        **fields,
+    }
+    route = compute_v1.Route(**values)
+    with pytest.raises(BadRequest) as err:
+        gce.routes.insert_unary(project=lab.project_id, route_resource=route)
+    assert _reason(err) == "invalid"
+    assert what in err.value.message
+    assert gce.names(lab) == []
+
+
+def test_unknown_network_and_next_hop_instance_are_not_found(gce: Gce, lab: LabGceProject) -> None:
+    missing_network = f"projects/{lab.project_id}/global/networks/missing"
+    with pytest.raises(NotFound):
+        gce.insert(lab, "cr-a", "10.244.1.0/24", network=missing_network)
+    missing_vm = f"projects/{lab.project_id}/zones/{lab.zone}/instances/missing"
+    with pytest.raises(NotFound):
+        gce.insert(lab, "cr-a", "10.244.1.0/24", next_hop_instance=missing_vm)
+    with pytest.raises(NotFound):
+        gce.routes.get(project="no-such-project", route="cr-a")
+    assert gce.names(lab) == []
+
+
+def test_routes_are_immutable(api: FakeComputeApi, gce: Gce, lab: LabGceProject) -> None:
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    status, doc = api.answer(
+        "PATCH", f"/compute/v1/projects/{lab.project_id}/global/routes/cr-a", {}, b"{}"
+    )
+    assert (status, doc["error"]["errors"][0]["reason"]) == (405, "httpMethodNotAllowed")
+
+
+def test_routes_show_gce_warnings_about_their_next_hop(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    gce.insert(lab, "cr-fwd", "10.244.1.0/24", next_hop_instance=lab.instances[0].self_link)
+    gce.insert(lab, "cr-nofwd", "10.244.2.0/24", next_hop_instance=lab.instances[2].self_link)
+    api.remove_instance(lab.project_id, lab.zone, lab.instances[1].name)
+    gce.insert(lab, "cr-gone", "10.244.3.0/24", next_hop_instance=lab.instances[0].self_link)
+    warnings = {
+        r.name: [w.code for w in r.warnings] for r in gce.routes.list(project=lab.project_id)
+    }
+    assert warnings == {"cr-fwd": [], "cr-nofwd": ["NEXT_HOP_CANNOT_IP_FORWARD"], "cr-gone": []}
+
+
+# -- quota and failed operations ------------------------------------------------------------
+
+
+def test_quota_ends_the_operation_done_with_quota_exceeded_until_raised(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    api.set_route_quota(2)
+    gce.insert(lab, "cr-1", "10.244.1.0/24")
+    gce.insert(lab, "cr-2", "10.244.2.0/24")
+    done = gce.insert(lab, "cr-3", "10.244.3.0/24")
+    assert done.status == DONE
+    assert [e.code for e in done.error.errors] == ["QUOTA_EXCEEDED"]
+    assert "Quota 'ROUTES' exceeded" in done.error.errors[0].message
+    assert done.http_error_status_code == 403
+    assert gce.names(lab) == ["cr-1", "cr-2"]
+
+    api.set_route_quota(3)
+    assert gce.insert(lab, "cr-3", "10.244.3.0/24").error.errors == []
+    assert gce.names(lab) == ["cr-1", "cr-2", "cr-3"]
+
+
+def test_quota_can_be_refused_at_once_as_403_quota_exceeded(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    api.quota_in_operation = False
+    api.set_route_quota(1, lab.project_id)
+    gce.insert(lab, "cr-1", "10.244.1.0/24")
+    with pytest.raises(Forbidden) as err:
+        gce.insert(lab, "cr-2", "10.244.2.0/24")
+    assert err.value.reason == "QUOTA_EXCEEDED"
+    assert _reason(err) == "quotaExceeded"
+    gce.delete(lab, "cr-1")  # a delete frees room
+    gce.insert(lab, "cr-2", "10.244.2.0/24")
+    assert gce.names(lab) == ["cr-2"]
+
+
+def test_an_injected_operation_error_ends_done_with_it_and_changes_nothing(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    api.fail_operations("RESOURCE_OPERATION_RATE_EXCEEDED", "slow down", op_type="insert")
+    done = gce.insert(lab, "cr-a", "10.244.1.0/24")
+    assert [e.code for e in done.error.errors] == ["RESOURCE_OPERATION_RATE_EXCEEDED"]
+    assert gce.names(lab) == []
+    assert gce.insert(lab, "cr-a", "10.244.1.0/24").error.errors == []  # only once
+    assert gce.names(lab) == ["cr-a"]
+
+
+# -- instances ----------------------------------------------------------------------------------
+
+
+def test_instances_get_shows_can_ip_forward_and_the_address(gce: Gce, lab: LabGceProject) -> None:
+    seen = [
+        gce.instances.get(project=lab.project_id, zone=lab.zone, instance=node.name)
+        for node in lab.instances
+    ]
+    assert [i.can_ip_forward for i in seen] == [True, True, False]
+    assert [i.network_interfaces[0].network_i_p for i in seen] == [n.ip for n in lab.instances]
+    assert {i.network_interfaces[0].network for i in seen} == {lab.network_link}
+    assert [i.self_link for i in seen] == [n.self_link for n in lab.instances]
+    with pytest.raises(NotFound):
+        gce.instances.get(project=lab.project_id, zone=lab.zone, instance="missing")
+
+
+def test_reset_forgets_everything(api: FakeComputeApi, gce: Gce, lab: LabGceProject) -> None:
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    api.reset()
+    assert api.counts() == {}
+    with pytest.raises(NotFound):
+        gce.routes.get(project=lab.project_id, route="cr-a")
+    again = make_gce_project(api, nodes=1)
+    assert gce.names(again) == []
+
+
+# -- the metadata server and the token ----------------------------------------------------------
+
+
+def _metadata(server: FakeMetadataServer, path: str, flavor: bool = True) -> tuple[int, str]:
+    headers = {"Metadata-Flavor": "Google"} if flavor else {}
+    answer = requests.get(f"{server.url}/computeMetadata/v1/{path}", headers=headers, timeout=5)
+    return answer.status_code, answer.text if answer.ok else ""
+
+
+@pytest.fixture
+def metadata(
+    api: FakeComputeApi, lab: LabGceProject, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeMetadataServer]:
+    """Node 0's metadata server, where google-auth looks for it (and nowhere else)."""
+    from google.auth.compute_engine import _metadata
+
+    with FakeMetadataServer(lab, lab.instances[0], api.tokens) as server:
+        # google-auth read GCE_METADATA_HOST at import; the IP (its ping) it reads per call.
+        monkeypatch.setattr(_metadata, "_GCE_METADATA_HOST", server.host_port)
+        monkeypatch.setenv("GCE_METADATA_IP", server.host_port)
+        monkeypatch.setenv("GCE_METADATA_HOST", server.host_port)
+        yield server
+
+
+def test_metadata_refuses_requests_without_the_flavor_header(
+    metadata: FakeMetadataServer,
+) -> None:
+    assert _metadata(metadata, "project/project-id", flavor=False)[0] == 403
+    assert _metadata(metadata, "project/project-id") == (200, "cloudroutes-lab")
+    assert _metadata(metadata, "instance/nothing-here")[0] == 404
+
+
+def test_each_node_has_its_own_metadata_server(api: FakeComputeApi, lab: LabGceProject) -> None:
+    with metadata_servers(lab, api.tokens) as servers:
+        assert len({s.url for s in servers}) == len(lab.instances)
+        assert [_metadata(s, "instance/name")[1] for s in servers] == [
+            n.name for n in lab.instances
+        ]
+        assert [_metadata(s, "instance/network-interfaces/0/ip")[1] for s in servers] == [
+            n.ip for n in lab.instances
+        ]
+
+
+def test_google_auth_reads_who_the_instance_is(
+    metadata: FakeMetadataServer, lab: LabGceProject
+) -> None:
+    import google.auth.transport.requests
+    from google.auth.compute_engine import _metadata
+
+    request = google.auth.transport.requests.Request()
+    node = lab.instances[0]
+    assert _metadata.ping(request)
+    assert _metadata.get_project_id(request) == lab.project_id
+    assert _metadata.get_universe_domain(request) == "googleapis.com"
+    assert _metadata.get(request, "project/numeric-project-id") == str(lab.project_number)
+    assert _metadata.get(request, "instance/name") == node.name
+    assert _metadata.get(request, "instance/id") == node.instance_id
+    assert (
+        _metadata.get(request, "instance/zone") == f"projects/{lab.project_number}/zones/{lab.zone}"
+    )
+    assert _metadata.get(request, "instance/network-interfaces/0/ip") == node.ip
+    network = _metadata.get(request, "instance/network-interfaces/0/network")
+    assert network == f"projects/{lab.project_number}/networks/{lab.network_name}"
+    assert network == lab.metadata_network
+    assert _metadata.get(request, "instance/hostname").startswith(f"{node.name}.")
+
+
+def test_compute_engine_credentials_get_a_token_the_api_requires(
+    api: FakeComputeApi, metadata: FakeMetadataServer, lab: LabGceProject
+) -> None:
+    from google.auth import compute_engine
+
+    api.require_token = True
+    # Without a token (AnonymousCredentials would try to refresh on the 401, so plain HTTP).
+    url = f"{api.url}/compute/v1/projects/{lab.project_id}/global/routes"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=5)
+    refused.value.close()
+    assert refused.value.code == 401
+
+    gce = Gce(api.url, compute_engine.Credentials())
+    assert gce.insert(lab, "cr-a", "10.244.1.0/24").status == DONE
+    assert gce.names(lab) == ["cr-a"]
+    fetched = metadata.hits["instance/service-accounts/default/token"]
+    assert fetched >= 1
+
+    # The token goes stale: the API answers 401, the client fetches a new one and retries.
+    api.tokens.rotate()
+    assert gce.routes.get(project=lab.project_id, route="cr-a").name == "cr-a"
+    assert metadata.hits["instance/service-accounts/default/token"] == fetched + 1
+
+
+# -- through the fault proxy --------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(api: FakeComputeApi) -> Iterator[FaultProxy]:
+    with FaultProxy(api.url, dialect=GCE) as server:
+        yield server
+
+
+def test_calls_through_the_proxy_are_counted_per_action(
+    proxy: FaultProxy, lab: LabGceProject
+) -> None:
+    gce = Gce(proxy.url)
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    gce.names(lab, filter='name eq "cr-.*"')
+    gce.routes.get(project=lab.project_id, route="cr-a")
+    gce.instances.get(project=lab.project_id, zone=lab.zone, instance=lab.instances[0].name)
+    op = gce.routes.delete_unary(project=lab.project_id, route="cr-a")
+    gce.operations.get(project=lab.project_id, operation=op.name)
+
+    counts = proxy.counts()
+    assert dict(counts.by_action) == {
+        "routes.insert": 1,
+        "globalOperations.wait": 1,
+        "routes.list": 1,
+        "routes.get": 1,
+        "instances.get": 1,
+        "routes.delete": 1,
+        "globalOperations.get": 1,
+    }
+    assert (counts.reads, counts.writes) == (5, 2)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "exception", "status"), [(GCE, Forbidden, 403), (GCE_429, TooManyRequests, 429)]
+)
+def test_throttling_surfaces_as_rate_limit_exceeded(
+    api: FakeComputeApi,
+    lab: LabGceProject,
+    dialect: Any,
+    exception: type[GoogleAPICallError],
+    status: int,
+) -> None:
+    with FaultProxy(api.url, dialect=dialect) as proxy:
+        gce = Gce(proxy.url)
+        throttle = proxy.add(Throttle(actions={"routes.insert"}, times=1))
+        with pytest.raises(exception) as err:
+            gce.insert(lab, "cr-a", "10.244.1.0/24")
+        assert err.value.code == status
+        assert _reason(err) == "rateLimitExceeded"
+        assert gce.names(lab) == []  # nothing was applied
+
+        gce.insert(lab, "cr-a", "10.244.1.0/24")
+        assert gce.names(lab) == ["cr-a"]
+        assert throttle.fired == 1
+        assert proxy.counts()["routes.insert"] == 2
+    if status == 429:
+        assert err.value.reason == "RATE_LIMIT_EXCEEDED"
+
+
+# -- the filter itself ----------------------------------------------------------------------------
+
+
+def test_route_filter_forms() -> None:
+    route = {"name": "cr-a", "priority": 1000, "description": 'say "hi"'}
+    assert route_filter("")(route)
+    assert route_filter("priority eq 1000")(route)
+    assert route_filter("priority != 999")(route)
+    assert route_filter(r'description eq "say \"hi\""')(route)
+    assert route_filter("(name eq 'cr-.*') (priority = 1000)")(route)
+    assert not route_filter("(name eq 'cr-.*') (priority ne 1000)")(route)
+    assert route_filter("nextHopIp ne .*")(route)  # absent field: ne holds
+    with pytest.raises(ApiError):
+        route_filter("name eq")
