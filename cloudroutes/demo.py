@@ -140,13 +140,13 @@ class AwsView:
         target = route.get("NetworkInterfaceId", "")
         if route.get("Origin") != "CreateRoute":
             return f"AWS ({route.get('Origin', '?')})"
-        if (
-            entry is not None
-            and entry.owns(target)
-            and within(ip_network(destination), [self.network])
-        ):
-            return f"cloudroutes (ledger: written by {self.node_named(entry.by)})"
-        return "not cloudroutes' (not in its ledger)"
+        if not within(ip_network(destination), [self.network]):
+            return "not cloudroutes' (outside its Network)"
+        if entry is None:
+            return "not cloudroutes' (not in its ledger)"
+        if not entry.owns(target):
+            return f"not cloudroutes' (its ledger records {entry.target})"
+        return f"cloudroutes (ledger: written by {self.node_named(entry.by)})"
 
     def leaders(self) -> dict[str, str]:
         """Each elected duty (aws-vpc-gc, aws-vpc-controller) and the node holding it."""

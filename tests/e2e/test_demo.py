@@ -44,9 +44,9 @@ class Row:
 class Demo:
     """A running `cloudroutes demo`, its output read as it comes."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, argv: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [CLI, "demo", *args],
+            argv or [CLI, "demo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -109,8 +109,22 @@ def test_host_gw_demo_pings_every_node_and_cleans_up() -> None:
     assert leftovers(demo) == ([], False)
 
 
-def test_aws_vpc_demo_routes_each_node_to_its_eni_and_removes_a_leaving_nodes_route() -> None:
-    demo = Demo("--backend", "aws-vpc")
+# `cloudroutes demo` has no --mode flag yet: cluster mode is run through run_demo itself.
+CLUSTER_MODE = [
+    sys.executable,
+    "-c",
+    "import sys; from cloudroutes.demo import run_demo; "
+    "sys.exit(run_demo(backend='aws-vpc', nodes=3, keep=False, mode='cluster'))",
+]
+
+
+@pytest.mark.parametrize(
+    "argv", [[CLI, "demo", "--backend", "aws-vpc"], CLUSTER_MODE], ids=["node-mode", "cluster-mode"]
+)
+def test_aws_vpc_demo_routes_each_node_to_its_eni_and_removes_a_leaving_nodes_route(
+    argv: list[str],
+) -> None:
+    demo = Demo(argv=argv)
     assert demo.wait(300) == 0, demo.output
     nodes = {m[1]: m.groups()[1:] for m in map(NODE.match, demo.lines) if m}
     assert sorted(nodes) == ["node1", "node2", "node3"], demo.output
