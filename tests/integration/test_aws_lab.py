@@ -16,7 +16,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -34,26 +33,10 @@ from cloudroutes.lab.netns import Netns, Underlay
 from tests.conftest import needs_root
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        yield server
-
-
 @pytest.fixture
 def ec2(moto: MotoServer) -> EC2Client:
     moto.reset()
     return moto.client(region="eu-west-1")
-
-
-@pytest.fixture
-def clean_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No AWS_* variable or ~/.aws file from the host may reach botocore in these tests."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, str]:

@@ -29,9 +29,6 @@ from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Change, EntryState, Plan, Route
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers.aws_route_table import AwsRouteTable, EniResolver
-from tests.integration.test_aws_lab import clean_aws_env, moto
-
-__all__ = ["clean_aws_env", "moto"]  # fixtures, used by name
 
 pytestmark = pytest.mark.etcd
 

@@ -41,10 +41,10 @@ from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import aws_route_table
 from providers.aws_vpc import AwsVpcBackend, Imds
-from tests.integration.test_aws_route_table import REGION, admin, clean_aws_env, moto, proxy
+from tests.integration.test_aws_route_table import REGION, admin, proxy
 from tests.wait import wait_for
 
-__all__ = ["admin", "clean_aws_env", "moto", "proxy"]  # fixtures, used by name
+__all__ = ["admin", "proxy"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 

@@ -28,10 +28,7 @@ from cloudroutes.lab.fault_proxy import (
     Throttle,
     TokenBucket,
 )
-from tests.integration.test_aws_lab import moto
 from tests.wait import wait_for
-
-__all__ = ["moto"]  # a fixture, used by name
 
 
 @pytest.fixture
