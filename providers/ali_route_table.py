@@ -1,0 +1,891 @@
+"""One Alibaba Cloud VPC route table behind the route-table protocol.
+
+Ownership follows the ledger rule (``cloudroutes.ledger``): an entry is ours only if it is a
+Custom entry to an instance, lies inside the Network, and the ledger of this table records
+its destination with that instance. Entries we create also carry markers for people reading
+the console: the name ``cloudroutes-<hash of the cluster name>`` and the description
+``cloudroutes cluster=<hash> lease=<lease key>``. System entries are never listed (the list asks
+for Custom entries only) and ``0.0.0.0/0`` lies inside no Network, so neither is ever touched.
+
+Each ``observe()`` is one DescribeRouteEntryList walk of this table (every page, following
+NextToken) and one etcd range read of its ledger. Writes are CreateRouteEntries and
+DeleteRouteEntries of at most 50 entries each, one call at a time per VPC (Alibaba refuses
+concurrent route changes in a VPC); a batch's per-entry failures are per-route outcomes.
+Alibaba has no in-place retarget: a replace is a delete, then a create.
+
+Alibaba applies route changes asynchronously: a new entry is ``Pending`` for a while, and
+changes the API refuses meanwhile (IncorrectRouteEntryStatus, TaskConflict, OperationConflict)
+are transient. A create is therefore reported pending, and the reconciler reads the table
+again after the settle time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Any
+
+from cloudroutes.election import Deposed, Fence
+from cloudroutes.errors import (
+    QuotaExceeded,
+    Rejected,
+    RouteConflict,
+    RouteError,
+    RouteNotFound,
+    Throttled,
+    Transient,
+)
+from cloudroutes.ledger import Ledger, LedgerEntry, within
+from cloudroutes.reconciler import Gate
+from cloudroutes.routes import (
+    UNKNOWN,
+    Action,
+    Capacity,
+    Change,
+    Destination,
+    EntryState,
+    Foreign,
+    Observation,
+    Observed,
+    Outcome,
+    Plan,
+    Route,
+    TableLimits,
+)
+
+log = logging.getLogger(__name__)
+# The SDK logs every error answer at ERROR, with the string it signed (which carries an STS
+# SecurityToken) and at every retry: our own messages say what happened, once.
+logging.getLogger("aliyunsdkcore").setLevel(logging.CRITICAL)
+
+INSTANCE_ID = re.compile(r"i-[0-9a-z]{8,32}")
+BATCH = 50  # entries per CreateRouteEntries / DeleteRouteEntries call (the API's limit)
+PAGE = 100  # entries per DescribeRouteEntryList page
+SETTLE = 5.0  # seconds: Alibaba makes a route change about every 5 s
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 4.0  # connect + read stay below the election's fence margin
+# A ledger entry younger than this whose route is not in the table may be one whose create is
+# under way; only older ones are forgotten, and only collecting tables report young routes.
+LEDGER_GRACE = 60.0
+MAX_MESSAGE = 200
+
+THROTTLING = ("Throttling",)
+QUOTA = ("QuotaExceeded",)
+DENIED = ("Forbidden", "NoPermission")
+CREDENTIALS = (
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeySecret",
+    "InvalidAccessKeyId",
+    "InvalidSecurityToken",
+    "MissingSecurityToken",
+)
+BUSY = frozenset(
+    {
+        "IncorrectRouteEntryStatus",
+        "TaskConflict",
+        "OperationConflict",
+        "IncorrectStatus",
+        "IncorrectVpcStatus",
+        "SystemBusy",
+        "ServiceUnavailable",
+        "InternalError",
+        "UnknownError",
+        "LastTokenProcessing",
+    }
+)
+DUPLICATE = frozenset({"InvalidCIDRBlock.Duplicate", "VPC_ROUTE_ENTRY_CIDR_BLOCK_DUPLICATE"})
+NOT_FOUND = frozenset({"InvalidRouteEntry.NotFound", "VPC_ROUTER_ENTRY_NOT_EXIST"})
+
+
+# --- the API ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An AccessKey pair (with an STS token for a RAM role). ``source`` says where it came
+    from, for messages; the secret and the token never appear in repr."""
+
+    key_id: str
+    secret: str = field(repr=False)
+    token: str | None = field(default=None, repr=False)
+    source: str = "Backend.AccessKeyID/AccessKeySecret"
+
+
+class VpcClient:
+    """The VPC API of one region at ``endpoint`` (``https://host[:port]``; ``http://`` only
+    when configured so, for tests). ``credentials`` is asked before every call, so refreshed
+    RAM-role credentials are used as soon as they exist. SDK retries are off: the reconciler
+    owns retries and backoff."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        region: str,
+        credentials: Callable[[], Credentials],
+        *,
+        timeout: float = READ_TIMEOUT,
+    ) -> None:
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"VPC endpoint {endpoint!r} is not an http(s)://host[:port] URL")
+        self.endpoint = endpoint.rstrip("/")
+        self.region = region
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._credentials = credentials
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._client_for: Credentials | None = None
+
+    def __repr__(self) -> str:
+        return f"VpcClient({self.endpoint!r}, {self.region!r})"
+
+    @property
+    def credential_source(self) -> str:
+        with self._lock:
+            current = self._client_for
+        return current.source if current is not None else "the configured credentials"
+
+    def call(self, request: Any) -> dict[str, Any]:
+        """Send ``request`` (an aliyunsdkvpc request) and return its JSON answer; the SDK's
+        exceptions pass through (``vpc_error`` classifies them)."""
+        client = self._acs_client()
+        request.set_endpoint(self._host)
+        request.set_protocol_type(self._scheme)
+        request.add_query_param("RegionId", self.region)
+        body = client.do_action_with_exception(request)
+        answer = json.loads(body)
+        if not isinstance(answer, dict):
+            raise ValueError("the answer is not a JSON object")
+        return answer
+
+    def _acs_client(self) -> Any:
+        credentials = self._credentials()
+        with self._lock:
+            if self._client is None or self._client_for != credentials:
+                from aliyunsdkcore.auth.credentials import (
+                    AccessKeyCredential,
+                    StsTokenCredential,
+                )
+                from aliyunsdkcore.client import AcsClient
+
+                credential: object = (
+                    StsTokenCredential(credentials.key_id, credentials.secret, credentials.token)
+                    if credentials.token
+                    else AccessKeyCredential(credentials.key_id, credentials.secret)
+                )
+                self._client = AcsClient(
+                    region_id=self.region,
+                    credential=credential,
+                    port=self._port,
+                    auto_retry=False,
+                    timeout=self._timeout,
+                    connect_timeout=CONNECT_TIMEOUT,
+                )
+                self._client_for = credentials
+            return self._client
+
+
+def vpc_error(
+    exc: Exception, action: str, where: str, policy: str, credentials: str = ""
+) -> RouteError:
+    """The route error for a failed VPC call ``action`` (e.g. "CreateRouteEntries") on
+    ``where``, by the error code (Alibaba answers a conflict with 400, as it does a bad
+    parameter). ``policy`` names the RAM policy that grants the action; ``credentials`` where
+    the AccessKey came from. An answer's message is repeated only for codes without meaning
+    here, and never the string a signature covered."""
+    from aliyunsdkcore.acs_exception.exceptions import ClientException, ServerException
+
+    if isinstance(exc, RouteError):
+        return exc
+    if isinstance(exc, ServerException):
+        code = str(exc.get_error_code() or "")
+        status = exc.get_http_status()
+        return code_error(
+            code, _message(exc.get_error_msg()), status, action, where, policy, credentials
+        )
+    if isinstance(exc, ClientException):
+        # No answer (timeout, refused connection): the call may or may not have been applied.
+        return NoAnswer(f"vpc:{action} on {where} got no answer ({exc.get_error_code()}); retrying")
+    return NoAnswer(f"vpc:{action} on {where} failed ({type(exc).__name__}); retrying")
+
+
+def code_error(
+    code: str,
+    message: str,
+    status: int | None,
+    action: str,
+    where: str,
+    policy: str,
+    credentials: str = "",
+) -> RouteError:
+    """The route error for an error code, from a whole call or one entry of a batch."""
+    if code.startswith(THROTTLING):
+        return Throttled(f"Alibaba Cloud throttled vpc:{action} on {where} ({code}); backing off")
+    if code.startswith(QUOTA):
+        return QuotaExceeded(
+            f"route table {where} is full ({code}): free custom entries or raise the route "
+            "entry quota in the Quota Center, then set Backend.RouteLimit to it"
+        )
+    if code.startswith(DENIED):
+        return Rejected(
+            f"not permitted to call vpc:{action} on {where} ({code}); grant it to this node's "
+            f"RAM user or role with {policy}"
+        )
+    if code.startswith(CREDENTIALS):
+        source = credentials or "the configured credentials"
+        return Rejected(
+            f"Alibaba Cloud refused the AccessKey from {source} for vpc:{action} ({code}); fix "
+            "Backend.AccessKeyID/AccessKeySecret (or ACCESS_KEY_ID/ACCESS_KEY_SECRET), or give "
+            "the instance a RAM role"
+        )
+    if code.startswith("InvalidTimeStamp"):
+        return Rejected(
+            f"Alibaba Cloud refused vpc:{action} ({code}): this node's clock is off; sync it"
+        )
+    if code in NOT_FOUND:
+        return RouteNotFound(f"vpc:{action} on {where}: the entry is not there")
+    if code == "InvalidRouteTableId.NotFound":
+        return Rejected(
+            f"route table {where} does not exist in this region ({code}); fix Backend.RouteTableIDs"
+        )
+    if code in BUSY or (status is not None and status >= 500):
+        return Transient(f"vpc:{action} on {where}: {code or status}, the VPC is busy; retrying")
+    return Rejected(f"Alibaba Cloud refused vpc:{action} on {where}: {code}: {message}")
+
+
+def _message(text: Any) -> str:
+    line = " ".join(str(text or "").split())
+    line = line.split("server string to sign", 1)[0].strip()
+    return line[:MAX_MESSAGE] or "no message"
+
+
+# --- what the API lists ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AliEntry:
+    """A custom entry as DescribeRouteEntryList shows it, reduced to what ownership needs."""
+
+    entry_id: str
+    destination: Destination
+    hop_type: str  # "" when the entry has several next hops (ECMP): never ours
+    hop_id: str
+    status: str
+    name: str
+    description: str
+
+
+def parse_entries(listing: Iterable[Any]) -> list[AliEntry]:
+    """The readable entries of a DescribeRouteEntryList page; anything else is left out."""
+    entries = []
+    for raw in listing:
+        if not isinstance(raw, dict) or raw.get("Type", "Custom") != "Custom":
+            continue
+        try:
+            destination = ip_network(str(raw.get("DestinationCidrBlock", "")))
+        except ValueError:
+            continue
+        hops = (raw.get("NextHops") or {}).get("NextHop") or []
+        hop: dict[str, Any] = hops[0] if len(hops) == 1 and isinstance(hops[0], dict) else {}
+        hop_type = str(hop.get("NextHopType") or raw.get("NextHopType") or "")
+        hop_id = str(hop.get("NextHopId") or raw.get("InstanceId") or "")
+        if len(hops) > 1:
+            hop_type, hop_id = "", "several next hops"
+        entries.append(
+            AliEntry(
+                entry_id=str(raw.get("RouteEntryId", "")),
+                destination=destination,
+                hop_type=hop_type,
+                hop_id=hop_id,
+                status=str(raw.get("Status", "")),
+                name=str(raw.get("RouteEntryName", "")),
+                description=str(raw.get("Description", "")),
+            )
+        )
+    return entries
+
+
+def entry_state(status: str) -> EntryState | None:
+    """How an entry's status counts: None for one being deleted (it is going)."""
+    if status == "Available":
+        return EntryState.ACTIVE
+    if status == "Deleting":
+        return None
+    return EntryState.PENDING  # Pending, Creating, Modifying: accepted, not in effect yet
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The name and description of the entries a cluster creates."""
+
+    cluster: str
+
+    @property
+    def tag(self) -> str:
+        return hashlib.sha256(self.cluster.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        return f"cloudroutes-{self.tag}"
+
+    def description(self, lease_key: str) -> str:
+        return f"cloudroutes cluster={self.tag} lease={lease_key}"[:256]
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Create:
+    change: Change
+    route: Route
+    before: LedgerEntry | None
+    outcome: Outcome | None = None
+
+
+class AliRouteTable:
+    """One VPC route table, as one reconciler sees it.
+
+    ``scope``: the destinations this table reports as owned (a node-mode agent: its own
+    subnets); None: every owned route. ``collect``: this table deletes routes of leases that
+    are gone, so it also forgets ledger entries left without an entry for LEDGER_GRACE.
+    ``skip_young``: leave out entries recorded within LEDGER_GRACE (the node-mode collector).
+    ``fence``: the election's fence, checked before every write. ``vpc_lock``: held around
+    every write call; every table of the VPC in this process shares it.
+    """
+
+    def __init__(
+        self,
+        client: VpcClient,
+        table_id: str,
+        *,
+        ledger: Ledger,
+        networks: Sequence[IPv4Network | IPv6Network],
+        member: str,
+        policy: str,
+        gate: Gate,
+        vpc_lock: threading.Lock,
+        markers: Markers,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        skip_young: bool = False,
+        fence: Callable[[], Fence | None] | None = None,
+        route_limit: int | None = None,
+        resync_period: float = 300.0,
+    ) -> None:
+        self.name = name or table_id
+        self.table_id = table_id
+        self.resync_period = resync_period
+        self.limits = TableLimits(max_changes=BATCH, pass_deadline=30.0, settle=SETTLE)
+        self.gate = gate
+        self._client = client
+        self._ledger = ledger
+        self._networks = tuple(networks)
+        self._member = member
+        self._policy = policy
+        self._vpc_lock = vpc_lock
+        self._markers = markers
+        self._scope = scope
+        self._collect = collect
+        self._skip_young = skip_young
+        self._fence = fence
+        self._route_limit = route_limit
+        self._seen: dict[Destination, LedgerEntry] = {}
+
+    def __repr__(self) -> str:
+        return f"AliRouteTable({self.name!r})"
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _call(self, action: str, request: Any, where: str | None = None) -> dict[str, Any]:
+        try:
+            return self._client.call(request)
+        except Exception as exc:
+            raise vpc_error(
+                exc, action, where or self.table_id, self._policy, self._client.credential_source
+            ) from None
+
+    def list_entries(self, destination: Destination | None = None) -> list[AliEntry]:
+        """Every custom entry of the table (or the one at ``destination``), all pages."""
+        from aliyunsdkvpc.request.v20160428.DescribeRouteEntryListRequest import (
+            DescribeRouteEntryListRequest,
+        )
+
+        entries: list[AliEntry] = []
+        token = ""
+        for _ in range(10_000):  # an API that never ends its pages must not hang a pass
+            request = DescribeRouteEntryListRequest()
+            request.set_RouteTableId(self.table_id)
+            request.set_RouteEntryType("Custom")
+            request.set_MaxResult(PAGE)
+            if destination is not None:
+                request.set_DestinationCidrBlock(str(destination))
+            if token:
+                request.set_NextToken(token)
+            answer = self._call("DescribeRouteEntryList", request)
+            page = (answer.get("RouteEntrys") or {}).get("RouteEntry") or []
+            entries.extend(parse_entries(page if isinstance(page, list) else []))
+            token = str(answer.get("NextToken") or "")
+            if not token:
+                return entries
+        raise Transient(f"the entry list of {self.table_id} did not end; reading again later")
+
+    def _ledger_entries(self) -> dict[Destination, LedgerEntry]:
+        try:
+            return self._ledger.entries()
+        except Exception as exc:  # etcd unreachable or refusing: read again later
+            raise Transient(
+                f"cannot read the route ledger of {self.table_id} in etcd: {exc}"
+            ) from None
+
+    def observe(self) -> Observation:
+        listed = self.list_entries()
+        entries = self._ledger_entries()
+        now = time.time()
+        owned: dict[Destination, Observed] = {}
+        foreign: dict[Destination, Foreign] = {}
+        present: set[Destination] = set()
+        for entry in listed:
+            present.add(entry.destination)
+            state = entry_state(entry.status)
+            if state is None:
+                continue  # being deleted: neither ours to keep nor anyone's to conflict with
+            record = entries.get(entry.destination)
+            ours = entry.hop_type == "Instance" and self._ledger.owns(
+                entry.destination, entry.hop_id, self._networks
+            )
+            if ours and record is not None:
+                if self._scope is not None and entry.destination not in self._scope:
+                    continue  # another node's entry: that node's to keep
+                if self._skip_young and now - record.written < LEDGER_GRACE:
+                    continue  # maybe just made by a node whose lease we have not heard of yet
+                owned[entry.destination] = Observed(Route(entry.destination, entry.hop_id), state)
+            elif within(entry.destination, self._networks):
+                foreign[entry.destination] = self._foreign(entry, record)
+        self._seen = dict(entries)
+        if self._collect:
+            self._forget_stale(entries, present, now)
+        capacity = Capacity(self._route_limit, len(listed)) if self._route_limit else None
+        return Observation(owned=owned, foreign=foreign, capacity=capacity)
+
+    def _foreign(self, entry: AliEntry, record: LedgerEntry | None) -> Foreign:
+        # flanneld's entries (no name) and our own whose ledger entry was lost are taken over
+        # in place when they are exactly what a lease wants.
+        adoptable = (
+            entry.hop_type == "Instance"
+            and entry.status == "Available"
+            and entry.name in ("", self._markers.name)
+        )
+        if record is not None:
+            holder = (
+                f"an entry to {entry.hop_id}, but the ledger of this cluster records "
+                f"{record.target}"
+            )
+        else:
+            named = f" named {entry.name!r}" if entry.name else ""
+            holder = (
+                f"an entry to {entry.hop_type} {entry.hop_id}{named} not created by this cluster"
+            )
+        advice = (
+            "cloudroutes never changes entries it did not create; delete it (aliyun vpc "
+            f"DeleteRouteEntry --RegionId {self._client.region} --RouteEntryId "
+            f"{entry.entry_id}) if nothing needs it"
+        )
+        return Foreign(
+            Route(entry.destination, entry.hop_id),
+            holder=holder,
+            adoptable=adoptable,
+            advice=advice,
+        )
+
+    def _forget_stale(
+        self, entries: Mapping[Destination, LedgerEntry], present: set[Destination], now: float
+    ) -> None:
+        """Forget ledger entries whose route is gone (a delete that died before it forgot)."""
+        stale = [
+            d
+            for d, e in entries.items()
+            if d not in present
+            and now - e.written >= LEDGER_GRACE
+            and (self._scope is None or d in self._scope)
+        ]
+        if not stale:
+            return
+        fence = self._current_fence()
+        if self._fence is not None and fence is None:
+            return
+        try:
+            self._ledger.forget(stale, fence)
+        except Exception as exc:  # deposed, or etcd trouble: the next pass tries again
+            log.info("%s: stale ledger entries kept for now: %s", self.name, exc)
+            return
+        for destination in stale:
+            self._seen.pop(destination, None)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _current_fence(self) -> Fence | None:
+        return self._fence() if self._fence is not None else None
+
+    def apply(self, plan: Plan, deadline: float | None = None) -> Sequence[Outcome]:
+        fence = self._current_fence()
+        if self._fence is not None and (fence is None or not fence.valid()):
+            return [
+                Outcome(c, Transient("not the leader now; not writing"), present=c.current)
+                for c in plan
+            ]
+        try:
+            return self._apply(plan, fence, deadline)
+        except Deposed as exc:
+            return [Outcome(c, Transient(str(exc)), present=UNKNOWN) for c in plan]
+
+    def _apply(self, plan: Plan, fence: Fence | None, deadline: float | None) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        adopts = plan.of(Action.ADOPT)
+        if adopts:
+            try:
+                self._record([self._entry(c.entry) for c in adopts], fence)
+                outcomes.update({id(c): Outcome(c) for c in adopts})
+            except RouteError as exc:
+                outcomes.update({id(c): Outcome(c, exc, present=c.current) for c in adopts})
+        removals = [c for c in plan if c.action in (Action.DELETE, Action.REPLACE)]
+        creates: list[Change] = plan.of(Action.ADD)
+        if removals:
+            removed = self._remove(removals, fence, deadline, outcomes)
+            creates = [c for c in plan if c.action is Action.REPLACE and id(c) in removed] + creates
+        if creates:
+            self._create(creates, fence, deadline, outcomes)
+        return [outcomes[id(c)] for c in plan if id(c) in outcomes]
+
+    def _entry(self, route: Any, previous: str | None = None) -> LedgerEntry:
+        assert isinstance(route, Route)
+        return LedgerEntry(
+            route.destination,
+            route.next_hop,
+            route.lease_key,
+            self._member,
+            previous_target=previous,
+        )
+
+    def _record(self, entries: list[LedgerEntry], fence: Fence | None) -> None:
+        try:
+            self._ledger.record(entries, fence)
+        except Deposed:
+            raise
+        except Exception as exc:
+            raise Transient(f"could not write the route ledger in etcd: {exc}") from None
+        for entry in entries:
+            self._seen[entry.destination] = entry
+
+    def _forget(self, destinations: list[Destination], fence: Fence | None) -> None:
+        try:
+            self._ledger.forget(destinations, fence)
+        except Deposed:
+            raise
+        except Exception as exc:  # the next collecting pass forgets them
+            log.info("%s: ledger entries kept for now: %s", self.name, exc)
+        for destination in destinations:
+            self._seen.pop(destination, None)
+
+    def _remove(
+        self,
+        changes: list[Change],
+        fence: Fence | None,
+        deadline: float | None,
+        outcomes: dict[int, Outcome],
+    ) -> set[int]:
+        """Delete the current entries of deletes and replaces; returns the replaces whose old
+        entry is gone (their create follows)."""
+        fresh = self._ledger_entries()  # one read, for every removal of this plan
+        doable: list[Change] = []
+        for change in changes:
+            current = change.current
+            assert isinstance(current, Route)
+            destination = current.destination
+            record = fresh.get(destination)
+            if record != self._seen.get(destination):
+                # Rewritten since we read it: a node may have taken this subnet again.
+                why = Transient(f"{destination}: its ledger entry changed since the table was read")
+                outcomes[id(change)] = Outcome(change, why, present=UNKNOWN)
+            elif record is None or not record.owns(current.next_hop):
+                outcomes[id(change)] = Outcome(
+                    change,
+                    RouteNotFound(f"{destination}: not in the ledger; left alone"),
+                    present=None,
+                )
+            else:
+                doable.append(change)
+        replaces = [c for c in doable if c.action is Action.REPLACE]
+        if replaces:
+            # Both targets stay ours while the retarget is under way.
+            self._record([self._entry(c.entry, previous=_hop(c.current)) for c in replaces], fence)
+        removed: set[int] = set()
+        for batch, failures in self._batches(doable, "DeleteRouteEntries", fence, deadline):
+            gone: list[Destination] = []  # deleted for good: their ledger entries go
+            for change in batch:
+                current = change.current
+                assert isinstance(current, Route)
+                error = failures.get(id(change))
+                if error is None or isinstance(error, RouteNotFound):
+                    if change.action is Action.REPLACE:
+                        removed.add(id(change))
+                    else:
+                        gone.append(current.destination)
+                        outcomes[id(change)] = Outcome(change, error, present=None)
+                else:
+                    present = UNKNOWN if _unknown(error) else current
+                    outcomes[id(change)] = Outcome(change, error, present=present)
+            if gone:
+                self._forget(gone, fence)
+        for change in doable:
+            if id(change) not in outcomes and id(change) not in removed:
+                outcomes[id(change)] = Outcome(change, Transient("not started"), present=UNKNOWN)
+        return removed
+
+    def _create(
+        self,
+        changes: list[Change],
+        fence: Fence | None,
+        deadline: float | None,
+        outcomes: dict[int, Outcome],
+    ) -> None:
+        creates = []
+        for change in changes:
+            route = change.entry
+            assert isinstance(route, Route)
+            if not INSTANCE_ID.fullmatch(route.next_hop):
+                why = Rejected(f"{route.next_hop!r} is not an ECS instance id (i-...)")
+                outcomes[id(change)] = Outcome(change, why, present=None)
+                continue
+            before = self._ledger.get(route.destination)
+            creates.append(_Create(change, route, before))
+        new = [c for c in creates if c.change.action is Action.ADD]
+        if new:
+            try:
+                self._record([self._entry(c.route) for c in new], fence)
+            except RouteError as exc:
+                for c in new:
+                    outcomes[id(c.change)] = Outcome(c.change, exc, present=None)
+                creates = [c for c in creates if c.change.action is not Action.ADD]
+        duplicates: list[_Create] = []
+        by_change = {id(c.change): c for c in creates}
+        batches = self._batches([c.change for c in creates], "CreateRouteEntries", fence, deadline)
+        for batch, failures in batches:
+            done: list[LedgerEntry] = []
+            undo: list[_Create] = []
+            for change in batch:
+                item = by_change[id(change)]
+                error = failures.get(id(change))
+                if isinstance(error, _Duplicate):
+                    duplicates.append(item)
+                elif error is None:
+                    outcomes[id(change)] = Outcome(change, pending=True)
+                    if change.action is Action.REPLACE:
+                        done.append(self._entry(item.route))
+                else:
+                    # A replace whose create failed holds nothing there now.
+                    present: Any = None if change.action is Action.REPLACE else UNKNOWN
+                    if not _unknown(error):
+                        undo.append(item)
+                        present = None
+                    outcomes[id(change)] = Outcome(change, error, present=present)
+            if done:
+                self._settle_ledger(done, fence)
+            self._restore([c for c in undo if c.change.action is Action.ADD], fence)
+        if duplicates:
+            self._resolve_duplicates(duplicates, fence, outcomes)
+        for item in creates:
+            if id(item.change) not in outcomes:
+                outcomes[id(item.change)] = Outcome(
+                    item.change, Transient("not started"), present=UNKNOWN
+                )
+
+    def _settle_ledger(self, done: list[LedgerEntry], fence: Fence | None) -> None:
+        try:
+            self._record(done, fence)
+        except RouteError as exc:  # previous_target stays: still ours, rewritten next time
+            log.info("%s: ledger not settled yet: %s", self.name, exc)
+
+    def _restore(self, items: list[_Create], fence: Fence | None) -> None:
+        """Put the ledger back as it was for creates that surely did not happen."""
+        forget = [c.route.destination for c in items if c.before is None]
+        again = [c.before for c in items if c.before is not None]
+        try:
+            if forget:
+                self._forget(forget, fence)
+            if again:
+                self._record(again, fence)
+        except Exception as exc:
+            log.info("%s: ledger entries not restored: %s", self.name, exc)
+
+    def _resolve_duplicates(
+        self, items: list[_Create], fence: Fence | None, outcomes: dict[int, Outcome]
+    ) -> None:
+        """A create found an entry there: done if it is ours to the same instance; ours (per
+        the ledger as it was) to another instance: replaced next pass; anyone else's: a
+        conflict, left alone."""
+        try:
+            existing = {e.destination: e for e in self.list_entries()}
+        except RouteError as exc:
+            for item in items:
+                outcomes[id(item.change)] = Outcome(item.change, exc, present=UNKNOWN)
+            return
+        undo: list[_Create] = []
+        for item in items:
+            change, route = item.change, item.route
+            entry = existing.get(route.destination)
+            if entry is None or entry_state(entry.status) is None:
+                why = Transient(f"{route.destination}: Alibaba said it exists but lists none")
+                outcomes[id(change)] = Outcome(change, why, present=UNKNOWN)
+            elif entry.hop_type == "Instance" and entry.hop_id == route.next_hop:
+                pending = entry_state(entry.status) is EntryState.PENDING
+                outcomes[id(change)] = Outcome(change, pending=pending)
+            elif (
+                item.before is not None
+                and entry.hop_type == "Instance"
+                and item.before.owns(entry.hop_id)
+            ):
+                old = Route(route.destination, entry.hop_id, lease_key=route.lease_key)
+                self._record([self._entry(route, previous=entry.hop_id)], fence)
+                why = Transient(f"{route.destination} still goes to {entry.hop_id}; replacing it")
+                outcomes[id(change)] = Outcome(change, why, present=old)
+            else:
+                undo.append(item)
+                why = RouteConflict(
+                    f"{route.destination} in {self.table_id} already goes to {entry.hop_type} "
+                    f"{entry.hop_id}, which this cluster did not create; it is left alone "
+                    f"(delete entry {entry.entry_id} if nothing needs it)"
+                )
+                outcomes[id(change)] = Outcome(change, why, present=None)
+        self._restore([c for c in undo if c.change.action is Action.ADD], fence)
+
+    def _batches(
+        self,
+        changes: list[Change],
+        action: str,
+        fence: Fence | None,
+        deadline: float | None,
+    ) -> Iterable[tuple[list[Change], dict[int, RouteError]]]:
+        """Send ``changes`` in calls of at most BATCH entries, one call at a time per VPC;
+        yields each batch with its failed changes. A call that fails as a whole fails its
+        batch and every later one (nothing more is sent)."""
+        stop: RouteError | None = None
+        for start in range(0, len(changes), BATCH):
+            batch = changes[start : start + BATCH]
+            if stop is None and deadline is not None and time.monotonic() >= deadline:
+                return  # not started: the reconciler plans them again
+            if stop is not None:
+                yield batch, {id(c): stop for c in batch}
+                continue
+            try:
+                failures = self._send(action, batch, fence)
+            except RouteError as exc:
+                stop = exc
+                yield batch, {id(c): exc for c in batch}
+                continue
+            yield batch, failures
+
+    def _send(self, action: str, batch: list[Change], fence: Fence | None) -> dict[int, RouteError]:
+        from aliyunsdkvpc.request.v20160428.CreateRouteEntriesRequest import (
+            CreateRouteEntriesRequest,
+        )
+        from aliyunsdkvpc.request.v20160428.DeleteRouteEntriesRequest import (
+            DeleteRouteEntriesRequest,
+        )
+
+        items: list[dict[str, str]] = []
+        request: Any
+        if action == "CreateRouteEntries":
+            request = CreateRouteEntriesRequest()
+            for change in batch:
+                route = change.entry
+                assert isinstance(route, Route)
+                items.append(
+                    {
+                        "RouteTableId": self.table_id,
+                        "DstCidrBlock": str(route.destination),
+                        "NextHopType": "Instance",
+                        "NextHop": route.next_hop,
+                        "IpVersion": "IPv6" if route.destination.version == 6 else "IPv4",
+                        "Name": self._markers.name,
+                        "Description": self._markers.description(route.lease_key),
+                    }
+                )
+        else:
+            request = DeleteRouteEntriesRequest()
+            for change in batch:
+                current = change.current
+                assert isinstance(current, Route)
+                items.append(
+                    {
+                        "RouteTableId": self.table_id,
+                        "DstCidrBlock": str(current.destination),
+                        "NextHop": current.next_hop,
+                    }
+                )
+        request.set_RouteEntriess(items)
+        with self._vpc_lock:
+            if fence is not None:
+                fence.check()
+            answer = self._call(action, request)
+        return self._failures(action, batch, answer)
+
+    def _failures(
+        self, action: str, batch: list[Change], answer: Mapping[str, Any]
+    ) -> dict[int, RouteError]:
+        failed = answer.get("FailedRouteEntries") or []
+        if isinstance(failed, dict):  # some API versions wrap lists
+            failed = next(iter(failed.values()), [])
+        by_destination: dict[str, Change] = {}
+        for change in batch:
+            route = change.entry if action == "CreateRouteEntries" else change.current
+            assert isinstance(route, Route)
+            by_destination[str(route.destination)] = change
+        out: dict[int, RouteError] = {}
+        for item in failed if isinstance(failed, list) else []:
+            if not isinstance(item, dict):
+                continue
+            try:
+                key = str(ip_network(str(item.get("DstCidrBlock", "")).strip()))
+            except ValueError:
+                continue
+            change = by_destination.get(key)
+            if change is None:
+                continue
+            code = str(item.get("FailedCode", ""))
+            where = f"{self.table_id} ({key})"
+            if code in DUPLICATE:
+                out[id(change)] = _Duplicate(f"{key} exists in {self.table_id}")
+            else:
+                message = _message(item.get("FailedMessage"))
+                out[id(change)] = code_error(code, message, None, action, where, self._policy)
+        return out
+
+
+class NoAnswer(Transient):
+    """A call that got no answer: it may or may not have been applied."""
+
+
+class _Duplicate(Rejected):
+    """A create found an entry at the destination (resolved by the create itself)."""
+
+
+def _hop(route: Any) -> str | None:
+    return route.next_hop if isinstance(route, Route) else None
+
+
+def _unknown(error: RouteError) -> bool:
+    """Whether a failed call may still have been applied (no answer came)."""
+    return isinstance(error, NoAnswer)

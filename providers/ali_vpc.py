@@ -1,0 +1,554 @@
+"""ali-vpc: every lease's subnet routed by the Alibaba Cloud VPC route table to its instance.
+
+Options (``Backend`` of the network config, keys matched without regard to case):
+
+- ``AccessKeyID`` / ``AccessKeySecret`` (flannel's): a RAM user's AccessKey pair. Without
+  them, the environment's ``ACCESS_KEY_ID`` / ``ACCESS_KEY_SECRET`` (flannel's), else the
+  instance's RAM role, whose STS credentials come from the metadata server and are renewed
+  before they expire.
+- ``RouteTableIDs``: a route table id or a list of them; each is kept in sync. Default: the
+  route table of the VPC's vRouter (DescribeVpcs, then DescribeVRouters), when it has one.
+- ``Mode``, ``ClusterName``, ``ResyncPeriod``, ``RouteLimit``: as for every cloud backend
+  (providers/cloud.py). Without ``RouteLimit`` the table's room is not known beforehand; a
+  full table answers QuotaExceeded and creates stop until room appears.
+
+The node learns who it is from the ECS metadata server at
+``CLOUDROUTES_ALIYUN_METADATA_ENDPOINT`` (default http://100.100.100.200). The VPC API is
+``https://vpc.<region>.aliyuncs.com``, or ``CLOUDROUTES_ALIYUN_VPC_ENDPOINT`` (scheme
+included; plain http only when set there, and said in the log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
+
+from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.config import NetworkConfig
+from cloudroutes.election import Election
+from cloudroutes.errors import ConfigError, LeaseRefused, Rejected, RouteError, Transient
+from cloudroutes.jsonfields import FoldedObject
+from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
+from cloudroutes.ledger import Ledger
+from cloudroutes.reconciler import Gate
+from cloudroutes.routes import Destination, Route
+from providers.ali_route_table import (
+    INSTANCE_ID,
+    AliRouteTable,
+    Credentials,
+    Markers,
+    VpcClient,
+    vpc_error,
+)
+from providers.cloud import CloudModes, CloudOptions, lease_destinations, parse_cloud_options, shown
+
+log = logging.getLogger(__name__)
+
+BACKEND_TYPE = "ali-vpc"
+POLICY_FILES = {
+    "node": "providers/policies/ali-vpc-node.json",
+    "cluster": "providers/policies/ali-vpc-controller.json",
+}
+ROUTE_TABLE_ID = re.compile(r"vtb-[0-9a-z]{8,32}")
+METADATA_ENV = "CLOUDROUTES_ALIYUN_METADATA_ENDPOINT"
+ENDPOINT_ENV = "CLOUDROUTES_ALIYUN_VPC_ENDPOINT"
+METADATA_DEFAULT = "http://100.100.100.200"
+METADATA_TIMEOUT = 2.0
+METADATA_TOKEN_TTL = 21600
+# STS credentials are renewed this long before they expire (or at half their life, if less).
+RENEW_MARGIN = timedelta(minutes=15)
+_REGION = re.compile(r"[a-z]{2,}(-[a-z0-9]+)+")
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AliVpcOptions:
+    route_table_ids: tuple[str, ...]  # empty: discover
+    common: CloudOptions
+    access_key_id: str | None = None
+    access_key_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def mode(self) -> str:
+        return self.common.mode
+
+    @property
+    def policy(self) -> str:
+        return POLICY_FILES[self.mode]
+
+
+def parse_options(config: NetworkConfig, coordination: Coordination | None) -> AliVpcOptions:
+    """The backend's options, or one ConfigError naming the option and the fix (never a
+    secret's value)."""
+    backend = config.backend
+    tables = _route_tables(backend.get("RouteTableIDs", backend.get("RouteTableID")))
+    key_id = backend.get("AccessKeyID")
+    secret = backend.get("AccessKeySecret")
+    for name, value in (("AccessKeyID", key_id), ("AccessKeySecret", secret)):
+        if value is not None and (not isinstance(value, str) or not value.isprintable()):
+            raise ConfigError(f"Backend.{name} must be a string; set it or leave it out")
+    if bool(key_id) != bool(secret):
+        raise ConfigError(
+            "Backend.AccessKeyID and Backend.AccessKeySecret go together; set both, or neither "
+            "(then ACCESS_KEY_ID/ACCESS_KEY_SECRET or the instance's RAM role are used)"
+        )
+    common = parse_cloud_options(
+        config, coordination, limit_hint="Alibaba's custom entries per table quota, e.g. 200"
+    )
+    return AliVpcOptions(tables, common, key_id or None, secret or None)
+
+
+def _route_tables(value: Any) -> tuple[str, ...]:
+    if value is None or value == "" or value == []:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(
+            f"Backend.RouteTableIDs must be a route table id or a list of them, got "
+            f'{shown(value)}; e.g. ["vtb-bp1a2b3c4d5e6f7g8h9i0"]'
+        )
+    for item in items:
+        if not ROUTE_TABLE_ID.fullmatch(item):
+            raise ConfigError(
+                f"Backend.RouteTableIDs: {shown(item)} is not a route table id; ids look like "
+                '"vtb-bp1a2b3c4d5e6f7g8h9i0"'
+            )
+    if len(set(items)) != len(items):
+        twice = next(i for i in items if items.count(i) > 1)
+        raise ConfigError(f"Backend.RouteTableIDs lists {twice} twice; list each table once")
+    return tuple(items)
+
+
+def vpc_endpoint(region: str) -> str:
+    """The VPC API's URL: the region's https endpoint, or the configured one."""
+    configured = os.environ.get(ENDPOINT_ENV, "").strip()
+    if not configured:
+        return f"https://vpc.{region}.aliyuncs.com"
+    parts = urllib.parse.urlsplit(configured)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{ENDPOINT_ENV} {shown(configured)} is not an https://host[:port] URL; unset it "
+            f"to use https://vpc.{region}.aliyuncs.com"
+        )
+    if parts.scheme == "http":
+        log.warning(
+            "ali-vpc: the VPC API at %s is plain http, as %s says (for tests only; unset it in "
+            "production)",
+            configured,
+            ENDPOINT_ENV,
+        )
+    return configured
+
+
+# --- the metadata server ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who this instance is, from the metadata server."""
+
+    instance_id: str
+    region: str
+    vpc_id: str
+    vswitch_id: str
+    private_ip: str
+
+
+class Metadata:
+    """The ECS metadata server. It asks for a token (the hardened mode) and sends it; a server
+    that gives none is asked without."""
+
+    def __init__(self, base: str | None = None, timeout: float = METADATA_TIMEOUT) -> None:
+        self.base = (base or os.environ.get(METADATA_ENV) or METADATA_DEFAULT).rstrip("/")
+        if not self.base.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{METADATA_ENV} {shown(self.base)} is not an http:// URL; unset it on ECS "
+                f"(the default is {METADATA_DEFAULT})"
+            )
+        self._timeout = timeout
+        self._token: str | None = None
+        self._lock = threading.Lock()
+        # Metadata is link-local: never through an HTTP proxy from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def __repr__(self) -> str:
+        return f"Metadata({self.base!r})"  # never the token
+
+    def get(self, path: str) -> str:
+        with self._lock:
+            if self._token is None:
+                self._token = self._new_token()
+            token = self._token
+        headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
+        try:
+            return self._request("GET", path, headers)
+        except _Refused:
+            pass
+        with self._lock:  # the token expired: one new token, one more try
+            self._token = self._new_token()
+            token = self._token
+        headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
+        try:
+            return self._request("GET", path, headers)
+        except _Refused:
+            raise ConfigError(
+                f"the ECS metadata server at {self.base} refused /{path}; check the "
+                "instance's metadata access mode"
+            ) from None
+
+    def _new_token(self) -> str:
+        ttl = {"X-aliyun-ecs-metadata-token-ttl-seconds": str(METADATA_TOKEN_TTL)}
+        try:
+            return self._request("PUT", "latest/api/token", ttl)
+        except (_Refused, ConfigError):
+            return ""  # a server without tokens: plain GETs
+
+    def _request(self, method: str, path: str, headers: dict[str, str]) -> str:
+        url = f"{self.base}/{path}"
+        request = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with self._opener.open(request, timeout=self._timeout) as answer:
+                return str(answer.read(65536).decode("utf-8", "replace").strip())
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403) and method == "GET":
+                raise _Refused from None
+            raise ConfigError(
+                f"the ECS metadata server at {self.base} answered {exc.code} to {method} "
+                f"/{path}; is this an ECS instance in a VPC?"
+            ) from None
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "reason", exc)
+            raise ConfigError(
+                f"cannot reach the ECS metadata server at {self.base} ({why}); on ECS allow "
+                f"access to it; elsewhere set {METADATA_ENV}"
+            ) from None
+
+
+class _Refused(Exception):
+    pass
+
+
+def discover(metadata: Metadata) -> NodeIdentity:
+    md = "latest/meta-data/"
+    identity = NodeIdentity(
+        instance_id=metadata.get(f"{md}instance-id"),
+        region=metadata.get(f"{md}region-id"),
+        vpc_id=metadata.get(f"{md}vpc-id"),
+        vswitch_id=metadata.get(f"{md}vswitch-id"),
+        private_ip=metadata.get(f"{md}private-ipv4"),
+    )
+    if not INSTANCE_ID.fullmatch(identity.instance_id) or not _REGION.fullmatch(identity.region):
+        raise ConfigError(
+            f"the ECS metadata server at {metadata.base} gave no usable instance id or region; "
+            "is this an ECS instance?"
+        )
+    return identity
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+
+class RamRoleCredentials:
+    """The instance's RAM role's STS credentials from the metadata server, renewed before they
+    expire. Failures are route errors: the node stays up and its tables retry."""
+
+    def __init__(self, metadata: Metadata, clock: Callable[[], datetime] | None = None) -> None:
+        self._metadata = metadata
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._lock = threading.Lock()
+        self._current: Credentials | None = None
+        self._renew_at: datetime | None = None
+        self.role: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RamRoleCredentials({self._metadata.base!r}, role={self.role!r})"
+
+    def __call__(self) -> Credentials:
+        with self._lock:
+            now = self._clock()
+            if self._current is None or (self._renew_at is not None and now >= self._renew_at):
+                try:
+                    self._current, self._renew_at = self._fetch(now)
+                except RouteError:
+                    if self._current is None or now >= (self._renew_at or now) + RENEW_MARGIN:
+                        raise
+                    log.info("ali-vpc: RAM role credentials not renewed yet; using the old ones")
+            return self._current
+
+    def _fetch(self, now: datetime) -> tuple[Credentials, datetime | None]:
+        base = "latest/meta-data/ram/security-credentials/"
+        try:
+            role = self.role or self._metadata.get(base).split()[0]
+            document = json.loads(self._metadata.get(base + role))
+        except (ConfigError, IndexError, ValueError) as exc:
+            raise Rejected(
+                "no AccessKey: Backend.AccessKeyID/AccessKeySecret and "
+                "ACCESS_KEY_ID/ACCESS_KEY_SECRET are unset, and the instance's RAM role gave no "
+                f"credentials ({_first_line(exc)}); attach a RAM role to the instance or set an "
+                "AccessKey"
+            ) from None
+        self.role = role
+        key_id, secret, token = (
+            document.get(k) if isinstance(document, dict) else None
+            for k in ("AccessKeyId", "AccessKeySecret", "SecurityToken")
+        )
+        if not all(isinstance(v, str) and v for v in (key_id, secret, token)):
+            raise Transient(f"the RAM role {role} gave incomplete credentials; asking again")
+        assert isinstance(key_id, str) and isinstance(secret, str) and isinstance(token, str)
+        renew_at = None
+        try:
+            expires = datetime.strptime(str(document.get("Expiration")), "%Y-%m-%dT%H:%M:%SZ")
+            expires = expires.replace(tzinfo=UTC)
+            renew_at = expires - min(RENEW_MARGIN, max(expires - now, timedelta()) / 2)
+        except ValueError:
+            renew_at = now + RENEW_MARGIN  # no expiry given: ask again now and then
+        return Credentials(key_id, secret, token, source=f"the RAM role {role}"), renew_at
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def credentials_source(
+    options: AliVpcOptions, metadata: Callable[[], Metadata]
+) -> Callable[[], Credentials]:
+    """The config's AccessKey, else the environment's (flannel's names), else the RAM role."""
+    if options.access_key_id and options.access_key_secret:
+        static = Credentials(options.access_key_id, options.access_key_secret)
+        return lambda: static
+    key_id = os.environ.get("ACCESS_KEY_ID", "")
+    secret = os.environ.get("ACCESS_KEY_SECRET", "")
+    if key_id and secret:
+        from_env = Credentials(key_id, secret, source="ACCESS_KEY_ID/ACCESS_KEY_SECRET")
+        return lambda: from_env
+    return RamRoleCredentials(metadata())
+
+
+# --- what each lease wants -------------------------------------------------------------------
+
+
+def lease_target(lease: Lease) -> str:
+    """The instance a lease's routes go to, from its BackendData (an ali-vpc lease)."""
+    data = lease.attrs.backend_data
+    if lease.backend_type == BACKEND_TYPE and isinstance(data, dict):
+        instance = FoldedObject(data).get("InstanceID")
+        if isinstance(instance, str) and INSTANCE_ID.fullmatch(instance):
+            return instance
+        raise LeaseRefused(
+            f"its BackendData.InstanceID {shown(instance)} is not an ECS instance id (i-...)"
+        )
+    raise LeaseRefused(
+        "it names no ECS instance (a lease of flanneld's ali-vpc names only its PublicIP, and "
+        "finding the instance would need the ECS API, which cloudroutes does not call); run "
+        "cloudroutes on that node"
+    )
+
+
+def lease_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
+    destinations = list(lease_destinations(lease, config))
+    if not destinations:
+        return []
+    target = lease_target(lease)
+    return [Route(d, target, lease_key=lease.key) for d in destinations]
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+
+class AliVpcBackend:
+    accepts = frozenset({BACKEND_TYPE, ""})
+
+    def __init__(self, ctx: BackendContext) -> None:
+        config = ctx.config
+        if ctx.coordination is None:
+            raise ConfigError(
+                "ali-vpc keeps its record of the routes it owns in etcd, and this process has "
+                "no etcd connection; run it with --etcd-endpoints (the kube subnet manager is "
+                "not supported with ali-vpc)"
+            )
+        self.options = parse_options(config, ctx.coordination)
+        if ctx.controller and self.options.mode != "cluster":
+            raise ConfigError(
+                '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
+                '"node" each agent writes its own route: set Backend.Mode to "cluster"'
+            )
+        if not ctx.controller and ctx.iface is None:
+            raise ConfigError("ali-vpc needs the node's external interface")
+        self._ctx = ctx
+        self._config = config
+        self._coordination = ctx.coordination
+        self._networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
+            n
+            for n in (
+                config.network if config.enable_ipv4 else None,
+                config.ipv6_network if config.enable_ipv6 else None,
+            )
+            if n is not None
+        )
+        self._lock = threading.Lock()
+        self._metadata: Metadata | None = None
+        self._identity: NodeIdentity | None = None
+        self._client: VpcClient | None = None
+        self._modes = CloudModes(BACKEND_TYPE, self.options.common, ctx.coordination, config)
+        self._gate = Gate()
+        # Alibaba refuses concurrent route changes in a VPC: every table of this process (all
+        # in this node's VPC) writes under this lock.
+        self._vpc_lock = threading.Lock()
+        self._markers = Markers(self.options.common.cluster_name)
+
+    @property
+    def mtu(self) -> int:
+        iface = self._ctx.iface
+        return iface.mtu if iface is not None else 1500
+
+    def __repr__(self) -> str:
+        return (
+            f"AliVpcBackend(mode={self.options.mode!r}, "
+            f"cluster={self.options.common.cluster_name!r})"
+        )
+
+    # --- the node ---------------------------------------------------------------------------
+
+    def metadata(self) -> Metadata:
+        with self._lock:
+            if self._metadata is None:
+                self._metadata = Metadata()
+            return self._metadata
+
+    def identity(self) -> NodeIdentity:
+        """This instance as the metadata server describes it (asked once)."""
+        metadata = self.metadata()
+        with self._lock:
+            if self._identity is None:
+                self._identity = discover(metadata)
+            return self._identity
+
+    def prepare(self) -> LeaseAttrs:
+        identity = self.identity()
+        iface = self._ctx.iface
+        assert iface is not None
+        config = self._config
+        public_ip = (iface.public_ip or iface.ip or NO_IPV4) if config.enable_ipv4 else NO_IPV4
+        return LeaseAttrs(
+            public_ip=public_ip,
+            public_ipv6=(iface.public_ipv6 or iface.ipv6) if config.enable_ipv6 else None,
+            backend_type=BACKEND_TYPE,
+            backend_data={"InstanceID": identity.instance_id, "Region": identity.region},
+        )
+
+    # --- the VPC API ------------------------------------------------------------------------
+
+    def client(self) -> VpcClient:
+        with self._lock:
+            client = self._client
+        if client is None:
+            region = self.identity().region
+            client = VpcClient(
+                vpc_endpoint(region), region, credentials_source(self.options, self.metadata)
+            )
+            with self._lock:
+                self._client = self._client or client
+                client = self._client
+        return client
+
+    def route_table_ids(self) -> tuple[str, ...]:
+        """The configured tables, else the one table of this VPC's vRouter."""
+        if self.options.route_table_ids:
+            return self.options.route_table_ids
+        from aliyunsdkvpc.request.v20160428.DescribeVpcsRequest import DescribeVpcsRequest
+        from aliyunsdkvpc.request.v20160428.DescribeVRoutersRequest import (
+            DescribeVRoutersRequest,
+        )
+
+        vpc_id = self.identity().vpc_id
+        client = self.client()
+        vpcs = DescribeVpcsRequest()
+        vpcs.set_VpcId(vpc_id)
+        found = self._ask(client, "DescribeVpcs", vpcs, vpc_id).get("Vpcs", {}).get("Vpc", [])
+        router = next((v.get("VRouterId") for v in found if v.get("VpcId") == vpc_id), None)
+        if not isinstance(router, str) or not router:
+            raise ConfigError(f"VPC {vpc_id} was not found; set Backend.RouteTableIDs")
+        routers = DescribeVRoutersRequest()
+        routers.set_VRouterId(router)
+        listed = self._ask(client, "DescribeVRouters", routers, router)
+        tables = [
+            t
+            for r in listed.get("VRouters", {}).get("VRouter", [])
+            if r.get("VRouterId") == router
+            for t in r.get("RouteTableIds", {}).get("RouteTableId", [])
+            if isinstance(t, str) and ROUTE_TABLE_ID.fullmatch(t)
+        ]
+        if len(tables) != 1:
+            found_ids = ", ".join(tables) or "none"
+            raise ConfigError(
+                f"vRouter {router} of {vpc_id} has {len(tables)} route tables ({found_ids}); "
+                "list the ones to keep in sync in Backend.RouteTableIDs"
+            )
+        log.info("ali-vpc: using route table %s (vRouter %s of %s)", tables[0], router, vpc_id)
+        return (tables[0],)
+
+    def _ask(self, client: VpcClient, action: str, request: Any, where: str) -> dict[str, Any]:
+        try:
+            return client.call(request)
+        except Exception as exc:
+            error = vpc_error(exc, action, where, self.options.policy, client.credential_source)
+            raise ConfigError(f"cannot find the route table: {error}") from None
+
+    # --- modes ------------------------------------------------------------------------------
+
+    def election(self) -> Election:
+        return self._modes.election()
+
+    def tasks(self) -> list[tuple[str, BackgroundTask]]:
+        return self._modes.tasks()
+
+    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+        config = self._config
+
+        def routes(lease: Lease) -> list[Route]:
+            return lease_routes(lease, config)
+
+        return self._modes.bindings(own, self.route_table_ids(), self._table, routes)
+
+    def _table(
+        self,
+        table_id: str,
+        *,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        fence: Callable[[], Any] | None = None,
+    ) -> AliRouteTable:
+        c = self._coordination
+        assert c is not None
+        return AliRouteTable(
+            self.client(),
+            table_id,
+            ledger=Ledger(c.client, c.prefix, self.options.common.cluster_name, table_id),
+            networks=self._networks,
+            member=c.member,
+            policy=self.options.policy,
+            gate=self._gate,
+            vpc_lock=self._vpc_lock,
+            markers=self._markers,
+            name=name,
+            scope=scope,
+            collect=collect,
+            skip_young=collect and self.options.mode == "node",
+            fence=fence,
+            route_limit=self.options.common.route_limit,
+            resync_period=self.options.common.resync_period,
+        )
