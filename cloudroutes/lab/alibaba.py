@@ -9,7 +9,9 @@
   instance, with RAM-role credentials the fake API accepts with their ``SecurityToken``.
 - ``make_alibaba_vpc``: the scenario every test needs (a VPC in 198.18.0.0/16 with its vRouter,
   route tables, a vSwitch, instances and an access key), returned as typed ids.
-- ``alibaba_client``: an ``AcsClient`` bound to a lab endpoint (http, no retries).
+- ``alibaba_client`` and ``at``: an ``AcsClient`` and its requests aimed at a lab endpoint
+  (http, the SDK's retries off).
+- ``AlibabaLab``: all of it for a cluster of agents, the API behind a counting fault proxy.
 
 What the fake does as Alibaba does, because the backend must cope with it:
 - A new entry is ``Pending`` for ``pending_seconds`` (0 by default), then ``Available``; a
@@ -54,11 +56,13 @@ import urllib.parse
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from cloudroutes.lab.fault_proxy import ALIBABA, FaultProxy
 from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
 
 # AcsClient is built at run time; the SDK ships no type information.
@@ -210,6 +214,7 @@ class AlibabaVpcApi(HttpService):
     ) -> None:
         super().__init__(host, netns)
         self.clock = clock
+        self._initial_clock = clock
         self.pending_seconds = pending_seconds
         self.delete_seconds = delete_seconds
         self.route_quota = route_quota
@@ -234,9 +239,10 @@ class AlibabaVpcApi(HttpService):
     # -- set-up (not over HTTP) -----------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget every VPC, key, entry, knob and count."""
+        """Forget every VPC, key, entry, knob and count; the clock is the one it started with."""
         with self._lock:
             self._reset_state()
+            self.clock = self._initial_clock
             self.pending_seconds = 0.0
             self.delete_seconds = 0.0
             self.route_quota = DEFAULT_ROUTE_QUOTA
@@ -285,6 +291,15 @@ class AlibabaVpcApi(HttpService):
             self._vpcs[vpc.vpc_id] = vpc
             self._add_table(vpc, "System", "")
             return vpc.vpc_id
+
+    def vrouter_id(self, vpc_id: str) -> str:
+        with self._lock:
+            return self._vpcs[vpc_id].vrouter_id
+
+    def route_table_ids(self, vpc_id: str) -> tuple[str, ...]:
+        """The VPC's route tables, the vRouter's system table first."""
+        with self._lock:
+            return tuple(self._vpcs[vpc_id].table_ids)
 
     def add_route_table(self, vpc_id: str, name: str = "") -> str:
         """A custom route table in the VPC's vRouter; returns its id."""
@@ -450,9 +465,7 @@ class AlibabaVpcApi(HttpService):
         except ApiError as err:
             return err.status, {
                 "RequestId": request_id,
-                "HostId": f"vpc.{region or 'aliyuncs'}.aliyuncs.com".replace(
-                    "aliyuncs.aliyuncs", "aliyuncs"
-                ),
+                "HostId": f"vpc.{region}.aliyuncs.com" if region else "vpc.aliyuncs.com",
                 "Code": err.code,
                 "Message": err.message,
                 "Recommend": f"https://api.aliyun.com/troubleshoot?q={err.code}&product=Vpc",
@@ -619,6 +632,21 @@ class AlibabaVpcApi(HttpService):
             raise ApiError("QuotaExceeded", "Route entry quota exceeded in this route table.")
         return str(net)
 
+    def _batch(self, params: Params) -> tuple[list[dict[str, str]], list[_Table]]:
+        """The entries of a batch call and their tables, once the whole call may go ahead."""
+        items = _repeat_list(params, "RouteEntries")
+        if not items:
+            raise ApiError("MissingRouteEntries", "RouteEntries is mandatory for this action.")
+        if len(items) > BATCH_LIMIT:
+            raise ApiError(
+                "InvalidParameter.RouteEntries",
+                f"At most {BATCH_LIMIT} route entries may be given in one call.",
+            )
+        tables = [self._table(params, _require(item, "RouteTableId")) for item in items]
+        for vpc_id in dict.fromkeys(t.vpc_id for t in tables):
+            self._check_vpc_idle(vpc_id)
+        return items, tables
+
     def _create(self, table: _Table, destination: str, hop_id: str, name: str, desc: str) -> _Entry:
         entry = self._put(
             table,
@@ -707,17 +735,7 @@ class AlibabaVpcApi(HttpService):
         return self._remember(params, {"RouteEntryId": entry.entry_id})
 
     def _create_route_entries(self, params: Params) -> dict[str, Any]:
-        items = _repeat_list(params, "RouteEntries")
-        if not items:
-            raise ApiError("MissingRouteEntries", "RouteEntries is mandatory for this action.")
-        if len(items) > BATCH_LIMIT:
-            raise ApiError(
-                "InvalidParameter.RouteEntries",
-                f"At most {BATCH_LIMIT} route entries may be given in one call.",
-            )
-        tables = [self._table(params, _require(item, "RouteTableId")) for item in items]
-        for vpc_id in dict.fromkeys(t.vpc_id for t in tables):
-            self._check_vpc_idle(vpc_id)
+        items, tables = self._batch(params)
         ids: list[str] = []
         failed: list[dict[str, str]] = []
         for item, table in zip(items, tables, strict=True):
@@ -773,17 +791,7 @@ class AlibabaVpcApi(HttpService):
         return {}
 
     def _delete_route_entries(self, params: Params) -> dict[str, Any]:
-        items = _repeat_list(params, "RouteEntries")
-        if not items:
-            raise ApiError("MissingRouteEntries", "RouteEntries is mandatory for this action.")
-        if len(items) > BATCH_LIMIT:
-            raise ApiError(
-                "InvalidParameter.RouteEntries",
-                f"At most {BATCH_LIMIT} route entries may be given in one call.",
-            )
-        tables = [self._table(params, _require(item, "RouteTableId")) for item in items]
-        for vpc_id in dict.fromkeys(t.vpc_id for t in tables):
-            self._check_vpc_idle(vpc_id)
+        items, tables = self._batch(params)
         done = 0
         failed: list[dict[str, str]] = []
         for item, table in zip(items, tables, strict=True):
@@ -1093,8 +1101,16 @@ def _send_json(handler: BaseHTTPRequestHandler, status: int, document: Mapping[s
 def _api_handler(api: AlibabaVpcApi) -> type[BaseHTTPRequestHandler]:
     class Handler(LabHandler):
         def _call(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length > 0 else b""
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or self.headers.get("Transfer-Encoding"):
+                # The body's end is unknown: answer and close rather than misread the stream.
+                self.close_connection = True
+                _send_json(self, 400, {"Code": "InvalidRequest", "Message": "No usable length."})
+                return
+            body = self.rfile.read(length)
             if urllib.parse.urlsplit(self.path).path != "/":
                 _send_json(
                     self, 404, {"Code": "InvalidAction.NotFound", "Message": "No such path."}
@@ -1325,10 +1341,6 @@ def make_alibaba_vpc(
     vswitch_id = api.add_vswitch(vpc_id, str(vswitch_net), zone)
     for i in range(tables - 1):
         api.add_route_table(vpc_id, f"{name}-rt{i + 1}")
-    with api._lock:
-        vpc = api._vpcs[vpc_id]
-        table_ids = tuple(vpc.table_ids)
-        vrouter_id = vpc.vrouter_id
     instances = []
     for i, ip in enumerate(ips):
         node_name = f"{name}-node{i}"
@@ -1341,8 +1353,8 @@ def make_alibaba_vpc(
         region=region,
         vpc_id=vpc_id,
         cidr=VPC_CIDR,
-        vrouter_id=vrouter_id,
-        route_table_ids=table_ids,
+        vrouter_id=api.vrouter_id(vpc_id),
+        route_table_ids=api.route_table_ids(vpc_id),
         vswitch_id=vswitch_id,
         vswitch_cidr=str(vswitch_net),
         zone_id=zone,
@@ -1386,3 +1398,90 @@ def at(request: Any, endpoint_url: str, region: str = DEFAULT_REGION) -> Any:
     request.set_protocol_type(parts.scheme)
     request.add_query_param("RegionId", region)
     return request
+
+
+@dataclass(frozen=True)
+class AlibabaNodeEndpoints:
+    """What node i's agent needs to reach its cloud: the VPC API (through the lab's counting
+    fault proxy) and its own metadata server. Region and credentials come from metadata."""
+
+    api_url: str
+    metadata_url: str
+    region: str
+
+
+@dataclass(eq=False)
+class AlibabaLab:
+    """A whole fake Alibaba Cloud for a cluster of agents: what the demo and benchmarks start.
+
+    The fake API listens on loopback, for the lab's own set-up and checks (``admin``). The
+    agents reach it through a counting ``FaultProxy`` (dialect ``ALIBABA``) and each has its
+    own ``EcsMetadata`` whose RAM role's credentials the API accepts; those listen on ``host``
+    inside ``netns`` when given (the demo's "cloud" namespace), else on loopback.
+    """
+
+    node_ips: Sequence[str]
+    _: KW_ONLY
+    region: str = DEFAULT_REGION
+    tables: int = 1
+    host: str = LOOPBACK
+    netns: str | None = None
+    seed: int = 0
+    pending_seconds: float = 0.0
+    api: AlibabaVpcApi = field(init=False)
+    proxy: FaultProxy | None = field(default=None, init=False)
+    metadata: list[EcsMetadata] = field(default_factory=list, init=False)
+    vpc: LabAlibabaVpc | None = field(default=None, init=False)
+    _started: ExitStack = field(default_factory=ExitStack, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.api = AlibabaVpcApi(pending_seconds=self.pending_seconds, seed=self.seed)
+
+    def start(self) -> AlibabaLab:
+        # Everything started is stopped in reverse order, also when a later start fails.
+        with ExitStack() as started:
+            self.api.start()
+            started.callback(self.api.stop)
+            self.vpc = make_alibaba_vpc(
+                self.api,
+                nodes=len(self.node_ips),
+                tables=self.tables,
+                region=self.region,
+                private_ips=self.node_ips,
+            )
+            proxy = FaultProxy(
+                self.api.url, dialect=ALIBABA, seed=self.seed, host=self.host, netns=self.netns
+            )
+            self.proxy = started.enter_context(proxy)
+            for instance in self.vpc.instances:
+                server = EcsMetadata(
+                    instance,
+                    self.api,
+                    vswitch_cidr=self.vpc.vswitch_cidr,
+                    host=self.host,
+                    netns=self.netns,
+                )
+                self.metadata.append(started.enter_context(server))
+            self._started = started.pop_all()
+        return self
+
+    def admin(self) -> AcsClient:
+        """A client straight to the fake (not counted by the proxy, no faults), for set-up
+        and checks; send its requests with ``at(request, lab.api.url, lab.region)``."""
+        assert self.vpc is not None, "AlibabaLab.start() first"
+        return alibaba_client(self.api.url, self.vpc.credentials, self.region)
+
+    def node(self, i: int) -> AlibabaNodeEndpoints:
+        assert self.proxy is not None, "AlibabaLab.start() first"
+        return AlibabaNodeEndpoints(self.proxy.url, self.metadata[i].url, self.region)
+
+    def stop(self) -> None:
+        self._started.close()
+        self.metadata.clear()
+        self.proxy = None
+
+    def __enter__(self) -> AlibabaLab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

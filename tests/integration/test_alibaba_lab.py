@@ -8,6 +8,9 @@ the SDK parses every answer and error.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -24,6 +27,7 @@ from cloudroutes.lab.alibaba import (
     TTL_HEADER,
     AccessKey,
     AcsClient,
+    AlibabaLab,
     AlibabaVpcApi,
     EcsMetadata,
     LabAlibabaVpc,
@@ -37,7 +41,9 @@ from cloudroutes.lab.alibaba import (
 from cloudroutes.lab.fault_proxy import ALIBABA, FaultProxy, Throttle
 from tests.wait import wait_for
 
-ServerException = pytest.importorskip("aliyunsdkcore.acs_exception.exceptions").ServerException
+_exceptions = pytest.importorskip("aliyunsdkcore.acs_exception.exceptions")
+ServerException = _exceptions.ServerException
+ClientException = _exceptions.ClientException
 
 
 @pytest.fixture(scope="module")
@@ -687,3 +693,93 @@ def test_server_errors_through_the_fault_proxy(api, lab) -> None:
         error = _error(client, proxy.url, list_request(lab.route_table_id), lab.region)
         assert error.get_error_code() == "Forbidden.RAM"
         assert listed(client, proxy.url, lab, lab.route_table_id) == []
+
+
+def test_a_write_whose_answer_is_lost_is_safe_to_retry_with_its_client_token(api, lab) -> None:
+    from cloudroutes.lab.fault_proxy import DropAfterForward
+
+    with FaultProxy(api.url, dialect=ALIBABA) as proxy:
+        client = alibaba_client(proxy.url, lab.credentials, lab.region, timeout=5)
+        hop = lab.instances[0].instance_id
+        proxy.add(DropAfterForward(actions={"CreateRouteEntry"}, times=1))
+        request = create_request(lab.route_table_id, "10.244.12.0/24", hop)
+        request.set_ClientToken("lost-answer")
+        with pytest.raises(ClientException):
+            client.do_action_with_exception(at(request, proxy.url, lab.region))
+        [entry] = api.entries(lab.route_table_id)  # applied, though the client cannot know
+        retry = create_request(lab.route_table_id, "10.244.12.0/24", hop)
+        retry.set_ClientToken("lost-answer")
+        assert _call(client, proxy.url, retry, lab.region)["RouteEntryId"] == entry.entry_id
+        assert proxy.counts()["CreateRouteEntry"] == 2
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+def test_concurrent_writes_into_one_vpc_conflict(api, lab) -> None:
+    """Eight agents create at once while entries stay Pending: one wins, the others get
+    TaskConflict, and the table holds exactly the winner's entry."""
+    api.pending_seconds = 60
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def create(i: int) -> None:
+        client = alibaba_client(api.url, lab.credentials, lab.region)
+        request = create_request(
+            lab.route_table_id, f"10.244.{20 + i}.0/24", lab.instances[0].instance_id
+        )
+        start.wait()
+        try:
+            client.do_action_with_exception(at(request, api.url, lab.region))
+            outcome = "ok"
+        except ServerException as err:
+            outcome = err.get_error_code()
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(outcomes) == ["TaskConflict"] * 7 + ["ok"]
+    assert len(api.entries(lab.route_table_id)) == 1
+
+
+# -- the whole lab ---------------------------------------------------------------------------
+
+
+def test_alibaba_lab_serves_each_node_its_metadata_and_the_api_through_the_proxy() -> None:
+    with AlibabaLab(["198.18.0.21", "198.18.0.22"], tables=2) as whole:
+        assert whole.vpc is not None and whole.proxy is not None
+        assert [i.private_ip for i in whole.vpc.instances] == ["198.18.0.21", "198.18.0.22"]
+        node = whole.node(1)
+        base = f"{node.metadata_url}/latest/meta-data/"
+        assert _get(base + "private-ipv4") == (200, "198.18.0.22")
+        role = _get(base + "ram/security-credentials/")[1]
+        document = json.loads(_get(base + "ram/security-credentials/" + role)[1])
+        key = AccessKey(
+            document["AccessKeyId"], document["AccessKeySecret"], document["SecurityToken"]
+        )
+        agent = alibaba_client(node.api_url, key, node.region)
+        table = whole.vpc.route_table_ids[1]
+        hop = whole.vpc.instances[1].instance_id
+        _call(agent, node.api_url, create_request(table, "10.244.1.0/24", hop), node.region)
+        assert [e.destination for e in whole.api.entries(table)] == ["10.244.1.0/24"]
+        assert whole.proxy.counts().by_action == {"CreateRouteEntry": 1}
+        admin = whole.admin()
+        request = list_request(table, RouteEntryType="Custom")
+        answer = _call(admin, whole.api.url, request, whole.region)
+        assert answer["TotalCount"] == 1
+        assert whole.proxy.counts().total == 1  # the admin client goes around the proxy
+
+
+def test_importing_the_lab_loads_no_aliyun_sdk() -> None:
+    script = (
+        "import sys, cloudroutes.lab.alibaba; "
+        "print(sorted(m for m in sys.modules if m.startswith('aliyunsdk')))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
