@@ -10,6 +10,8 @@
   a service-account token the fake API accepts), behind the ``Metadata-Flavor`` check.
 - ``make_gce_project``: builds the scenario every test needs (a project, a network, instances)
   and returns typed values, so tests do not parse API answers themselves.
+- ``GceLab``: all of it for a cluster of agents, the API behind a counting fault proxy
+  (cloudroutes.lab.fault_proxy, GCE dialect).
 
 List filters: one expression ``FIELD OP VALUE`` or several, each in parentheses (all must
 hold). ``eq``/``ne`` match VALUE as a regular expression against the whole field, as GCE does
@@ -29,6 +31,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
 import re
 import secrets
 import threading
@@ -42,7 +45,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cloudroutes.lab.fault_proxy import Call, gce_action, gce_error
+from cloudroutes.lab.fault_proxy import GCE, Call, FaultProxy, gce_action, gce_error
 from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
 
 LINK_BASE = "https://www.googleapis.com/compute/v1"
@@ -297,6 +300,8 @@ class FakeComputeApi(HttpService):
         self._changed = threading.Condition()
         self._projects: dict[str, _Project] = {}
         self._operations: dict[str, _Operation] = {}
+        # The operations not DONE yet, oldest first: what _settle looks at on every call.
+        self._running: list[_Operation] = []
         self._operation_faults: list[_OperationFault] = []
         self._serial = 0
 
@@ -308,6 +313,7 @@ class FakeComputeApi(HttpService):
         with self._changed:
             self._projects.clear()
             self._operations.clear()
+            self._running.clear()
             self._operation_faults.clear()
             self.calls.clear()
             self._changed.notify_all()
@@ -378,7 +384,7 @@ class FakeComputeApi(HttpService):
     def complete_operations(self) -> None:
         """Every RUNNING operation is DONE now (for tests with a long ``operation_seconds``)."""
         with self._changed:
-            for op in self._operations.values():
+            for op in self._running:
                 op.done_at = 0.0
             self._settle()
             self._changed.notify_all()
@@ -675,6 +681,7 @@ class FakeComputeApi(HttpService):
             error=error,
         )
         self._operations[op.name] = op
+        self._running.append(op)
         if request_id:
             project.request_ids[request_id] = op.name
         # Not settled here: like GCE, the insert or delete answers RUNNING; with no delay the
@@ -684,9 +691,11 @@ class FakeComputeApi(HttpService):
     def _settle(self) -> None:
         """Finish every operation whose time has come. Called with the lock held."""
         now = time.monotonic()
-        for op in self._operations.values():
-            if op.done or op.done_at > now:
-                continue
+        due = [op for op in self._running if op.done_at <= now]
+        if not due:
+            return
+        self._running = [op for op in self._running if op.done_at > now]
+        for op in due:
             op.done = True
             op.end_time = _now_text()
             project = self._projects.get(op.project)
@@ -903,10 +912,11 @@ def _clause(
 class FakeMetadataServer(HttpService):
     """The GCE metadata server of one instance, on its own port (one server per node).
 
-    Every request must carry ``Metadata-Flavor: Google`` (403 otherwise), as on GCE. It
-    serves who the instance is, its network (``projects/NUM/networks/NET``, as the real one),
-    and the service account's token from ``tokens`` (give the fake API's, so the API accepts
-    it). ``hits`` counts requests per path. Set the clients' metadata host to ``host_port``.
+    Every request must carry ``Metadata-Flavor: Google`` and no ``X-Forwarded-For`` (403
+    otherwise), as on GCE. It serves who the instance is, its network
+    (``projects/NUM/networks/NET``, as the real one), and the service account's token from
+    ``tokens`` (give the fake API's, so the API accepts it). ``hits`` counts requests per
+    path. Point google-auth at it with ``host_port`` (GCE_METADATA_HOST, GCE_METADATA_IP).
     """
 
     def __init__(
@@ -956,9 +966,12 @@ class FakeMetadataServer(HttpService):
     def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, str, str]:
         """(status, content type, body) for one request."""
         parts = urlsplit(target)
-        flavor = next((v for k, v in headers.items() if k.lower() == "metadata-flavor"), None)
-        if flavor != "Google":
+        names = {k.lower(): v for k, v in headers.items()}
+        if names.get("metadata-flavor") != "Google":
             return 403, "text/html", "Missing required header: Metadata-Flavor: Google\n"
+        if "x-forwarded-for" in names:
+            # GCE refuses proxied requests, so a proxy on the VM cannot leak its tokens.
+            return 403, "text/html", "Request contains an X-Forwarded-For header\n"
         if parts.path == "/":
             return 200, "application/text", "computeMetadata/\n"
         path = parts.path.removeprefix("/computeMetadata/v1/")
@@ -1104,3 +1117,95 @@ def metadata_servers(
     finally:
         for server in servers:
             server.stop()
+
+
+# -- a cluster's GCE -------------------------------------------------------------------------------
+
+# What may carry a host's Google settings into an agent's SDK.
+_HOST_GOOGLE_ENV = ("GCE_METADATA_", "GOOGLE_", "CLOUDSDK_")
+
+
+class GceLab:
+    """A whole fake GCE for a cluster of agents: what the demo and the benchmarks start.
+
+    The fake API listens on loopback, for the lab's own set-up and checks (``api``). The
+    agents reach it through a counting ``FaultProxy`` with the GCE dialect (``api_url``), and
+    each has its own metadata server; those listen on ``host`` inside ``netns`` when given (a
+    "cloud" namespace on the demo's switch), else on loopback. The API requires the token the
+    metadata servers hand out, as GCE does (``require_token``).
+    """
+
+    def __init__(
+        self,
+        node_ips: Sequence[str],
+        *,
+        can_ip_forward: bool | Sequence[bool] = True,
+        host: str = LOOPBACK,
+        netns: str | None = None,
+        seed: int = 0,
+        require_token: bool = True,
+        operation_seconds: float = 0.0,
+    ) -> None:
+        self.node_ips = list(node_ips)
+        self.can_ip_forward = can_ip_forward
+        self.host = host
+        self.netns = netns
+        self.seed = seed
+        self.api = FakeComputeApi(require_token=require_token, operation_seconds=operation_seconds)
+        self.proxy: FaultProxy | None = None
+        self.metadata: list[FakeMetadataServer] = []
+        self.project: LabGceProject | None = None
+
+    def start(self) -> GceLab:
+        try:
+            self.api.start()
+            self.project = make_gce_project(
+                self.api,
+                nodes=len(self.node_ips),
+                can_ip_forward=self.can_ip_forward,
+                private_ips=self.node_ips,
+            )
+            self.proxy = FaultProxy(
+                self.api.url, dialect=GCE, seed=self.seed, host=self.host, netns=self.netns
+            ).start()
+            for instance in self.project.instances:
+                server = FakeMetadataServer(
+                    self.project, instance, self.api.tokens, self.host, self.netns
+                )
+                self.metadata.append(server.start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def api_url(self) -> str:
+        """The Compute endpoint the agents use (the proxy): their ``api_endpoint``."""
+        assert self.proxy is not None, "GceLab.start() first"
+        return self.proxy.url
+
+    def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
+        """The environment for node i's agent: ``base`` without any Google setting of the host,
+        plus its metadata server, from which google-auth then takes the project and the
+        credentials, as on a VM."""
+        env = {k: v for k, v in base.items() if not k.startswith(_HOST_GOOGLE_ENV)}
+        host_port = self.metadata[i].host_port
+        env["GCE_METADATA_HOST"] = env["GCE_METADATA_IP"] = host_port
+        # Nor may the host's gcloud configuration (application default credentials).
+        env["CLOUDSDK_CONFIG"] = os.devnull
+        return env
+
+    def stop(self) -> None:
+        for server in self.metadata:
+            server.stop()
+        self.metadata.clear()
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+        self.api.stop()
+
+    def __enter__(self) -> GceLab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

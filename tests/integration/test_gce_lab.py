@@ -7,9 +7,15 @@ metadata code, over HTTP on 127.0.0.1, as the backend will use them.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -26,12 +32,21 @@ from google.api_core.exceptions import (
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
-from cloudroutes.lab.fault_proxy import GCE, GCE_429, FaultProxy, Throttle
+from cloudroutes.lab.fault_proxy import (
+    GCE,
+    GCE_429,
+    Delay,
+    DropAfterForward,
+    FaultProxy,
+    ServerError,
+    Throttle,
+)
 from cloudroutes.lab.gce import (
     LINK_BASE,
     ApiError,
     FakeComputeApi,
     FakeMetadataServer,
+    GceLab,
     LabGceProject,
     make_gce_project,
     metadata_servers,
@@ -577,3 +592,130 @@ def test_route_filter_forms() -> None:
     assert route_filter("nextHopIp ne .*")(route)  # absent field: ne holds
     with pytest.raises(ApiError):
         route_filter("name eq")
+
+
+def test_a_write_whose_answer_is_lost_is_applied_and_a_retry_conflicts(
+    proxy: FaultProxy, lab: LabGceProject
+) -> None:
+    gce = Gce(proxy.url)
+    proxy.add(DropAfterForward(actions={"routes.insert"}, times=1))
+    with pytest.raises(requests.ConnectionError):
+        gce.insert(lab, "cr-a", "10.244.1.0/24")
+    assert gce.names(lab) == ["cr-a"]  # GCE made it; the client cannot know
+    with pytest.raises(Conflict) as err:
+        gce.insert(lab, "cr-a", "10.244.1.0/24")
+    assert _reason(err) == "alreadyExists"
+
+
+def test_a_slow_answer_is_a_read_timeout_and_reads_are_retried_on_503(
+    proxy: FaultProxy, lab: LabGceProject
+) -> None:
+    gce = Gce(proxy.url)
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    proxy.reset_counts()
+    proxy.add(Delay(actions={"routes.get"}, seconds=2.0, times=1))
+    with pytest.raises(requests.Timeout):
+        gce.routes.get(project=lab.project_id, route="cr-a", timeout=0.3)
+
+    # google-cloud-compute retries a get on 503 by itself; every attempt is a call.
+    unavailable = proxy.add(ServerError(actions={"routes.get"}, status=503, times=2))
+    assert gce.routes.get(project=lab.project_id, route="cr-a").name == "cr-a"
+    assert unavailable.fired == 2
+    assert proxy.counts()["routes.get"] == 4
+
+
+def test_concurrent_inserts_fill_the_quota_exactly(api: FakeComputeApi, lab: LabGceProject) -> None:
+    api.set_route_quota(30)
+    api.quota_in_operation = False
+
+    def insert(worker: int) -> list[str]:
+        gce = Gce(api.url)
+        outcomes = []
+        for i in range(10):
+            try:
+                gce.insert(lab, f"cr-{worker}-{i}", f"10.{worker}.{i}.0/24")
+                outcomes.append("ok")
+            except Forbidden as err:
+                outcomes.append(err.reason)
+        return outcomes
+
+    with ThreadPoolExecutor(5) as pool:
+        outcomes = [o for batch in pool.map(insert, range(5)) for o in batch]
+    assert Counter(outcomes) == {"ok": 30, "QUOTA_EXCEEDED": 20}
+    assert len(api.routes(lab.project_id)) == 30
+    assert api.counts()["routes.insert"] == 50
+
+
+def test_metadata_refuses_proxied_requests(metadata: FakeMetadataServer) -> None:
+    answer = requests.get(
+        f"{metadata.url}/computeMetadata/v1/instance/service-accounts/default/token",
+        headers={"Metadata-Flavor": "Google", "X-Forwarded-For": "198.18.0.99"},
+        timeout=5,
+    )
+    assert answer.status_code == 403
+    assert "access_token" not in answer.text
+
+
+def test_importing_the_lab_does_not_load_the_google_clients() -> None:
+    """The host-gw demo imports the lab too; it must not pay for (or need) the Google SDKs."""
+    script = (
+        "import sys, cloudroutes.lab.gce; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'google', 'requests'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
+
+
+# -- a cluster's GCE --------------------------------------------------------------------------------
+
+# What an agent on a VM does: google.auth.default() (credentials and project from the metadata
+# server), then the Compute clients on the configured endpoint.
+_AGENT = """
+import json, sys
+import google.auth
+from google.api_core.client_options import ClientOptions
+from google.cloud import compute_v1
+
+credentials, project = google.auth.default()
+options = ClientOptions(api_endpoint=sys.argv[1])
+routes = compute_v1.RoutesClient(credentials=credentials, client_options=options)
+operations = compute_v1.GlobalOperationsClient(credentials=credentials, client_options=options)
+route = compute_v1.Route(name="cr-agent", network=sys.argv[2], dest_range="10.244.7.0/24",
+                         next_hop_instance=sys.argv[3])
+op = routes.insert_unary(project=project, route_resource=route)
+done = operations.wait(project=project, operation=op.name)
+print(json.dumps({"project": project, "status": done.status.name,
+                  "routes": [r.name for r in routes.list(project=project)]}))
+"""
+
+
+def test_gce_lab_gives_each_agent_its_vm_through_the_environment_alone() -> None:
+    with GceLab(["198.18.0.10", "198.18.0.11"], can_ip_forward=[True, False]) as gce_lab:
+        assert gce_lab.project is not None
+        node = gce_lab.project.instances[1]
+        host_env = {"PATH": os.environ["PATH"], "GOOGLE_CLOUD_PROJECT": "not-this-one"}
+        env = gce_lab.node_env(1, host_env)
+        assert "GOOGLE_CLOUD_PROJECT" not in env
+        args = [gce_lab.api_url, gce_lab.project.network_path, node.self_link]
+        result = subprocess.run(
+            [sys.executable, "-c", _AGENT, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {
+            "project": gce_lab.project.project_id,
+            "status": "DONE",
+            "routes": ["cr-agent"],
+        }
+        assert gce_lab.metadata[1].hits["instance/service-accounts/default/token"] >= 1
+        assert gce_lab.metadata[0].hits == Counter()  # node 1 asked its own server only
+        assert gce_lab.proxy is not None
+        assert dict(gce_lab.proxy.counts().by_action) == {
+            "routes.insert": 1,
+            "globalOperations.wait": 1,
+            "routes.list": 1,
+        }
+        assert [r["name"] for r in gce_lab.api.routes(gce_lab.project.project_id)] == ["cr-agent"]
