@@ -9,3 +9,4 @@ from cloudroutes.backend import register
 register("host-gw", "providers.host_gw:HostGwBackend")
 register("aws-vpc", "providers.aws_vpc:AwsVpcBackend")
 register("ali-vpc", "providers.ali_vpc:AliVpcBackend")
+register("gce", "providers.gce:GceBackend")

@@ -1,0 +1,391 @@
+"""gce: every lease's subnet routed by a GCE static route to its node's instance.
+
+Options (``Backend`` of the network config): the common ones of every cloud backend, ``Mode``
+(``node``: each agent inserts its own route and one elected agent deletes the routes of
+leases that are gone; ``cluster``: one elected process writes every route), ``ClusterName``
+(whose routes these are: the route names and the ledger derive from it; default the etcd
+prefix), ``ResyncPeriod`` (seconds between full reads, default 300) and ``RouteLimit`` (the
+routes cloudroutes may hold in the network; GCE's quota is per project, and is otherwise
+learnt from a QUOTA_EXCEEDED answer).
+
+The node learns who it is from the metadata server (``Metadata-Flavor: Google``) at
+``GCE_METADATA_HOST`` (default metadata.google.internal), falling back to ``GCE_METADATA_IP``
+(default 169.254.169.254): project, zone, instance name, and the network of the interface
+the agent uses. Credentials are google.auth.default()'s (the instance's service account,
+or GOOGLE_APPLICATION_CREDENTIALS). ``CLOUDROUTES_GCE_API_ENDPOINT`` (e.g.
+http://127.0.0.1:8080) replaces the Compute API's address for every call, operations included.
+
+Routes go to instances (``nextHopInstance``), and only to instances created with IP
+forwarding: GCE drops what an instance without it forwards. IPv4 only: IPv6 networks are
+refused at start (GCE takes IPv6 static routes only for some next-hop types).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.config import NetworkConfig
+from cloudroutes.election import Election
+from cloudroutes.errors import ConfigError, LeaseRefused
+from cloudroutes.jsonfields import FoldedObject
+from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
+from cloudroutes.ledger import Ledger
+from cloudroutes.reconciler import Gate
+from cloudroutes.routes import Destination, Route
+from providers.cloud import CloudModes, CloudOptions, lease_destinations, parse_cloud_options, shown
+from providers.gce_route_table import (
+    NAME_RULE,
+    ComputeClients,
+    ForwardingCheck,
+    GceRouteTable,
+    instance_path,
+)
+
+log = logging.getLogger(__name__)
+
+BACKEND_TYPE = "gce"
+POLICY_FILES = {
+    "node": "providers/policies/gce-node.json",
+    "cluster": "providers/policies/gce-controller.json",
+}
+API_ENDPOINT_VARIABLE = "CLOUDROUTES_GCE_API_ENDPOINT"
+METADATA_HOST = "metadata.google.internal"
+METADATA_IP = "169.254.169.254"
+METADATA_TIMEOUT = 2.0
+SCOPES = ("https://www.googleapis.com/auth/compute",)
+# Project ids: 6 to 30 lower-case letters, digits and hyphens (older ones may carry a domain).
+_PROJECT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.:")
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def parse_options(config: NetworkConfig, coordination: Coordination | None) -> CloudOptions:
+    """The backend's options (the common ones), or one ConfigError naming the fix."""
+    if config.enable_ipv6:
+        raise ConfigError(
+            "gce routes IPv4 subnets only (GCE takes IPv6 static routes for a few next-hop "
+            "types, not for cloudroutes' instance routes); set EnableIPv6 to false, or use "
+            "another backend for a dual-stack network"
+        )
+    return parse_cloud_options(
+        config, coordination, limit_hint="the routes it may use of the project's ROUTES quota"
+    )
+
+
+# --- the metadata server -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who this instance is, from the metadata server."""
+
+    project: str  # the project id
+    zone: str
+    instance: str
+    network: str  # projects/ID/global/networks/NET
+
+    @property
+    def instance_path(self) -> str:
+        return instance_path(self.project, self.zone, self.instance)
+
+
+class Metadata:
+    """The GCE metadata server: GETs with ``Metadata-Flavor: Google``, short timeouts, at
+    google-auth's own addresses (GCE_METADATA_HOST, then GCE_METADATA_IP)."""
+
+    def __init__(self, hosts: Sequence[str] | None = None, timeout: float = METADATA_TIMEOUT):
+        if hosts is None:
+            hosts = (
+                os.environ.get("GCE_METADATA_HOST") or METADATA_HOST,
+                os.environ.get("GCE_METADATA_IP") or METADATA_IP,
+            )
+        self.hosts = tuple(dict.fromkeys(h.strip().removeprefix("http://") for h in hosts if h))
+        for host in self.hosts:
+            if not host or "/" in host or any(c.isspace() for c in host):
+                raise ConfigError(
+                    f"GCE_METADATA_HOST/GCE_METADATA_IP {shown(host)} is not a host[:port]; "
+                    f"unset it on GCE (the default is {METADATA_HOST})"
+                )
+        self._timeout = timeout
+        self._host: str | None = None  # the first one that answered
+        # Metadata is link-local: never through an HTTP proxy from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def __repr__(self) -> str:
+        return f"Metadata({self.hosts!r})"
+
+    def get(self, path: str) -> str:
+        hosts = (self._host,) if self._host else self.hosts
+        reasons: list[str] = []
+        for host in hosts:
+            url = f"http://{host}/computeMetadata/v1/{path}"
+            request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+            try:
+                with self._opener.open(request, timeout=self._timeout) as answer:
+                    text = answer.read(65536).decode("utf-8", "replace").strip()
+            except urllib.error.HTTPError as exc:
+                raise ConfigError(
+                    f"the GCE metadata server at {host} answered {exc.code} to /{path}; is "
+                    "this a GCE instance (or GCE_METADATA_HOST the right server)?"
+                ) from None
+            except (OSError, ValueError) as exc:
+                reasons.append(f"{host}: {getattr(exc, 'reason', exc)}")
+                continue
+            self._host = host
+            return text
+        raise ConfigError(
+            f"cannot reach the GCE metadata server ({'; '.join(reasons)}); on GCE check the "
+            "instance's network; elsewhere set GCE_METADATA_HOST"
+        )
+
+
+def _checked(value: str, what: str, where: str) -> str:
+    if not NAME_RULE.fullmatch(value):
+        raise ConfigError(
+            f"the GCE metadata server at {where} gave {what} {shown(value)}, which is not a "
+            "GCE name; is this a GCE instance?"
+        )
+    return value
+
+
+def discover(metadata: Metadata, address: str | None) -> NodeIdentity:
+    """This instance, and the network of the interface holding ``address`` (the agent's
+    interface IP; the first interface when None or not found): its route lives there."""
+    where = metadata.hosts[0]
+    project = metadata.get("project/project-id")
+    if not project or not set(project) <= _PROJECT_CHARS or len(project) > 100:
+        raise ConfigError(
+            f"the GCE metadata server at {where} gave project id {shown(project)}; is this "
+            "a GCE instance?"
+        )
+    zone = _checked(metadata.get("instance/zone").rsplit("/", 1)[-1], "zone", where)
+    instance = _checked(metadata.get("instance/name"), "instance name", where)
+    nic = "0"
+    if address is not None:
+        for line in metadata.get("instance/network-interfaces/").split():
+            candidate = line.strip("/")
+            if candidate.isdigit() and (
+                metadata.get(f"instance/network-interfaces/{candidate}/ip") == address
+            ):
+                nic = candidate
+                break
+    # projects/NUM/networks/NET: a numeric project and no "global/"; the API wants the id.
+    network = metadata.get(f"instance/network-interfaces/{nic}/network").rsplit("/", 1)[-1]
+    network = _checked(network, "network", where)
+    return NodeIdentity(project, zone, instance, f"projects/{project}/global/networks/{network}")
+
+
+# --- the Compute API ---------------------------------------------------------------------------
+
+
+def compute_clients(project: str) -> ComputeClients:
+    """Compute clients with google.auth.default()'s credentials, at CLOUDROUTES_GCE_API_ENDPOINT
+    when set (the operations client too, so no call ever goes to the default address)."""
+    import google.auth
+    from google.api_core.client_options import ClientOptions
+    from google.cloud import compute_v1
+
+    credentials, _ = google.auth.default(scopes=SCOPES)
+    endpoint = os.environ.get(API_ENDPOINT_VARIABLE, "").strip()
+    options = ClientOptions(api_endpoint=endpoint) if endpoint else None
+    kwargs: dict[str, Any] = {"credentials": credentials, "client_options": options}
+    return ComputeClients(
+        project=project,
+        routes=compute_v1.RoutesClient(**kwargs),
+        operations=compute_v1.GlobalOperationsClient(**kwargs),
+        instances=compute_v1.InstancesClient(**kwargs),
+    )
+
+
+def _endpoint_checked() -> None:
+    endpoint = os.environ.get(API_ENDPOINT_VARIABLE, "").strip()
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{API_ENDPOINT_VARIABLE} {shown(endpoint)} is not an http:// or https:// URL; "
+            "e.g. http://127.0.0.1:8080, or unset it to use Google's"
+        )
+
+
+# --- what each lease wants -------------------------------------------------------------------
+
+
+def lease_target(lease: Lease) -> str:
+    """The instance a lease's routes go to, from its BackendData {Project, Zone, Instance}."""
+    data = lease.attrs.backend_data
+    if lease.backend_type == BACKEND_TYPE and isinstance(data, dict) and data:
+        fields = FoldedObject(data)
+        values = [fields.get(k) for k in ("Project", "Zone", "Instance")]
+        project, zone, instance = values
+        if (
+            all(isinstance(v, str) for v in values)
+            and set(str(project)) <= _PROJECT_CHARS
+            and NAME_RULE.fullmatch(str(zone))
+            and NAME_RULE.fullmatch(str(instance))
+        ):
+            return instance_path(str(project), str(zone), str(instance))
+        raise LeaseRefused(
+            f"its BackendData {shown(data)} does not name an instance "
+            '({"Project", "Zone", "Instance"} of GCE names)'
+        )
+    if lease.public_ip != NO_IPV4:
+        # flanneld's gce backend published no instance; finding one by address would take a
+        # project-wide instances.aggregatedList (and compute.instances.list) per lease.
+        raise LeaseRefused(
+            f"it is a lease of flanneld's gce backend, naming only its PublicIP "
+            f"{lease.public_ip}, not its instance; run cloudroutes on that node (flanneld "
+            "keeps its own route meanwhile)"
+        )
+    raise LeaseRefused("it names no instance to route to")
+
+
+def lease_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
+    """The routes a lease wants: one per subnet, to its instance."""
+    destinations = list(lease_destinations(lease, config))
+    if not destinations:
+        return []
+    target = lease_target(lease)
+    return [Route(d, target, lease_key=lease.key) for d in destinations]
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+
+class GceBackend:
+    accepts = frozenset({BACKEND_TYPE, ""})
+
+    def __init__(self, ctx: BackendContext) -> None:
+        config = ctx.config
+        if ctx.coordination is None:
+            raise ConfigError(
+                "gce keeps its record of the routes it owns in etcd, and this process has no "
+                "etcd connection; run it with --etcd-endpoints (the kube subnet manager is not "
+                "supported with gce)"
+            )
+        self.options = parse_options(config, ctx.coordination)
+        if ctx.controller and self.options.mode != "cluster":
+            raise ConfigError(
+                '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
+                '"node" each agent writes its own route: set Backend.Mode to "cluster"'
+            )
+        if not ctx.controller and ctx.iface is None:
+            raise ConfigError("gce needs the node's external interface")
+        _endpoint_checked()
+        self._ctx = ctx
+        self._config = config
+        self._coordination = ctx.coordination
+        self._policy = POLICY_FILES[self.options.mode]
+        self._lock = threading.Lock()
+        self._identity: NodeIdentity | None = None
+        self._clients: ComputeClients | None = None
+        self._check: ForwardingCheck | None = None
+        self._modes = CloudModes(BACKEND_TYPE, self.options, ctx.coordination, config)
+        self._gate = Gate()
+
+    @property
+    def mtu(self) -> int:
+        iface = self._ctx.iface
+        return iface.mtu if iface is not None else 1460  # GCE's default MTU
+
+    def __repr__(self) -> str:
+        return f"GceBackend(mode={self.options.mode!r}, cluster={self.options.cluster_name!r})"
+
+    # --- the node ---------------------------------------------------------------------------
+
+    def identity(self) -> NodeIdentity:
+        """This instance as the metadata server describes it (asked once)."""
+        with self._lock:
+            if self._identity is None:
+                iface = self._ctx.iface
+                address = str(iface.ip) if iface is not None and iface.ip is not None else None
+                self._identity = discover(Metadata(), address)
+            return self._identity
+
+    def prepare(self) -> LeaseAttrs:
+        identity = self.identity()
+        iface = self._ctx.iface
+        assert iface is not None
+        return LeaseAttrs(
+            public_ip=(iface.public_ip or iface.ip or NO_IPV4),
+            backend_type=BACKEND_TYPE,
+            backend_data={
+                "Project": identity.project,
+                "Zone": identity.zone,
+                "Instance": identity.instance,
+            },
+        )
+
+    # --- the Compute API ----------------------------------------------------------------------
+
+    def clients(self) -> ComputeClients:
+        """The Compute clients, built at first use: missing credentials are then a route
+        error the reconciler reports and retries, not a failed start."""
+        project = self.identity().project
+        with self._lock:
+            if self._clients is None:
+                self._clients = compute_clients(project)
+            return self._clients
+
+    def forwarding_check(self) -> ForwardingCheck:
+        with self._lock:
+            if self._check is None:
+                self._check = ForwardingCheck(self.clients, self._policy)
+            return self._check
+
+    # --- modes ------------------------------------------------------------------------------
+
+    def election(self) -> Election:
+        return self._modes.election()
+
+    def tasks(self) -> list[tuple[str, BackgroundTask]]:
+        return self._modes.tasks()
+
+    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+        config = self._config
+
+        def routes(lease: Lease) -> list[Route]:
+            return lease_routes(lease, config)
+
+        network = self.identity().network
+        return self._modes.bindings(own, (network,), self._table, routes)
+
+    def _table(
+        self,
+        table_id: str,
+        *,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        fence: Callable[[], Any] | None = None,
+    ) -> GceRouteTable:
+        c = self._coordination
+        assert c is not None
+        config = self._config
+        return GceRouteTable(
+            self.clients,
+            table_id,
+            ledger=Ledger(c.client, c.prefix, self.options.cluster_name, table_id),
+            networks=(config.network,) if config.network is not None else (),
+            cluster=self.options.cluster_name,
+            member=c.member,
+            policy=self._policy,
+            gate=self._gate,
+            can_forward=self.forwarding_check(),
+            name=name,
+            scope=scope,
+            collect=collect,
+            # The node-mode collector leaves alone routes too young for their lease to have
+            # reached it yet.
+            skip_young=collect and self.options.mode == "node",
+            fence=fence,
+            route_limit=self.options.route_limit,
+            resync_period=self.options.resync_period,
+        )

@@ -1,0 +1,1033 @@
+"""The GCE routes of one VPC network behind the route-table protocol.
+
+A GCE "route table" is the set of routes of one network in one project. Each route is a
+resource with a name, unique in the project, and is immutable: it is inserted or deleted,
+never changed. What is ours follows the ledger's rule (``cloudroutes.ledger``) and, as GCE
+routes carry a name and a description, two more marks:
+
+- a route cloudroutes made is named ``cloudroutes-<hash of cluster and CIDR>`` and its
+  description carries ``cloudroutes cluster=<hash of cluster>``; one of that name without the
+  marker is not ours;
+- a route adopted from flanneld keeps its name (``flannel-10-5-1-0-24``: names cannot change);
+  its ledger entry records that name with the next hop, so only that very route is ours.
+
+The ledger's ``target`` is the next-hop instance as a resource path
+(``projects/P/zones/Z/instances/N``), followed by `` as <name>`` for an adopted route.
+
+Each ``observe()`` is one filtered ``routes.list`` of the network (paged to the end) and one
+etcd read of the ledger, plus one ``globalOperations.get`` per operation of ours still in
+flight. Writes are ``insert_unary`` / ``delete_unary`` followed by ``globalOperations.wait``
+through a client on the same endpoint, at most MAX_IN_FLIGHT operations at once; an operation
+still RUNNING when the pass ends is reported pending and looked at again by the next read.
+A wrong route is replaced by a delete, then an insert (GCE has no update).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Any
+
+from cloudroutes.election import Deposed, Fence
+from cloudroutes.errors import (
+    QuotaExceeded,
+    Rejected,
+    RouteConflict,
+    RouteError,
+    RouteNotFound,
+    Throttled,
+    Transient,
+)
+from cloudroutes.ledger import Ledger, LedgerEntry, within
+from cloudroutes.reconciler import Gate
+from cloudroutes.routes import (
+    UNKNOWN,
+    Action,
+    Capacity,
+    Change,
+    Destination,
+    EntryState,
+    Foreign,
+    Observation,
+    Observed,
+    Outcome,
+    Plan,
+    Route,
+    TableLimits,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTE_PREFIX = "cloudroutes-"
+NAME_HASH = 40  # hex digits: "cloudroutes-" + 40 = 52 characters, within GCE's 63
+CLUSTER_HASH = 16
+PRIORITY = 1000
+MAX_IN_FLIGHT = 10  # operations of one table in flight at once
+CALL_TIMEOUT = 5.0  # seconds per API call (waits excepted)
+PAGE_SIZE = 500
+MAX_MESSAGE = 300
+# A ledger entry younger than this whose route is not listed may belong to an insert under way
+# (perhaps another node's); only older ones are forgotten.
+LEDGER_GRACE = 60.0
+NAME_RULE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+# Compute method -> the IAM permissions it needs (inserting a route also changes the network's
+# routing, hence compute.networks.updatePolicy).
+PERMISSIONS: dict[str, tuple[str, ...]] = {
+    "routes.list": ("compute.routes.list",),
+    "routes.get": ("compute.routes.get",),
+    "routes.insert": ("compute.routes.create", "compute.networks.updatePolicy"),
+    "routes.delete": ("compute.routes.delete", "compute.networks.updatePolicy"),
+    "globalOperations.get": ("compute.globalOperations.get",),
+    "globalOperations.wait": ("compute.globalOperations.get",),
+    "instances.get": ("compute.instances.get",),
+}
+THROTTLING = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED"})
+QUOTA = frozenset({"quotaExceeded", "QUOTA_EXCEEDED"})
+ALREADY_EXISTS = frozenset({"alreadyExists", "ALREADY_EXISTS", "RESOURCE_ALREADY_EXISTS"})
+NOT_FOUND = frozenset({"notFound", "RESOURCE_NOT_FOUND", "NOT_FOUND"})
+NOT_READY = frozenset({"resourceNotReady", "RESOURCE_NOT_READY"})
+NO_INSTANCE = "NEXT_HOP_INSTANCE_NOT_FOUND"
+DONE = "DONE"
+
+# google-cloud-compute clients are built at run time; importing their types here would load
+# the SDK for every user of this module.
+RoutesClient = Any
+OperationsClient = Any
+InstancesClient = Any
+
+
+@dataclass(frozen=True)
+class ComputeClients:
+    """The Compute clients of one project and endpoint (operations on the same endpoint)."""
+
+    project: str
+    routes: RoutesClient
+    operations: OperationsClient
+    instances: InstancesClient
+
+
+# --- names, marks and paths --------------------------------------------------------------
+
+
+def cluster_mark(cluster: str) -> str:
+    return hashlib.sha256(cluster.encode()).hexdigest()[:CLUSTER_HASH]
+
+
+def route_name(cluster: str, destination: Destination) -> str:
+    """The name of cluster's route to ``destination``: unique per cluster and CIDR."""
+    digest = hashlib.sha256(f"{cluster}\0{destination}".encode()).hexdigest()
+    return ROUTE_PREFIX + digest[:NAME_HASH]
+
+
+def flannel_name(destination: Destination) -> str:
+    """The name flanneld's gce backend gave the route to ``destination``."""
+    return "flannel-" + str(destination).replace(".", "-").replace("/", "-").replace(":", "-")
+
+
+def description(cluster: str, lease_key: str) -> str:
+    return f"cloudroutes cluster={cluster_mark(cluster)} lease={lease_key}"
+
+
+def resource_path(link: str) -> str:
+    """A resource reference as its path from ``projects/``: API links are full https URLs,
+    requests and metadata use partial paths; comparing paths compares the resources."""
+    text = link.strip()
+    index = text.find("projects/")
+    return text[index:].rstrip("/") if index >= 0 else text.rstrip("/")
+
+
+def instance_path(project: str, zone: str, instance: str) -> str:
+    return f"projects/{project}/zones/{zone}/instances/{instance}"
+
+
+def instance_parts(path: str) -> tuple[str, str, str] | None:
+    """(project, zone, name) of ``projects/P/zones/Z/instances/N``, else None."""
+    parts = resource_path(path).split("/")
+    if len(parts) == 6 and (parts[0], parts[2], parts[4]) == ("projects", "zones", "instances"):
+        return parts[1], parts[3], parts[5]
+    return None
+
+
+def ledger_target(hop: str, name: str, canonical: str) -> str:
+    """The ledger's target for a route: its next hop, and its name when it is not ours."""
+    return hop if name == canonical else f"{hop} as {name}"
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class _AlreadyExists(Rejected):
+    """An insert found a route of that name (handled by the insert itself)."""
+
+
+class _NotLeader(Transient):
+    """This process lost the election its writes need: the rest of the plan is not started."""
+
+
+def _reasons(exc: Any) -> set[str]:
+    found = {str(exc.reason)} if getattr(exc, "reason", None) else set()
+    for item in getattr(exc, "errors", None) or ():
+        if isinstance(item, Mapping) and item.get("reason"):
+            found.add(str(item["reason"]))
+    return found
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())[:MAX_MESSAGE] or "no message"
+
+
+def _retry_after(exc: Any) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    try:
+        seconds = float(headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 < seconds <= 3600 else None
+
+
+def gce_error(exc: BaseException, method: str, where: str, policy: str) -> RouteError:
+    """The route error for a failed Compute call ``method`` (e.g. "routes.insert") on
+    ``where``; ``policy`` is the permission file named when access is denied."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    if isinstance(exc, api.GoogleAPICallError):
+        status = exc.code if isinstance(exc.code, int) else 0
+        reasons = _reasons(exc)
+        message = _one_line(getattr(exc, "message", exc))
+        if reasons & THROTTLING or status == 429:
+            why = " ".join([str(status), *sorted(reasons & THROTTLING)])
+            return Throttled(
+                f"GCE throttled {method} on {where} ({why}); backing off",
+                retry_after=_retry_after(exc),
+            )
+        if reasons & QUOTA:
+            return _quota(where)
+        if reasons & ALREADY_EXISTS or status == 409:
+            return _AlreadyExists(f"{where} already exists")
+        if status == 404 and method in ("routes.delete", "routes.get", "instances.get"):
+            return RouteNotFound(f"{method} on {where}: the route is not there")
+        if reasons & NOT_READY:
+            return Transient(f"{method} on {where}: the resource is busy ({message}); retrying")
+        if status == 401:
+            return Rejected(
+                f"GCE refused the credentials for {method} on {where}; give the instance a "
+                "service account with the cloud-platform scope, or set "
+                "GOOGLE_APPLICATION_CREDENTIALS"
+            )
+        if status == 403:
+            needed = " and ".join(PERMISSIONS.get(method, (f"compute.{method}",)))
+            return Rejected(
+                f"not permitted to call {method} on {where} (needs {needed}); grant it to this "
+                f"node's service account with the custom role in {policy}"
+            )
+        if status >= 500 or isinstance(exc, api.ServerError):
+            return Transient(f"GCE failed {method} on {where} ({status}); retrying")
+        return Rejected(f"GCE refused {method} on {where}: {status}: {message}")
+    if isinstance(exc, auth.DefaultCredentialsError):
+        return Rejected(
+            f"no Google credentials for {method} on {where}: give the instance a service "
+            f"account (custom role in {policy}) or set GOOGLE_APPLICATION_CREDENTIALS"
+        )
+    if isinstance(exc, auth.TransportError):
+        return Transient(f"could not get a token for {method} on {where}; retrying")
+    if isinstance(exc, auth.RefreshError):
+        return Rejected(
+            f"could not get an access token for {method} on {where} "
+            f"({_one_line(exc)[:120]}); check the instance's service account and its scopes"
+        )
+    # Timeouts and dropped connections: the call may or may not have been applied; the next
+    # read of the routes decides.
+    return Transient(f"{method} on {where} got no answer ({type(exc).__name__}); retrying")
+
+
+def operation_error(op: Any, method: str, where: str, policy: str) -> RouteError | None:
+    """The route error an operation that ended with an error stands for (None: it did not)."""
+    errors = list(getattr(getattr(op, "error", None), "errors", None) or ())
+    if not errors:
+        return None
+    codes = {str(e.code) for e in errors}
+    message = _one_line(errors[0].message)
+    status = int(getattr(op, "http_error_status_code", 0) or 0)
+    if codes & THROTTLING:
+        return Throttled(f"GCE throttled the operation of {method} on {where}; backing off")
+    if codes & QUOTA:
+        return _quota(where)
+    if codes & ALREADY_EXISTS:
+        return _AlreadyExists(f"{where} already exists")
+    if codes & NOT_FOUND and method == "routes.delete":
+        return RouteNotFound(f"{method} on {where}: the route is not there")
+    if status == 403:
+        needed = " and ".join(PERMISSIONS.get(method, ()))
+        return Rejected(
+            f"not permitted to call {method} on {where} (needs {needed}); grant it with the "
+            f"custom role in {policy}"
+        )
+    if status >= 500 or "INTERNAL" in " ".join(codes):
+        return Transient(f"the operation of {method} on {where} failed ({message}); retrying")
+    return Rejected(f"GCE refused {method} on {where}: {sorted(codes)[0]}: {message}")
+
+
+def _quota(where: str) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"the project's routes quota is used up (QUOTA_EXCEEDED at {where}): free routes or "
+        "raise the ROUTES quota (IAM & Admin > Quotas)"
+    )
+
+
+# --- one listed route ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GceRoute:
+    """A route as routes.list shows it, reduced to what ownership needs."""
+
+    name: str
+    destination: Destination
+    hop: str  # the next-hop instance's path, or "<field> <value>" for other next hops
+    instance: bool  # its next hop is an instance
+    description: str
+    priority: int
+    warnings: frozenset[str]
+
+
+def parse_route(raw: Any) -> GceRoute | None:
+    """A listed route, or None when it is unreadable (never ours, never touched)."""
+    try:
+        destination = ip_network(str(raw.dest_range))
+    except ValueError:
+        return None
+    name = str(raw.name)
+    if raw.next_hop_instance:
+        hop, instance = resource_path(raw.next_hop_instance), True
+    else:
+        hop, instance = "another next hop", False
+        for field_name in ("next_hop_ip", "next_hop_gateway", "next_hop_ilb", "next_hop_peering"):
+            value = getattr(raw, field_name, "")
+            if value:
+                hop = f"{field_name.removeprefix('next_hop_')} {resource_path(value)}"
+                break
+    return GceRoute(
+        name=name,
+        destination=destination,
+        hop=hop,
+        instance=instance,
+        description=str(raw.description or ""),
+        priority=int(raw.priority),
+        warnings=frozenset(str(w.code) for w in raw.warnings),
+    )
+
+
+class ForwardingCheck:
+    """Whether an instance may be a next hop: GCE drops the packets an instance forwards
+    unless it was created with IP forwarding on (canIpForward, from instances.get).
+
+    Shared by the tables of one backend. A "yes" is kept (it cannot change on a running
+    instance); a "no" or a failure is asked again next time, which the reconciler's backoff
+    paces, so an instance recreated with forwarding is routed without a restart.
+    """
+
+    def __init__(self, clients: Callable[[], ComputeClients], policy: str) -> None:
+        self._clients = clients
+        self._policy = policy
+        self._lock = threading.Lock()
+        self._forwarding: set[str] = set()
+
+    def __call__(self, instance: str) -> None:
+        """Return if ``instance`` (a path) forwards; raise Rejected saying why not, or the
+        RouteError of the failed call."""
+        with self._lock:
+            if instance in self._forwarding:
+                return
+        parts = instance_parts(instance)
+        if parts is None:
+            raise Rejected(f"{instance!r} is not an instance (projects/P/zones/Z/instances/N)")
+        project, zone, name = parts
+        try:
+            clients = self._clients()
+            found = clients.instances.get(
+                project=project, zone=zone, instance=name, retry=None, timeout=CALL_TIMEOUT
+            )
+        except RouteError:
+            raise
+        except Exception as exc:
+            error = gce_error(exc, "instances.get", f"instance {name} in {zone}", self._policy)
+            if isinstance(error, RouteNotFound):
+                raise Rejected(f"instance {name} in {zone} does not exist") from None
+            raise error from None
+        if not found.can_ip_forward:
+            raise Rejected(
+                f"instance {name} in {zone} has IP forwarding off, so GCE would drop the "
+                "packets routed to its pods; no route is made to it. IP forwarding is set when "
+                "an instance is created: recreate it with `gcloud compute instances create "
+                "--can-ip-forward` (or canIpForward: true in its template)"
+            )
+        with self._lock:
+            self._forwarding.add(instance)
+
+
+@dataclass
+class _InFlight:
+    """An operation of ours not yet seen DONE."""
+
+    operation: str
+    kind: str  # "insert" | "delete"
+    route: Route  # what the insert makes, or what the delete removes
+    name: str
+
+
+class GceRouteTable:
+    """The routes of one network, as one reconciler sees them.
+
+    ``scope``: the destinations reported as owned (a node-mode agent: its own); None: all.
+    ``collect``: this table deletes routes of leases that are gone (the garbage collector,
+    cluster mode), so it also forgets ledger entries left without a route. ``skip_young``:
+    leave out routes recorded within LEDGER_GRACE (the node-mode collector). ``fence``: the
+    election's fence, checked before every write and passed to ledger writes.
+    ``can_forward(instance_path)``: whether that instance has IP forwarding on (RouteError
+    when it cannot be told); checked before a route to it is inserted.
+    """
+
+    def __init__(
+        self,
+        clients: Callable[[], ComputeClients],
+        network: str,
+        *,
+        ledger: Ledger,
+        networks: Sequence[IPv4Network | IPv6Network],
+        cluster: str,
+        member: str,
+        policy: str,
+        gate: Gate,
+        can_forward: Callable[[str], None],
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        skip_young: bool = False,
+        fence: Callable[[], Fence | None] | None = None,
+        route_limit: int | None = None,
+        resync_period: float = 300.0,
+        pass_deadline: float = 30.0,
+    ) -> None:
+        self.network = resource_path(network)  # projects/ID/global/networks/NET
+        self.name = name or self.network
+        self.resync_period = resync_period
+        self.limits = TableLimits(pass_deadline=pass_deadline, settle=2.0)
+        self.gate = gate
+        self._clients = clients
+        self._ledger = ledger
+        self._networks = tuple(networks)
+        self._cluster = cluster
+        self._mark = f"cloudroutes cluster={cluster_mark(cluster)}"
+        self._member = member
+        self._policy = policy
+        self._can_forward = can_forward
+        self._scope = scope
+        self._collect = collect
+        self._skip_young = skip_young
+        self._fence = fence
+        self._route_limit = route_limit
+        self._lock = threading.Lock()  # the ledger, _seen and _inflight
+        self._seen: dict[Destination, LedgerEntry] = {}
+        self._inflight: dict[Destination, _InFlight] = {}
+        # The name of the adoptable route at each destination, as last listed.
+        self._adoptable_names: dict[Destination, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"GceRouteTable({self.name!r})"
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    # --- observe ----------------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        listed = self._list()
+        entries = self._ledger_entries()
+        now = time.time()
+        owned: dict[Destination, Observed] = {}
+        foreign: dict[Destination, Foreign] = {}
+        present: set[Destination] = set()
+        adoptable: dict[Destination, str] = {}
+        deleting = self._settle_inflight({r.name for r in listed})
+        for route in listed:
+            present.add(route.destination)
+            if route.name in deleting:
+                continue  # our delete is under way: gone as far as plans go
+            entry = entries.get(route.destination)
+            if self._ours(route, entry):
+                assert entry is not None
+                if self._scope is not None and route.destination not in self._scope:
+                    continue  # another node's route: that node's to keep
+                if self._skip_young and now - entry.written < LEDGER_GRACE:
+                    continue  # perhaps made by a node whose lease we have not heard of yet
+                state = EntryState.BROKEN if NO_INSTANCE in route.warnings else EntryState.ACTIVE
+                owned[route.destination] = Observed(Route(route.destination, route.hop), state)
+            elif within(route.destination, self._networks):
+                if route.destination not in foreign or self._adoptable(route):
+                    foreign[route.destination] = self._foreign(route, entry)
+                if self._adoptable(route):
+                    adoptable[route.destination] = route.name
+        with self._lock:
+            self._seen = dict(entries)
+            self._adoptable_names = adoptable
+            pending = [f for f in self._inflight.values() if f.kind == "insert"]
+        for flight in pending:
+            destination = flight.route.destination
+            if self._scope is None or destination in self._scope:
+                owned[destination] = Observed(flight.route, EntryState.PENDING)
+                foreign.pop(destination, None)
+        for destination in owned:
+            foreign.pop(destination, None)
+        if self._collect:
+            self._forget_stale(entries, present, now)
+        return Observation(owned=owned, foreign=foreign, capacity=self._capacity(listed))
+
+    def _ours(self, route: GceRoute, entry: LedgerEntry | None) -> bool:
+        if entry is None or not route.instance:
+            return False
+        canonical = route_name(self._cluster, route.destination)
+        if route.name == canonical and self._mark not in route.description:
+            return False  # our name without our mark: not made by this cluster
+        target = ledger_target(route.hop, route.name, canonical)
+        return within(route.destination, self._networks) and entry.owns(target)
+
+    def _adoptable(self, route: GceRoute) -> bool:
+        if not route.instance or route.priority != PRIORITY or NO_INSTANCE in route.warnings:
+            return False
+        canonical = route_name(self._cluster, route.destination)
+        ours_unrecorded = route.name == canonical and self._mark in route.description
+        return ours_unrecorded or route.name == flannel_name(route.destination)
+
+    def _foreign(self, route: GceRoute, entry: LedgerEntry | None) -> Foreign:
+        if entry is not None:
+            holder = (
+                f"route {route.name} to {route.hop}, but the ledger of cluster "
+                f"{self._cluster} records {entry.target}"
+            )
+        else:
+            holder = (
+                f"route {route.name} to {route.hop}, which cluster {self._cluster} did not create"
+            )
+        advice = (
+            "cloudroutes never changes routes it did not create; delete it "
+            f"(gcloud compute routes delete {route.name}) if nothing needs it"
+        )
+        shown = Route(route.destination, route.hop)
+        return Foreign(shown, holder=holder, adoptable=self._adoptable(route), advice=advice)
+
+    def _capacity(self, listed: list[GceRoute]) -> Capacity | None:
+        # The ROUTES quota is per project; the listing shows this network only, so the limit
+        # is known only as the budget the operator gives cloudroutes (RouteLimit), counted
+        # against the routes of this network.
+        if self._route_limit is None:
+            return None
+        return Capacity(self._route_limit, len(listed))
+
+    def _list(self) -> list[GceRoute]:
+        from google.cloud import compute_v1
+
+        clients = self._api("routes.list")
+        network = self.network.rsplit("/", 1)[-1]
+        request = compute_v1.ListRoutesRequest(
+            project=clients.project,
+            filter=f'network eq ".*/projects/{clients.project}/global/networks/{network}"',
+            max_results=PAGE_SIZE,
+        )
+        try:
+            pages = clients.routes.list(request=request, retry=None, timeout=CALL_TIMEOUT)
+            raw = list(pages)  # the pager follows nextPageToken to the end
+        except Exception as exc:
+            raise gce_error(exc, "routes.list", self.network, self._policy) from None
+        routes = [r for r in (parse_route(item) for item in raw) if r is not None]
+        return [r for r in routes if r.destination.version == 4]
+
+    def _settle_inflight(self, listed: set[str]) -> set[str]:
+        """Look at the operations still in flight; return the names whose delete is under way."""
+        with self._lock:
+            flights = list(self._inflight.items())
+        deleting: set[str] = set()
+        for destination, flight in flights:
+            if flight.kind == "insert" and flight.name in listed:
+                running = False  # listed: it took effect
+            else:
+                try:
+                    running = self._get_operation(flight.operation).status.name != DONE
+                except RouteError as exc:
+                    log.info("%s: operation %s unknown: %s", self.name, flight.operation, exc)
+                    running = False  # the listing tells what is there
+            if not running:
+                with self._lock:
+                    if self._inflight.get(destination) is flight:
+                        del self._inflight[destination]
+            elif flight.kind == "delete":
+                deleting.add(flight.name)
+        return deleting
+
+    def _ledger_entries(self) -> dict[Destination, LedgerEntry]:
+        try:
+            with self._lock:
+                return self._ledger.entries()
+        except Exception as exc:  # etcd unreachable or refusing: read again later
+            raise Transient(f"cannot read the route ledger of {self.name} in etcd: {exc}") from None
+
+    def _forget_stale(
+        self, entries: Mapping[Destination, LedgerEntry], present: set[Destination], now: float
+    ) -> None:
+        """Forget entries whose route is gone (a delete that died before it forgot)."""
+        with self._lock:
+            busy = set(self._inflight)
+        stale = [
+            d
+            for d, e in entries.items()
+            if d not in present
+            and d not in busy
+            and now - e.written >= LEDGER_GRACE
+            and (self._scope is None or d in self._scope)
+        ]
+        fence = self._current_fence()
+        if not stale or (self._fence is not None and fence is None):
+            return
+        try:
+            with self._lock:
+                self._ledger.forget(stale, fence)
+                for destination in stale:
+                    self._seen.pop(destination, None)
+        except Exception as exc:  # etcd trouble or deposed: the next pass tries again
+            log.info("%s: stale ledger entries kept for now: %s", self.name, exc)
+
+    # --- apply ------------------------------------------------------------------------------
+
+    def apply(self, plan: Plan, deadline: float | None = None) -> Sequence[Outcome]:
+        """Deletes first (they free quota), then replaces and adoptions, then inserts; each
+        group runs in parallel, within the cap on operations in flight."""
+        fresh: dict[Destination, LedgerEntry] | None = None
+        if plan.of(Action.DELETE):
+            try:
+                fresh = self._ledger_entries()  # one read, for every delete of this plan
+            except Transient as exc:
+                return [Outcome(c, exc) for c in plan.of(Action.DELETE)]
+        outcomes: list[Outcome] = []
+        groups = (
+            plan.of(Action.DELETE),
+            plan.of(Action.REPLACE) + plan.of(Action.ADOPT),
+            plan.of(Action.ADD),
+        )
+        for group in groups:
+            if not group:
+                continue
+            done, stop = self._run_group(group, deadline, fresh or {})
+            outcomes.extend(done)
+            if stop:
+                break
+        return outcomes
+
+    def _run_group(
+        self, group: list[Change], deadline: float | None, fresh: Mapping[Destination, LedgerEntry]
+    ) -> tuple[list[Outcome], bool]:
+        fence = self._current_fence()
+        if self._fence is not None and (fence is None or not fence.valid()):
+            return [Outcome(group[0], _NotLeader("not the leader now; not writing"))], True
+        slots = self._free_slots(deadline)
+        if slots <= 0:
+            return [], True
+        pool = self._executor()
+        outcomes: list[Outcome] = []
+        stop = False
+        for start in range(0, len(group), slots):
+            if deadline is not None and time.monotonic() >= deadline:
+                return outcomes, True
+            batch = group[start : start + slots]
+            futures = [pool.submit(self._one, c, fence, fresh, deadline) for c in batch]
+            for future in futures:
+                outcome = future.result()
+                outcomes.append(outcome)
+                stop |= isinstance(outcome.error, _NotLeader)
+            if stop:
+                break
+            slots = self._free_slots(deadline)
+            if slots <= 0:
+                return outcomes, True
+        return outcomes, stop
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="gce-op")
+            return self._pool
+
+    def _free_slots(self, deadline: float | None) -> int:
+        """Room for more operations: MAX_IN_FLIGHT less those still running from earlier
+        passes, waiting (until ``deadline``) for one to finish when there is none."""
+        while True:
+            with self._lock:
+                flights = list(self._inflight.items())
+            free = MAX_IN_FLIGHT - len(flights)
+            if free > 0:
+                return free
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return 0
+            destination, flight = flights[0]
+            op = self._wait_operation(flight.operation, left)
+            if op is None or op.status.name == DONE:
+                with self._lock:
+                    self._inflight.pop(destination, None)
+
+    def _current_fence(self) -> Fence | None:
+        return self._fence() if self._fence is not None else None
+
+    def _one(
+        self,
+        change: Change,
+        fence: Fence | None,
+        fresh: Mapping[Destination, LedgerEntry],
+        deadline: float | None,
+    ) -> Outcome:
+        route = change.entry
+        assert isinstance(route, Route)
+        try:
+            if change.action is Action.ADD:
+                return self._add(change, route, fence, deadline)
+            if change.action is Action.REPLACE:
+                return self._replace(change, route, fence, deadline)
+            if change.action is Action.ADOPT:
+                return self._adopt(change, route, fence)
+            return self._delete(change, route, fence, fresh, deadline)
+        except Deposed as exc:
+            return Outcome(change, _NotLeader(str(exc)))
+        except RouteError as exc:
+            return Outcome(change, exc)
+        except Exception as exc:  # a bug must not take the other changes with it
+            log.error("%s: %s failed", self.name, change, exc_info=True)
+            return Outcome(change, Transient(f"{change}: {type(exc).__name__}: {exc}"))
+
+    def _record(self, entry: LedgerEntry, fence: Fence | None) -> None:
+        try:
+            with self._lock:
+                self._ledger.record([entry], fence)
+                self._seen[entry.destination] = entry
+        except Deposed:
+            raise
+        except Exception as exc:
+            raise Transient(f"could not write the route ledger in etcd: {exc}") from None
+
+    def _forget(self, destination: Destination, fence: Fence | None) -> None:
+        try:
+            with self._lock:
+                self._ledger.forget([destination], fence)
+                self._seen.pop(destination, None)
+        except Deposed:
+            raise
+        except Exception as exc:
+            log.info("%s: ledger entry for %s kept for now: %s", self.name, destination, exc)
+
+    def _adopt(self, change: Change, route: Route, fence: Fence | None) -> Outcome:
+        current = change.current
+        with self._lock:
+            name = self._adoptable_names.get(route.destination, flannel_name(route.destination))
+        canonical = route_name(self._cluster, route.destination)
+        hop = current.next_hop if isinstance(current, Route) else route.next_hop
+        target = ledger_target(hop, name, canonical)
+        self._record(LedgerEntry(route.destination, target, route.lease_key, self._member), fence)
+        log.info("%s: adopted route %s (%s) as it is, with no write", self.name, name, route)
+        return Outcome(change)
+
+    def _add(
+        self, change: Change, route: Route, fence: Fence | None, deadline: float | None
+    ) -> Outcome:
+        name = route_name(self._cluster, route.destination)
+        self._can_forward(route.next_hop)
+        with self._lock:
+            before = self._ledger.get(route.destination)
+        self._record(
+            LedgerEntry(route.destination, route.next_hop, route.lease_key, self._member), fence
+        )
+        try:
+            return self._insert(change, route, name, fence, deadline)
+        except _AlreadyExists:
+            return self._already_exists(change, route, name, before, fence, deadline)
+
+    def _already_exists(
+        self,
+        change: Change,
+        route: Route,
+        name: str,
+        before: LedgerEntry | None,
+        fence: Fence | None,
+        deadline: float | None,
+    ) -> Outcome:
+        """An insert found a route of our name: done if it is the one we want; else, as the
+        name is unique per cluster and CIDR, it is ours to another instance: replaced."""
+        existing = self._get_route(name)
+        if existing.hop == route.next_hop and NO_INSTANCE not in existing.warnings:
+            log.info("%s: %s already exists as wanted", self.name, name)
+            return Outcome(change)
+        if self._mark not in existing.description:
+            self._restore(route.destination, before, fence)
+            raise RouteConflict(
+                f"{route.destination}: route {name} exists without cloudroutes' mark for "
+                f"cluster {self._cluster}; it is left alone (delete it if nothing needs it)"
+            )
+        current = Route(route.destination, existing.hop, lease_key=route.lease_key)
+        replace = Change(Action.REPLACE, route, current)
+        outcome = self._replace(replace, route, fence, deadline, old_name=name)
+        return Outcome(change, outcome.error, outcome.pending, outcome.present)
+
+    def _restore(
+        self, destination: Destination, before: LedgerEntry | None, fence: Fence | None
+    ) -> None:
+        try:
+            if before is None:
+                self._forget(destination, fence)
+            else:
+                self._record(before, fence)
+        except Exception as exc:
+            log.info("%s: ledger entry for %s not restored: %s", self.name, destination, exc)
+
+    def _replace(
+        self,
+        change: Change,
+        route: Route,
+        fence: Fence | None,
+        deadline: float | None,
+        old_name: str | None = None,
+    ) -> Outcome:
+        """Delete the wrong route, then insert the right one (GCE routes are immutable)."""
+        current = change.current
+        assert isinstance(current, Route)
+        name = route_name(self._cluster, route.destination)
+        with self._lock:
+            entry = self._ledger.get(route.destination)
+        if old_name is None:
+            old_name = self._recorded_name(entry, current)
+        self._can_forward(route.next_hop)
+        old_target = ledger_target(current.next_hop, old_name, name)
+        self._record(
+            LedgerEntry(
+                route.destination,
+                route.next_hop,
+                route.lease_key,
+                self._member,
+                previous_target=old_target,
+            ),
+            fence,
+        )
+        log.info(
+            "%s: replacing %s (route %s) by deleting it and inserting %s (routes cannot be "
+            "changed in place)",
+            self.name,
+            current,
+            old_name,
+            route,
+        )
+        try:
+            deleted = self._write_delete(old_name, current, fence, deadline)
+        except RouteNotFound:
+            deleted = True
+        if not deleted:
+            return Outcome(change, pending=True)
+        try:
+            outcome = self._insert(change, route, name, fence, deadline)
+        except RouteError as exc:
+            # The old route is gone and the new one is not there: the table holds nothing.
+            return Outcome(change, exc, present=None)
+        return outcome
+
+    def _recorded_name(self, entry: LedgerEntry | None, current: Route) -> str:
+        canonical = route_name(self._cluster, current.destination)
+        if entry is not None:
+            for target in (entry.target, entry.previous_target):
+                if target and target.startswith(f"{current.next_hop} as "):
+                    return target.removeprefix(f"{current.next_hop} as ")
+        return canonical
+
+    def _insert(
+        self,
+        change: Change,
+        route: Route,
+        name: str,
+        fence: Fence | None,
+        deadline: float | None,
+    ) -> Outcome:
+        from google.cloud import compute_v1
+
+        if fence is not None:
+            fence.check()
+        clients = self._api("routes.insert")
+        resource = compute_v1.Route(
+            name=name,
+            network=self.network,
+            dest_range=str(route.destination),
+            next_hop_instance=route.next_hop,
+            priority=PRIORITY,
+            description=description(self._cluster, route.lease_key),
+        )
+        where = f"{self.network} ({route.destination})"
+        try:
+            op = clients.routes.insert_unary(
+                project=clients.project, route_resource=resource, retry=None, timeout=CALL_TIMEOUT
+            )
+        except Exception as exc:
+            raise gce_error(exc, "routes.insert", where, self._policy) from None
+        with self._lock:
+            self._inflight[route.destination] = _InFlight(op.name, "insert", route, name)
+        op = self._finish(op, deadline)
+        if op.status.name != DONE:
+            return Outcome(change, pending=True)
+        error = operation_error(op, "routes.insert", where, self._policy)
+        if error is not None:
+            if isinstance(error, _AlreadyExists):
+                raise error
+            return Outcome(change, error, present=None)
+        # Settled: the route is in the table (a read that misses it lags, see settle).
+        with self._lock:
+            self._record_clean(route)
+        return Outcome(change)
+
+    def _record_clean(self, route: Route) -> None:
+        # Called with the lock held: the retarget is over, so previous_target goes.
+        entry = self._ledger.get(route.destination)
+        if entry is not None and entry.previous_target is not None:
+            try:
+                self._ledger.record(
+                    [LedgerEntry(route.destination, entry.target, entry.lease, entry.by)],
+                    self._current_fence(),
+                )
+            except Exception as exc:
+                log.info("%s: ledger entry of %s kept as is: %s", self.name, route, exc)
+
+    def _finish(self, op: Any, deadline: float | None) -> Any:
+        """The operation once DONE, or as it is when the deadline comes first."""
+        while op.status.name != DONE:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return op
+            waited = self._wait_operation(op.name, left)
+            if waited is None:
+                return op
+            op = waited
+        with self._lock:
+            for destination, flight in list(self._inflight.items()):
+                if flight.operation == op.name:
+                    del self._inflight[destination]
+        return op
+
+    def _write_delete(
+        self, name: str, route: Route, fence: Fence | None, deadline: float | None
+    ) -> bool:
+        """Delete route ``name``; True once it is gone, False while its operation runs."""
+        if fence is not None:
+            fence.check()
+        clients = self._api("routes.delete")
+        where = f"route {name} ({route.destination})"
+        try:
+            op = clients.routes.delete_unary(
+                project=clients.project, route=name, retry=None, timeout=CALL_TIMEOUT
+            )
+        except Exception as exc:
+            raise gce_error(exc, "routes.delete", where, self._policy) from None
+        with self._lock:
+            self._inflight[route.destination] = _InFlight(op.name, "delete", route, name)
+        op = self._finish(op, deadline)
+        if op.status.name != DONE:
+            return False
+        error = operation_error(op, "routes.delete", where, self._policy)
+        if error is not None:
+            raise error
+        return True
+
+    def _delete(
+        self,
+        change: Change,
+        route: Route,
+        fence: Fence | None,
+        fresh: Mapping[Destination, LedgerEntry],
+        deadline: float | None,
+    ) -> Outcome:
+        destination = route.destination
+        with self._lock:
+            seen = self._seen.get(destination)
+        if fresh.get(destination) != seen:
+            # Rewritten since we read it: a node may have taken this subnet again.
+            return Outcome(
+                change,
+                Transient(f"{destination}: its ledger entry changed since the routes were read"),
+                present=UNKNOWN,
+            )
+        entry = fresh.get(destination)
+        name = self._recorded_name(entry, route)
+        canonical = route_name(self._cluster, destination)
+        if entry is None or not entry.owns(ledger_target(route.next_hop, name, canonical)):
+            return Outcome(
+                change, RouteNotFound(f"{destination}: not in the ledger; left alone"), present=None
+            )
+        error: RouteError | None = None
+        try:
+            if not self._write_delete(name, route, fence, deadline):
+                return Outcome(change, pending=True)
+        except RouteNotFound as exc:
+            error = exc
+        self._forget(destination, fence)
+        return Outcome(change, error, present=None)
+
+    # --- calls ------------------------------------------------------------------------------
+
+    def _api(self, method: str) -> ComputeClients:
+        try:
+            return self._clients()
+        except RouteError:
+            raise
+        except Exception as exc:
+            raise gce_error(exc, method, self.network, self._policy) from None
+
+    def _get_route(self, name: str) -> GceRoute:
+        clients = self._api("routes.get")
+        try:
+            raw = clients.routes.get(
+                project=clients.project, route=name, retry=None, timeout=CALL_TIMEOUT
+            )
+        except Exception as exc:
+            raise gce_error(exc, "routes.get", f"route {name}", self._policy) from None
+        route = parse_route(raw)
+        if route is None:
+            raise Rejected(f"route {name} has an unreadable destRange; left alone")
+        return route
+
+    def _get_operation(self, name: str) -> Any:
+        clients = self._api("globalOperations.get")
+        try:
+            return clients.operations.get(
+                project=clients.project, operation=name, retry=None, timeout=CALL_TIMEOUT
+            )
+        except Exception as exc:
+            raise gce_error(exc, "globalOperations.get", name, self._policy) from None
+
+    def _wait_operation(self, name: str, left: float | None) -> Any | None:
+        """globalOperations.wait for at most ``left`` seconds; None when it cannot say (the
+        next read of the routes does)."""
+        clients = self._api("globalOperations.wait")
+        timeout = CALL_TIMEOUT * 6 if left is None else max(0.1, left)
+        try:
+            return clients.operations.wait(
+                project=clients.project, operation=name, retry=None, timeout=timeout
+            )
+        except Exception as exc:
+            log.info("%s: waiting for operation %s: %s", self.name, name, type(exc).__name__)
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
