@@ -35,6 +35,8 @@ from google.cloud import compute_v1
 from cloudroutes.lab.fault_proxy import (
     GCE,
     GCE_429,
+    Call,
+    CannedError,
     Delay,
     DropAfterForward,
     FaultProxy,
@@ -345,12 +347,22 @@ def test_routes_show_gce_warnings_about_their_next_hop(
 ) -> None:
     gce.insert(lab, "cr-fwd", "10.244.1.0/24", next_hop_instance=lab.instances[0].self_link)
     gce.insert(lab, "cr-nofwd", "10.244.2.0/24", next_hop_instance=lab.instances[2].self_link)
-    api.remove_instance(lab.project_id, lab.zone, lab.instances[1].name)
-    gce.insert(lab, "cr-gone", "10.244.3.0/24", next_hop_instance=lab.instances[0].self_link)
-    warnings = {
-        r.name: [w.code for w in r.warnings] for r in gce.routes.list(project=lab.project_id)
+    gce.insert(lab, "cr-gone", "10.244.3.0/24", next_hop_instance=lab.instances[1].self_link)
+    api.remove_instance(lab.project_id, lab.zone, lab.instances[1].name)  # the VM is deleted
+
+    def warnings() -> dict[str, list[str]]:
+        listed = gce.routes.list(project=lab.project_id)
+        return {r.name: [w.code for w in r.warnings] for r in listed}
+
+    assert warnings() == {
+        "cr-fwd": [],
+        "cr-nofwd": ["NEXT_HOP_CANNOT_IP_FORWARD"],
+        "cr-gone": ["NEXT_HOP_INSTANCE_NOT_FOUND"],
     }
-    assert warnings == {"cr-fwd": [], "cr-nofwd": ["NEXT_HOP_CANNOT_IP_FORWARD"], "cr-gone": []}
+    api.set_can_ip_forward(lab.project_id, lab.zone, lab.instances[2].name, True)
+    assert warnings()["cr-nofwd"] == []
+    with pytest.raises(NotFound):  # a route to a VM that is gone cannot be made
+        gce.insert(lab, "cr-new", "10.244.4.0/24", next_hop_instance=lab.instances[1].self_link)
 
 
 # -- quota and failed operations ------------------------------------------------------------
@@ -576,6 +588,44 @@ def test_throttling_surfaces_as_rate_limit_exceeded(
         assert proxy.counts()["routes.insert"] == 2
     if status == 429:
         assert err.value.reason == "RATE_LIMIT_EXCEEDED"
+
+
+def test_quota_injected_by_the_proxy_is_compute_quota_exceeded(
+    proxy: FaultProxy, lab: LabGceProject
+) -> None:
+    gce = Gce(proxy.url)
+    message = "Quota 'ROUTES' exceeded.  Limit: 250.0 globally."
+    proxy.add(
+        CannedError(actions={"routes.insert"}, code="QUOTA_EXCEEDED", message=message, status=403)
+    )
+    with pytest.raises(Forbidden) as err:
+        gce.insert(lab, "cr-a", "10.244.1.0/24")
+    assert (err.value.reason, _reason(err)) == ("QUOTA_EXCEEDED", "quotaExceeded")
+    assert message in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "action"),
+    [
+        ("POST", "/compute/v1/projects/p/global/routes?requestId=x", "routes.insert"),
+        ("GET", "/compute/v1/projects/p/global/routes?filter=name+eq+x", "routes.list"),
+        ("GET", "/compute/v1/projects/p/global/routes/cr-a", "routes.get"),
+        ("DELETE", "/compute/v1/projects/p/global/routes/cr-a", "routes.delete"),
+        ("GET", "/compute/v1/projects/p/global/operations/operation-1", "globalOperations.get"),
+        ("POST", "/compute/v1/projects/p/global/operations/op-1/wait", "globalOperations.wait"),
+        ("GET", "/compute/v1/projects/p/zones/z/instances/vm", "instances.get"),
+        ("GET", "/compute/v1/projects/p/global/networks/net", "networks.get"),
+        (
+            "PATCH",
+            "/compute/v1/projects/p/global/routes/cr-a",
+            "PATCH /compute/v1/projects/p/global/routes/cr-a",
+        ),
+        ("GET", "/computeMetadata/v1/instance/id", "GET /computeMetadata/v1/instance/id"),
+    ],
+)
+def test_the_gce_dialect_names_each_compute_method(method: str, path: str, action: str) -> None:
+    assert GCE.action(Call(method, path, (), b"")) == action
+    assert GCE.is_read(action) == (method == "GET" or action == "globalOperations.wait")
 
 
 # -- the filter itself ----------------------------------------------------------------------------
