@@ -14,11 +14,12 @@
 - ``AlibabaLab``: all of it for a cluster of agents, the API behind a counting fault proxy.
 
 What the fake does as Alibaba does, because the backend must cope with it:
-- A new entry is ``Pending`` for ``pending_seconds`` (0 by default), then ``Available``; a
-  deleted one is ``Deleting`` for ``delete_seconds`` (0: gone at once). Time comes from
+- A new entry is ``Pending`` for ``pending_seconds`` (0 by default), then ``Available``; one
+  retargeted in place (``ModifyRouteEntry`` with ``NewNextHopId``) is ``Modifying`` as long;
+  a deleted one is ``Deleting`` for ``delete_seconds`` (0: gone at once). Time comes from
   ``clock`` (``ManualClock`` lets a test move it).
 - A change to an entry that is not ``Available`` fails with ``IncorrectRouteEntryStatus``.
-  Any other write into a VPC while one of its entries is Pending or Deleting (a route task in
+  Any other write into a VPC while one of its entries is not Available (a route task in
   progress), or while a test holds the VPC with ``hold_task``, fails with ``TaskConflict``
   (or the code ``hold_task`` names, e.g. ``OperationConflict``). All of them are HTTP 400.
 - A second entry for one destination in a table is ``InvalidCIDRBlock.Duplicate``; deleting a
@@ -149,12 +150,15 @@ class _Entry:
     kind: str
     seq: int
     ready_at: float
+    modifying_until: float = 0.0
     deleting_until: float | None = None
 
     def status(self, now: float) -> str:
         if self.deleting_until is not None:
             return "Deleting"
-        return "Pending" if now < self.ready_at else "Available"
+        if now < self.ready_at:
+            return "Pending"
+        return "Modifying" if now < self.modifying_until else "Available"
 
 
 @dataclass(eq=False)
@@ -462,7 +466,13 @@ class AlibabaVpcApi(HttpService):
         region = params.get("RegionId", "")
         try:
             body = self._dispatch(method, params)
-        except ApiError as err:
+        except Exception as exc:
+            # A bug in the fake must reach the test as an API error, not a reset connection.
+            err = (
+                exc
+                if isinstance(exc, ApiError)
+                else ApiError("InternalError", f"lab: {type(exc).__name__}: {exc}", 500)
+            )
             return err.status, {
                 "RequestId": request_id,
                 "HostId": f"vpc.{region}.aliyuncs.com" if region else "vpc.aliyuncs.com",
@@ -658,12 +668,14 @@ class AlibabaVpcApi(HttpService):
         entry.name, entry.description = name, desc
         return entry
 
-    def _find_for_delete(
-        self, table: _Table | None, entry_id: str, destination: str, hop_id: str
+    def _find_entry(
+        self, region: str, table: _Table | None, entry_id: str, destination: str, hop_id: str
     ) -> _Entry:
+        """The custom entry a change names: by id, or by table and destination (and, if
+        given, next hop)."""
         missing = ApiError("InvalidRouteEntry.NotFound", "Route entry not exists.")
         if entry_id:
-            tables = [table] if table is not None else list(self._tables.values())
+            tables = [table] if table is not None else self._region_tables(region)
             for t in tables:
                 self._expire(t)
                 if entry_id in t.entries:
@@ -683,6 +695,29 @@ class AlibabaVpcApi(HttpService):
             raise ApiError(
                 "OperationDenied", "Specified operation is denied as route entry type is system."
             )
+        return entry
+
+    def _region_tables(self, region: str) -> list[_Table]:
+        return [t for t in self._tables.values() if self._vpcs[t.vpc_id].region == region]
+
+    def _entry_to_change(self, params: Params, hop_param: str) -> _Entry:
+        """The one entry a DeleteRouteEntry or ModifyRouteEntry call names, once it may
+        change: Available, in a VPC with no route task running."""
+        entry_id = params.get("RouteEntryId", "")
+        table_id = params.get("RouteTableId", "")
+        table = self._table(params, table_id) if table_id else None
+        if not entry_id:
+            _require(params, "DestinationCidrBlock")
+        entry = self._find_entry(
+            params["RegionId"],
+            table,
+            entry_id,
+            params.get("DestinationCidrBlock", ""),
+            params.get(hop_param, ""),
+        )
+        if entry.status(self.clock()) != "Available":
+            raise ApiError("IncorrectRouteEntryStatus", "Specified routeEntry status error.")
+        self._check_vpc_idle(self._tables[entry.table_id].vpc_id)
         return entry
 
     def _delete(self, entry: _Entry) -> None:
@@ -774,20 +809,30 @@ class AlibabaVpcApi(HttpService):
         }
 
     def _delete_route_entry(self, params: Params) -> dict[str, Any]:
-        entry_id = params.get("RouteEntryId", "")
-        table_id = params.get("RouteTableId", "")
-        table = self._table(params, table_id) if table_id else None
-        if not entry_id:
-            _require(params, "DestinationCidrBlock")
-        entry = self._find_for_delete(
-            table, entry_id, params.get("DestinationCidrBlock", ""), params.get("NextHopId", "")
-        )
-        if self._vpcs[self._tables[entry.table_id].vpc_id].region != params["RegionId"]:
-            raise ApiError("InvalidRouteEntry.NotFound", "Route entry not exists.")
-        if entry.status(self.clock()) != "Available":
-            raise ApiError("IncorrectRouteEntryStatus", "Specified routeEntry status error.")
-        self._check_vpc_idle(self._tables[entry.table_id].vpc_id)
-        self._delete(entry)
+        self._delete(self._entry_to_change(params, "NextHopId"))
+        return {}
+
+    def _modify_route_entry(self, params: Params) -> dict[str, Any]:
+        """Rename an entry, or retarget it in place (NewNextHopId): no moment without it."""
+        entry = self._entry_to_change(params, "")
+        name = params.get("RouteEntryName", entry.name)
+        desc = params.get("Description", entry.description)
+        _check_text(name, "RouteEntryName", 128)
+        _check_text(desc, "Description", 256)
+        new_hop = params.get("NewNextHopId", "")
+        if new_hop and new_hop != entry.next_hop_id:
+            if params.get("NewNextHopType", "Instance") != "Instance":
+                raise ApiError(
+                    "InvalidNextHopType", 'Specified parameter "NewNextHopType" is not valid'
+                )
+            instance = self._instances.get(new_hop)
+            if instance is None or instance.vpc_id != self._tables[entry.table_id].vpc_id:
+                raise ApiError(
+                    "InvalidNextHopId.NotFound", "Specified next hop does not exist.", 404
+                )
+            entry.next_hop_id = new_hop
+            entry.modifying_until = self.clock() + self.pending_seconds
+        entry.name, entry.description = name, desc
         return {}
 
     def _delete_route_entries(self, params: Params) -> dict[str, Any]:
@@ -804,7 +849,7 @@ class AlibabaVpcApi(HttpService):
                         "MissingParameter",
                         "RouteEntryId, or DstCidrBlock and NextHop, is required.",
                     )
-                entry = self._find_for_delete(table, entry_id, destination, hop)
+                entry = self._find_entry(params["RegionId"], table, entry_id, destination, hop)
                 self._delete(entry)
             except ApiError as err:
                 code, message = err.code, err.message
@@ -966,6 +1011,7 @@ _ACTIONS: dict[str, Callable[[AlibabaVpcApi, Params], dict[str, Any]]] = {
     "CreateRouteEntries": AlibabaVpcApi._create_route_entries,
     "DeleteRouteEntry": AlibabaVpcApi._delete_route_entry,
     "DeleteRouteEntries": AlibabaVpcApi._delete_route_entries,
+    "ModifyRouteEntry": AlibabaVpcApi._modify_route_entry,
     "DescribeRouteEntryList": AlibabaVpcApi._describe_route_entry_list,
     "DescribeVpcs": AlibabaVpcApi._describe_vpcs,
     "DescribeVRouters": AlibabaVpcApi._describe_vrouters,
@@ -1219,6 +1265,9 @@ class EcsMetadata(HttpService):
                 },
                 indent=2,
             )
+        # The index lists the top-level names, directories with a trailing "/", as ECS does.
+        names = {p[len(md) :].partition("/")[0] + ("/" if "/" in p[len(md) :] else "") for p in out}
+        out[md] = "\n".join(sorted(names))
         return out
 
     def issue_token(self, ttl: int) -> str:
@@ -1251,8 +1300,14 @@ def _metadata_handler(server: EcsMetadata) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _drain(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 0:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                # Without a usable length the body cannot be skipped: close after answering.
+                self.close_connection = True
+            elif length:
                 self.rfile.read(length)
 
         def do_PUT(self) -> None:

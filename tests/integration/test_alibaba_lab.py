@@ -783,3 +783,92 @@ def test_importing_the_lab_loads_no_aliyun_sdk() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# -- retargeting, foreign entries, released instances ----------------------------------------
+
+
+def modify_request(entry_id: str, new_hop: str = "", name: str = "") -> Any:
+    from aliyunsdkvpc.request.v20160428.ModifyRouteEntryRequest import ModifyRouteEntryRequest
+
+    request = ModifyRouteEntryRequest()
+    request.set_RouteEntryId(entry_id)
+    if new_hop:
+        request.set_NewNextHopId(new_hop)
+        request.set_NewNextHopType("Instance")
+    if name:
+        request.set_RouteEntryName(name)
+    return request
+
+
+def test_modify_retargets_an_entry_in_place(api, lab, client) -> None:
+    clock = ManualClock()
+    api.clock = clock
+    api.pending_seconds = 5
+    first, second = lab.instances[0].instance_id, lab.instances[1].instance_id
+    created = _call(
+        client, api.url, create_request(lab.route_table_id, "10.244.13.0/24", first), lab.region
+    )
+    entry_id = created["RouteEntryId"]
+    error = _error(client, api.url, modify_request(entry_id, second), lab.region)
+    assert error.get_error_code() == "IncorrectRouteEntryStatus"  # still Pending
+    clock.advance(5)
+
+    _call(client, api.url, modify_request(entry_id, second, "cr-moved"), lab.region)
+    [entry] = listed(client, api.url, lab, lab.route_table_id)
+    assert (entry["RouteEntryId"], entry["Status"]) == (entry_id, "Modifying")
+    assert entry["NextHops"]["NextHop"][0]["NextHopId"] == second
+    assert entry["RouteEntryName"] == "cr-moved"
+    clock.advance(5)
+    assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Available"
+
+    missing = _error(client, api.url, modify_request(entry_id, "i-nosuchinstance0000"), lab.region)
+    assert missing.get_error_code() == "InvalidNextHopId.NotFound"
+    gone = _error(client, api.url, modify_request("rte-nosuchentry", second), lab.region)
+    assert gone.get_error_code() == "InvalidRouteEntry.NotFound"
+
+
+def test_entries_made_outside_the_api_are_listed(api, lab, client) -> None:
+    api.put_entry(
+        lab.route_table_id,
+        "172.16.0.0/16",
+        lab.instances[2].instance_id,
+        name="vpn",
+        description="made by hand",
+    )
+    [entry] = listed(client, api.url, lab, lab.route_table_id)
+    assert (entry["DestinationCidrBlock"], entry["RouteEntryName"]) == ("172.16.0.0/16", "vpn")
+    assert api.counts() == {"DescribeRouteEntryList": 1}
+
+
+def test_a_released_instance_is_no_next_hop(api, lab, client) -> None:
+    gone = lab.instances[2].instance_id
+    api.remove_instance(gone)
+    request = create_request(lab.route_table_id, "10.244.14.0/24", gone)
+    assert _error(client, api.url, request, lab.region).get_error_code() == (
+        "InvalidNextHopId.NotFound"
+    )
+
+
+def test_the_metadata_index_lists_what_it_serves(api, lab) -> None:
+    with EcsMetadata(lab.instances[0], api) as metadata:
+        status, index = _get(f"{metadata.url}/latest/meta-data/")
+        assert status == 200
+        names = index.split("\n")
+        assert {"region-id", "instance-id", "vpc-id", "private-ipv4", "ram/"} <= set(names)
+
+
+def test_malformed_input_gets_an_api_error(api, lab) -> None:
+    batch = {"Action": "CreateRouteEntries", "RegionId": lab.region, "RouteEntries.x.Dst": "1"}
+    status, body = raw_call(api, lab.credentials, batch)
+    assert (status, body["Code"]) == (400, "InvalidParameter.RouteEntries")
+    listing = {
+        "Action": "DescribeRouteEntryList",
+        "RegionId": lab.region,
+        "RouteTableId": lab.route_table_id,
+        "MaxResult": "many",
+    }
+    status, body = raw_call(api, lab.credentials, listing)
+    assert (status, body["Code"]) == (400, "InvalidParameter.MaxResult")
+    status, body = raw_call(api, lab.credentials, {"Action": "NoSuchAction"})
+    assert (status, body["Code"]) == (404, "InvalidAction.NotFound")
