@@ -539,7 +539,9 @@ class AlibabaVpcApi(HttpService):
         if key is None:
             raise ApiError("InvalidAccessKeyId.NotFound", "Specified access key is not found.", 404)
         to_sign = string_to_sign(method, {k: v for k, v in params.items() if k != "Signature"})
-        if not hmac.compare_digest(sign(to_sign, key.secret), params["Signature"]):
+        if not hmac.compare_digest(
+            sign(to_sign, key.secret).encode(), params["Signature"].encode()
+        ):
             raise ApiError(
                 "SignatureDoesNotMatch",
                 "Specified signature is not matched with our calculation. "
@@ -552,7 +554,7 @@ class AlibabaVpcApi(HttpService):
                 raise ApiError(
                     "MissingSecurityToken", "SecurityToken is mandatory for this action.", 400
                 )
-            if not hmac.compare_digest(token, key.security_token):
+            if not hmac.compare_digest(token.encode(), key.security_token.encode()):
                 raise ApiError(
                     "InvalidSecurityToken.MismatchWithAccessKey",
                     "Specified SecurityToken mismatch with the AccessKey.",
@@ -741,7 +743,7 @@ class AlibabaVpcApi(HttpService):
             "RouteEntryName": entry.name,
             "Description": entry.description,
             "IpVersion": "ipv6" if ":" in entry.destination else "ipv4",
-            "NextHops": {"NextHop": [hop] if entry.kind == "Custom" else []},
+            "NextHops": {"NextHop": [hop]},
         }
 
     # -- actions --------------------------------------------------------------------------

@@ -278,6 +278,20 @@ def test_a_replayed_nonce_is_refused(api, lab) -> None:
     assert (status, body["Code"]) == (400, "SignatureNonceUsed")
 
 
+def test_a_garbled_signature_is_a_mismatch_not_a_crash(api, lab) -> None:
+    query = {
+        "Action": "DescribeVpcs",
+        "RegionId": lab.region,
+        "Version": "2016-04-28",
+        "AccessKeyId": lab.credentials.key_id,
+        "SignatureNonce": str(uuid.uuid4()),
+        "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Signature": "sé\u2603",
+    }
+    status, body = api.answer("POST", query)
+    assert (status, body["Code"]) == (400, "SignatureDoesNotMatch")
+
+
 def test_secrets_stay_out_of_repr(lab) -> None:
     assert lab.credentials.secret not in repr(lab)
 
