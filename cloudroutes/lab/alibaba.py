@@ -21,7 +21,9 @@ What the fake does as Alibaba does, because the backend must cope with it:
 - A change to an entry that is not ``Available`` fails with ``IncorrectRouteEntryStatus``.
   Any other write into a VPC while one of its entries is not Available (a route task in
   progress), or while a test holds the VPC with ``hold_task``, fails with ``TaskConflict``
-  (or the code ``hold_task`` names, e.g. ``OperationConflict``). All of them are HTTP 400.
+  (or the code ``hold_task`` names, e.g. ``OperationConflict``), and so does a write sooner
+  than ``write_interval`` seconds after the last one in the VPC (Alibaba allows route changes
+  about every 5 s; 0 by default). All of them are HTTP 400.
 - A second entry for one destination in a table is ``InvalidCIDRBlock.Duplicate``; deleting a
   missing entry is ``InvalidRouteEntry.NotFound``; more custom entries in a table than
   ``route_quota`` (200 by default, per table with ``set_route_quota``) is ``QuotaExceeded``.
@@ -31,7 +33,9 @@ What the fake does as Alibaba does, because the backend must cope with it:
   documentation shows them, otherwise the code the single call would give (``QuotaExceeded``,
   ``InvalidNextHopId.NotFound``, ...). Request-level errors (signature, region, conflict,
   throttling) fail the whole call.
-- ``forbid(action)`` answers ``Forbidden.RAM`` (403) for one action, for permission tests.
+- ``forbid(action)`` answers ``Forbidden.RAM`` (403) for one action, for permission tests;
+  ``DryRun=true`` on a write answers ``DryRunOperation`` (400) once credentials and permission
+  pass, and changes nothing.
 - Every call that names an action is counted per action (``counts()``), whatever its answer.
 
 Throttling, 5xx and dropped answers come from the fault proxy in front of the fake
@@ -182,6 +186,7 @@ class _Vpc:
     created: str
     vswitches: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (cidr, zone)
     table_ids: list[str] = field(default_factory=list)
+    last_write: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,8 @@ class AlibabaVpcApi(HttpService):
 
     Set-up goes through methods, not HTTP (``add_vpc``, ``add_instance``, ``add_access_key``,
     or ``make_alibaba_vpc``). Behaviour knobs may change at any time, from any thread:
-    ``pending_seconds``, ``delete_seconds``, ``route_quota`` / ``set_route_quota``,
+    ``pending_seconds``, ``delete_seconds``, ``write_interval``, ``route_quota`` /
+    ``set_route_quota``,
     ``hold_task`` / ``release_task``, ``forbid`` / ``allow``. ``reset()`` forgets everything.
     """
 
@@ -213,6 +219,7 @@ class AlibabaVpcApi(HttpService):
         clock: Callable[[], float] = time.monotonic,
         pending_seconds: float = 0.0,
         delete_seconds: float = 0.0,
+        write_interval: float = 0.0,
         route_quota: int = DEFAULT_ROUTE_QUOTA,
         seed: int = 0,
     ) -> None:
@@ -221,6 +228,7 @@ class AlibabaVpcApi(HttpService):
         self._initial_clock = clock
         self.pending_seconds = pending_seconds
         self.delete_seconds = delete_seconds
+        self.write_interval = write_interval
         self.route_quota = route_quota
         self._seed = seed
         self._lock = threading.RLock()
@@ -249,6 +257,7 @@ class AlibabaVpcApi(HttpService):
             self.clock = self._initial_clock
             self.pending_seconds = 0.0
             self.delete_seconds = 0.0
+            self.write_interval = 0.0
             self.route_quota = DEFAULT_ROUTE_QUOTA
 
     def new_id(self, prefix: str, length: int = 22) -> str:
@@ -512,6 +521,12 @@ class AlibabaVpcApi(HttpService):
                 403,
             )
         _require(params, "RegionId")
+        if params.get("DryRun", "").lower() == "true" and not action.startswith("Describe"):
+            # Checks credentials and permission only (a backend's start-up check); the
+            # parameters are not validated as the real dry run would.
+            raise ApiError(
+                "DryRunOperation", "Request validation has been passed with DryRun flag set."
+            )
         with self._lock:
             return handler(self, params)
 
@@ -601,6 +616,10 @@ class AlibabaVpcApi(HttpService):
             )
         now = self.clock()
         vpc = self._vpcs[vpc_id]
+        if vpc.last_write is not None and now - vpc.last_write < self.write_interval:
+            raise ApiError(
+                "TaskConflict", "The operation is too frequent, please wait a moment and try again."
+            )
         for table_id in vpc.table_ids:
             table = self._tables[table_id]
             self._expire(table)
@@ -659,6 +678,9 @@ class AlibabaVpcApi(HttpService):
             self._check_vpc_idle(vpc_id)
         return items, tables
 
+    def _wrote(self, table: _Table) -> None:
+        self._vpcs[table.vpc_id].last_write = self.clock()
+
     def _create(self, table: _Table, destination: str, hop_id: str, name: str, desc: str) -> _Entry:
         entry = self._put(
             table,
@@ -668,6 +690,7 @@ class AlibabaVpcApi(HttpService):
             ready_at=self.clock() + self.pending_seconds,
         )
         entry.name, entry.description = name, desc
+        self._wrote(table)
         return entry
 
     def _find_entry(
@@ -731,6 +754,7 @@ class AlibabaVpcApi(HttpService):
             entry.deleting_until = now + self.delete_seconds
         else:
             del table.entries[entry.entry_id]
+        self._wrote(table)
 
     def _render(self, entry: _Entry, now: float) -> dict[str, Any]:
         hop = {"NextHopType": entry.next_hop_type, "NextHopId": entry.next_hop_id, "Enabled": 1}
@@ -835,6 +859,7 @@ class AlibabaVpcApi(HttpService):
             entry.next_hop_id = new_hop
             entry.modifying_until = self.clock() + self.pending_seconds
         entry.name, entry.description = name, desc
+        self._wrote(self._tables[entry.table_id])
         return {}
 
     def _delete_route_entries(self, params: Params) -> dict[str, Any]:

@@ -886,3 +886,49 @@ def test_malformed_input_gets_an_api_error(api, lab) -> None:
     assert (status, body["Code"]) == (400, "InvalidParameter.MaxResult")
     status, body = raw_call(api, lab.credentials, {"Action": "NoSuchAction"})
     assert (status, body["Code"]) == (404, "InvalidAction.NotFound")
+
+
+def test_writes_too_close_together_conflict(api, lab, client) -> None:
+    clock = ManualClock()
+    api.clock = clock
+    api.write_interval = 5
+    hop = lab.instances[0].instance_id
+    _call(client, api.url, create_request(lab.route_table_id, "10.244.15.0/24", hop), lab.region)
+    clock.advance(4)
+    second = create_request(lab.route_table_id, "10.244.16.0/24", hop)
+    assert _error(client, api.url, second, lab.region).get_error_code() == "TaskConflict"
+    clock.advance(1)
+    _call(client, api.url, second, lab.region)
+    assert len(api.entries(lab.route_table_id)) == 2
+
+
+def test_a_dry_run_checks_permission_and_changes_nothing(api, lab, client) -> None:
+    request = create_request(lab.route_table_id, "10.244.17.0/24", lab.instances[0].instance_id)
+    request.set_DryRun(True)
+    error = _error(client, api.url, request, lab.region)
+    assert (error.get_error_code(), error.get_http_status()) == ("DryRunOperation", 400)
+    api.forbid("CreateRouteEntry")
+    assert _error(client, api.url, request, lab.region).get_error_code() == "Forbidden.RAM"
+    assert api.entries(lab.route_table_id) == ()
+
+
+def test_a_token_bucket_throttles_writes_as_alibaba_does(api, lab) -> None:
+    from cloudroutes.lab.fault_proxy import TokenBucket
+
+    with FaultProxy(api.url, dialect=ALIBABA) as proxy:
+        client = alibaba_client(proxy.url, lab.credentials, lab.region)
+        bucket = proxy.add(TokenBucket(capacity=2, rate=0, kind="write"))
+        hop = lab.instances[0].instance_id
+        codes = []
+        for i in range(3):
+            request = create_request(lab.route_table_id, f"10.244.{30 + i}.0/24", hop)
+            try:
+                _call(client, proxy.url, request, lab.region)
+                codes.append("ok")
+            except ServerException as err:
+                codes.append(err.get_error_code())
+        assert codes == ["ok", "ok", "Throttling.User"]
+        assert listed(client, proxy.url, lab, lab.route_table_id)  # reads are not limited
+        assert bucket.fired == 1
+        assert proxy.counts().by_action == {"CreateRouteEntry": 3, "DescribeRouteEntryList": 1}
+        assert api.counts()["CreateRouteEntry"] == 2  # the throttled call never arrived
