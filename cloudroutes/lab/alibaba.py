@@ -52,6 +52,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import random
 import secrets
 import string
@@ -87,6 +88,7 @@ _STAMP = "%Y-%m-%dT%H:%M:%SZ"
 # Alibaba's own cloud-service range; custom routes may not point into it.
 _SERVICE_CIDR = ipaddress.ip_network("100.64.0.0/10")
 _ID_CHARS = string.ascii_lowercase + string.digits
+_ALWAYS = -math.inf
 
 
 class ManualClock:
@@ -154,7 +156,7 @@ class _Entry:
     kind: str
     seq: int
     ready_at: float
-    modifying_until: float = 0.0
+    modifying_until: float = _ALWAYS
     deleting_until: float | None = None
 
     def status(self, now: float) -> str:
@@ -398,7 +400,8 @@ class AlibabaVpcApi(HttpService):
             description="",
             kind=kind,
             seq=self._seq,
-            ready_at=self.clock() if ready_at is None else ready_at,
+            # Entries made by set-up are ready whatever clock a test switches to later.
+            ready_at=_ALWAYS if ready_at is None else ready_at,
         )
         table.entries[entry.entry_id] = entry
         return entry

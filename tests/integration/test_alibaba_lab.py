@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -481,33 +480,30 @@ def test_pending_then_available_with_a_manual_clock(api, lab, client) -> None:
     clock = ManualClock()
     api.clock = clock
     api.pending_seconds = 30
-    try:
-        hop = lab.instances[0].instance_id
-        created = _call(
-            client, api.url, create_request(lab.route_table_id, "10.244.6.0/24", hop), lab.region
-        )
-        [entry] = listed(client, api.url, lab, lab.route_table_id)
-        assert entry["Status"] == "Pending"
+    hop = lab.instances[0].instance_id
+    created = _call(
+        client, api.url, create_request(lab.route_table_id, "10.244.6.0/24", hop), lab.region
+    )
+    [entry] = listed(client, api.url, lab, lab.route_table_id)
+    assert entry["Status"] == "Pending"
 
-        delete = delete_request(created["RouteEntryId"])
-        error = _error(client, api.url, delete, lab.region)
-        assert (error.get_error_code(), error.get_http_status()) == (
-            "IncorrectRouteEntryStatus",
-            400,
-        )
-        # A route task runs in the VPC: any other write into it conflicts, in any table.
-        other = create_request(lab.route_table_ids[1], "10.244.7.0/24", hop)
-        assert _error(client, api.url, other, lab.region).get_error_code() == "TaskConflict"
+    delete = delete_request(created["RouteEntryId"])
+    error = _error(client, api.url, delete, lab.region)
+    assert (error.get_error_code(), error.get_http_status()) == (
+        "IncorrectRouteEntryStatus",
+        400,
+    )
+    # A route task runs in the VPC: any other write into it conflicts, in any table.
+    other = create_request(lab.route_table_ids[1], "10.244.7.0/24", hop)
+    assert _error(client, api.url, other, lab.region).get_error_code() == "TaskConflict"
 
-        clock.advance(29)
-        assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Pending"
-        clock.advance(1)
-        assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Available"
-        _call(client, api.url, other, lab.region)
-        clock.advance(30)
-        _call(client, api.url, delete_request(created["RouteEntryId"]), lab.region)
-    finally:
-        api.clock = time.monotonic
+    clock.advance(29)
+    assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Pending"
+    clock.advance(1)
+    assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Available"
+    _call(client, api.url, other, lab.region)
+    clock.advance(30)
+    _call(client, api.url, delete_request(created["RouteEntryId"]), lab.region)
 
 
 def test_pending_then_available_in_real_time(api, lab, client) -> None:
@@ -526,17 +522,14 @@ def test_deleting_entries_are_listed_until_gone(api, lab, client) -> None:
     clock = ManualClock()
     api.clock = clock
     api.delete_seconds = 10
-    try:
-        hop = lab.instances[0].instance_id
-        created = _call(
-            client, api.url, create_request(lab.route_table_id, "10.244.9.0/24", hop), lab.region
-        )
-        _call(client, api.url, delete_request(created["RouteEntryId"]), lab.region)
-        assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Deleting"
-        clock.advance(10)
-        assert listed(client, api.url, lab, lab.route_table_id) == []
-    finally:
-        api.clock = time.monotonic
+    hop = lab.instances[0].instance_id
+    created = _call(
+        client, api.url, create_request(lab.route_table_id, "10.244.9.0/24", hop), lab.region
+    )
+    _call(client, api.url, delete_request(created["RouteEntryId"]), lab.region)
+    assert listed(client, api.url, lab, lab.route_table_id)[0]["Status"] == "Deleting"
+    clock.advance(10)
+    assert listed(client, api.url, lab, lab.route_table_id) == []
 
 
 def test_a_held_task_conflicts_every_write(api, lab, client) -> None:
