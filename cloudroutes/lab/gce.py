@@ -18,7 +18,8 @@ hold). ``eq``/``ne`` match VALUE as a regular expression against the whole field
 (RE2 there, Python's ``re`` here; the simple forms agree); ``=``/``!=`` compare literally.
 VALUE may be quoted ("..." or '...'). FIELD is a top-level route field (``name``,
 ``description``, ``network``, ``destRange``, ``priority``, ``nextHopInstance``,
-``nextHopIp``, ``selfLink``, ``id``); numbers compare as their decimal text.
+``nextHopIp``, ``nextHopGateway``, ``nextHopNetwork``, ``routeType``, ``selfLink``, ``id``);
+numbers compare as their decimal text.
 Not modelled: orderBy (refused), subnetwork ranges that would collide with a destRange,
 the text of GCE's error messages beyond their gist.
 
@@ -76,6 +77,8 @@ _FILTER_FIELDS = frozenset(
         "nextHopInstance",
         "nextHopIp",
         "nextHopGateway",
+        "nextHopNetwork",
+        "routeType",
         "selfLink",
         "id",
         "kind",
@@ -207,6 +210,7 @@ class _Project:
     networks: dict[str, str] = field(default_factory=dict)  # name -> id
     instances: dict[tuple[str, str], _Instance] = field(default_factory=dict)  # (zone, name)
     routes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> resource
+    system_routes: set[str] = field(default_factory=set)  # made by GCE, not by a client
     # Names an unfinished insert holds, and routes an unfinished delete is removing.
     inserting: set[str] = field(default_factory=set)
     deleting: set[str] = field(default_factory=set)
@@ -326,12 +330,57 @@ class FakeComputeApi(HttpService):
                 raise ValueError(f"project {project_id} exists in the fake API")
             self._projects[project_id] = _Project(project_id, number, route_quota)
 
-    def add_network(self, project_id: str, name: str) -> str:
-        """Add a network; returns its selfLink."""
+    def add_network(
+        self,
+        project_id: str,
+        name: str,
+        subnet_cidr: str | None = None,
+        internet_route: bool = False,
+    ) -> str:
+        """Add a network; returns its selfLink.
+
+        With ``subnet_cidr``, the network has a subnet of that range and, as on GCE, its
+        subnet route (routeType SUBNET, next hop the network; it cannot be deleted); with
+        ``internet_route``, GCE's default route to the internet gateway. Both are listed with
+        the network's routes, named ``default-route-<hex>``, and do not count against the
+        routes quota here: the lab counts only routes inserted through the API.
+        """
         with self._changed:
             project = self._project(project_id)
             project.networks[name] = self._next_id()
-            return f"{LINK_BASE}/projects/{project_id}/global/networks/{name}"
+            link = f"{LINK_BASE}/projects/{project_id}/global/networks/{name}"
+            if subnet_cidr is not None:
+                dest = str(ipaddress.ip_network(subnet_cidr, strict=True))
+                self._system_route(project, link, dest, "nextHopNetwork", link)
+            if internet_route:
+                gateway = f"{LINK_BASE}/projects/{project_id}/global/gateways/"
+                hop = gateway + "default-internet-gateway"
+                self._system_route(project, link, "0.0.0.0/0", "nextHopGateway", hop)
+            return link
+
+    def _system_route(
+        self, project: _Project, network: str, dest: str, hop_field: str, hop: str
+    ) -> None:
+        """A route GCE makes itself (called with the lock held): the subnet route when the
+        next hop is the network, else the default route to the internet gateway."""
+        name = f"default-route-{secrets.token_hex(8)}"
+        subnet = hop_field == "nextHopNetwork"
+        project.routes[name] = {
+            "kind": "compute#route",
+            "id": self._next_id(),
+            "creationTimestamp": _now_text(),
+            "name": name,
+            "description": f"Default local route to the subnetwork {dest}."
+            if subnet
+            else "Default route to the Internet.",
+            "network": network,
+            "destRange": dest,
+            "priority": 0 if subnet else DEFAULT_PRIORITY,
+            hop_field: hop,
+            "selfLink": f"{LINK_BASE}/projects/{project.project_id}/global/routes/{name}",
+            "routeType": "SUBNET" if subnet else "STATIC",
+        }
+        project.system_routes.add(name)
 
     def add_instance(
         self,
@@ -467,7 +516,7 @@ class FakeComputeApi(HttpService):
             if name in project.routes or name in project.inserting:
                 path = f"projects/{project_id}/global/routes/{name}"
                 raise ApiError(409, "alreadyExists", f"The resource '{path}' already exists")
-            in_use = len(project.routes) + len(project.inserting)
+            in_use = len(project.routes) - len(project.system_routes) + len(project.inserting)
             quota_message = (
                 f"Quota 'ROUTES' exceeded.  Limit: {float(project.route_quota)} globally."
             )
@@ -635,13 +684,17 @@ class FakeComputeApi(HttpService):
                 return self._operations[project.request_ids[request_id]].document()
             if name not in project.routes:
                 raise _not_found(f"projects/{project_id}/global/routes/{name}")
+            path = f"projects/{project_id}/global/routes/{name}"
             if name in project.deleting:
-                path = f"projects/{project_id}/global/routes/{name}"
                 raise ApiError(400, "resourceNotReady", f"The resource '{path}' is not ready")
+            if project.routes[name].get("routeType") == "SUBNET":
+                why = "is a subnetwork route; delete the subnetwork instead"
+                raise ApiError(400, "invalid", f"The resource '{path}' {why}")
             route = project.routes[name]
 
             def apply() -> None:
                 project.routes.pop(name, None)
+                project.system_routes.discard(name)
 
             project.deleting.add(name)
             op = self._start(project, "delete", name, route["id"], apply, None, request_id)
@@ -1070,12 +1123,16 @@ def make_gce_project(
     network: str = DEFAULT_NETWORK,
     private_ips: Sequence[str] | None = None,
     route_quota: int = DEFAULT_ROUTE_QUOTA,
+    system_routes: bool = True,
 ) -> LabGceProject:
     """Build a project with one network and ``nodes`` instances ``{network}-node{i}``.
 
-    Node i gets 198.18.0.(10 + i) unless ``private_ips`` says otherwise (the demo's underlay
-    addresses). ``can_ip_forward`` is one value for all or one per node: GCE drops forwarded
-    packets of a VM without it, so the backend must check it.
+    The network has one subnet, SUBNET_CIDR, and (``system_routes``) the routes GCE makes
+    for a network: the subnet route and the default route to the internet, which a backend
+    must list without taking them for its own. Node i gets 198.18.0.(10 + i) unless
+    ``private_ips`` says otherwise (the demo's underlay addresses, in SUBNET_CIDR).
+    ``can_ip_forward`` is one value for all or one per node: GCE drops forwarded packets of
+    a VM without it, so the backend must check it.
     """
     forward = [can_ip_forward] * nodes if isinstance(can_ip_forward, bool) else can_ip_forward
     if nodes < 0 or len(forward) != nodes:
@@ -1086,10 +1143,13 @@ def make_gce_project(
         if private_ips is not None
         else [str(subnet.network_address + 10 + i) for i in range(nodes)]
     )
-    if len(ips) != nodes or len(set(ips)) != nodes or nodes > 4000:
-        raise ValueError(f"make_gce_project: private_ips must be {nodes} distinct addresses")
+    if len(set(ips)) != nodes or not all(ipaddress.ip_address(ip) in subnet for ip in ips):
+        raise ValueError(f"make_gce_project: private_ips must be {nodes} distinct in {subnet}")
     api.add_project(project_id, project_number, route_quota)
-    network_link = api.add_network(project_id, network)
+    if system_routes:
+        network_link = api.add_network(project_id, network, SUBNET_CIDR, internet_route=True)
+    else:
+        network_link = api.add_network(project_id, network)
     instances = tuple(
         api.add_instance(project_id, zone, f"{network}-node{i}", network, ips[i], forward[i])
         for i in range(nodes)

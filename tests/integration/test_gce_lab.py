@@ -73,7 +73,9 @@ def api(server: FakeComputeApi) -> Iterator[FakeComputeApi]:
 
 @pytest.fixture
 def lab(api: FakeComputeApi) -> LabGceProject:
-    return make_gce_project(api, nodes=3, can_ip_forward=[True, True, False])
+    """Three VMs, the third without IP forwarding. Without the routes GCE makes for a
+    network (the subnet's, the internet's): those have tests of their own."""
+    return make_gce_project(api, nodes=3, can_ip_forward=[True, True, False], system_routes=False)
 
 
 class Gce:
@@ -365,6 +367,28 @@ def test_routes_show_gce_warnings_about_their_next_hop(
         gce.insert(lab, "cr-new", "10.244.4.0/24", next_hop_instance=lab.instances[1].self_link)
 
 
+def test_a_network_lists_the_routes_gce_made_for_it(api: FakeComputeApi, gce: Gce) -> None:
+    lab = make_gce_project(api, nodes=1, route_quota=1)
+    routes = {r.dest_range: r for r in gce.routes.list(project=lab.project_id)}
+    assert set(routes) == {"198.18.0.0/20", "0.0.0.0/0"}
+    subnet, internet = routes["198.18.0.0/20"], routes["0.0.0.0/0"]
+    assert (subnet.route_type, subnet.next_hop_network, subnet.priority) == (
+        "SUBNET",
+        lab.network_link,
+        0,
+    )
+    assert internet.next_hop_gateway.endswith("/global/gateways/default-internet-gateway")
+    assert all(r.name.startswith("default-route-") for r in routes.values())
+    assert gce.names(lab, filter='name eq "cr-.*"') == []
+
+    # They do not use up the quota (of 1 here); the subnet's cannot be deleted.
+    assert gce.insert(lab, "cr-a", "10.244.1.0/24").error.errors == []
+    with pytest.raises(BadRequest):
+        gce.routes.delete_unary(project=lab.project_id, route=subnet.name)
+    assert gce.delete(lab, internet.name).error.errors == []
+    assert sorted(gce.names(lab)) == sorted(["cr-a", subnet.name])
+
+
 # -- quota and failed operations ------------------------------------------------------------
 
 
@@ -434,7 +458,7 @@ def test_reset_forgets_everything(api: FakeComputeApi, gce: Gce, lab: LabGceProj
     assert api.counts() == {}
     with pytest.raises(NotFound):
         gce.routes.get(project=lab.project_id, route="cr-a")
-    again = make_gce_project(api, nodes=1)
+    again = make_gce_project(api, nodes=1, system_routes=False)
     assert gce.names(again) == []
 
 
@@ -734,8 +758,9 @@ route = compute_v1.Route(name="cr-agent", network=sys.argv[2], dest_range="10.24
                          next_hop_instance=sys.argv[3])
 op = routes.insert_unary(project=project, route_resource=route)
 done = operations.wait(project=project, operation=op.name)
+listed = routes.list(request=compute_v1.ListRoutesRequest(project=project, filter="name eq cr-.*"))
 print(json.dumps({"project": project, "status": done.status.name,
-                  "routes": [r.name for r in routes.list(project=project)]}))
+                  "routes": [r.name for r in listed]}))
 """
 
 
@@ -768,4 +793,7 @@ def test_gce_lab_gives_each_agent_its_vm_through_the_environment_alone() -> None
             "globalOperations.wait": 1,
             "routes.list": 1,
         }
-        assert [r["name"] for r in gce_lab.api.routes(gce_lab.project.project_id)] == ["cr-agent"]
+        routes = gce_lab.api.routes(gce_lab.project.project_id)
+        assert {r["name"] for r in routes if not r["name"].startswith("default-route-")} == {
+            "cr-agent"
+        }
