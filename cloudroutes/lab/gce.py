@@ -114,37 +114,43 @@ def _now_text() -> str:
 class AccessTokens:
     """The service-account tokens the metadata servers hand out and the fake API accepts.
 
-    One current token at a time, as the real metadata server caches one; ``rotate()`` makes a
-    new one and the old ones invalid, as a token past its expiry is. The tokens never appear
-    in repr.
+    The metadata servers share one current token, as the real one caches it, and hand out a
+    new one when it nears its end; a token stays valid until its own expiry, as on GCE, so
+    one node's renewal does not break another's calls. ``rotate()`` revokes every token
+    issued so far (the API then answers 401 and clients fetch a new one). Tokens never
+    appear in repr.
     """
 
     def __init__(self, lifetime: int = TOKEN_LIFETIME) -> None:
+        if lifetime < 1:
+            raise ValueError("AccessTokens: lifetime must be at least 1 second")
         self.lifetime = lifetime
         self._lock = threading.Lock()
+        self._issued: dict[str, float] = {}  # token -> expiry (monotonic)
         self._current = ""
-        self._expiry = 0.0
 
     def __repr__(self) -> str:
         return f"AccessTokens(lifetime={self.lifetime})"
 
     def issue(self) -> tuple[str, int]:
-        """The current token and the seconds it has left (a new one when none is left)."""
+        """The current token and the whole seconds it has left."""
         with self._lock:
             now = time.monotonic()
-            if not self._current or self._expiry - now < 60:
+            expiry = self._issued.get(self._current, 0.0)
+            if expiry - now < min(60.0, self.lifetime / 4):
+                self._issued = {t: e for t, e in self._issued.items() if e > now}
                 self._current = "ya29.lab-" + secrets.token_urlsafe(32)
-                self._expiry = now + self.lifetime
-            return self._current, int(self._expiry - now)
+                expiry = self._issued[self._current] = now + self.lifetime
+            return self._current, max(1, int(expiry - now))
 
     def valid(self, token: str | None) -> bool:
         with self._lock:
-            return bool(token) and token == self._current and time.monotonic() < self._expiry
+            return time.monotonic() < self._issued.get(token or "", 0.0)
 
     def rotate(self) -> None:
         with self._lock:
+            self._issued.clear()
             self._current = ""
-            self._expiry = 0.0
 
 
 # -- the scenario's values --------------------------------------------------------------------
@@ -999,6 +1005,7 @@ class FakeMetadataServer(HttpService):
     def paths(self) -> dict[str, str]:
         """Every path under /computeMetadata/v1/ the server answers, and its text."""
         p, inst = self.project, self.instance
+        subnet = ipaddress.ip_network(SUBNET_CIDR)
         account = "instance/service-accounts/default/"
         return {
             "project/project-id": p.project_id,
@@ -1009,6 +1016,9 @@ class FakeMetadataServer(HttpService):
             "instance/zone": f"projects/{p.project_number}/zones/{inst.zone}",
             "instance/network-interfaces/": "0/\n",
             "instance/network-interfaces/0/ip": inst.ip,
+            "instance/network-interfaces/0/mac": _mac(inst.ip),
+            "instance/network-interfaces/0/gateway": str(subnet.network_address + 1),
+            "instance/network-interfaces/0/subnetmask": str(subnet.netmask),
             "instance/network-interfaces/0/network": p.metadata_network,
             "instance/service-accounts/": f"default/\n{self.service_account}/\n",
             f"{account}email": self.service_account,
@@ -1059,6 +1069,11 @@ class FakeMetadataServer(HttpService):
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         return _metadata_handler(self)
+
+
+def _mac(ip: str) -> str:
+    """The MAC GCE gives an interface: 42:01 and then the four bytes of its address."""
+    return ":".join(f"{b:02x}" for b in (0x42, 0x01, *ipaddress.ip_address(ip).packed))
 
 
 # -- HTTP handlers ------------------------------------------------------------------------------

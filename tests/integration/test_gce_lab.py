@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +45,7 @@ from cloudroutes.lab.fault_proxy import (
 )
 from cloudroutes.lab.gce import (
     LINK_BASE,
+    AccessTokens,
     ApiError,
     FakeComputeApi,
     FakeMetadataServer,
@@ -54,6 +55,9 @@ from cloudroutes.lab.gce import (
     metadata_servers,
     route_filter,
 )
+from cloudroutes.lab.netns import Netns, Underlay
+from tests.conftest import needs_root
+from tests.wait import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -523,6 +527,8 @@ def test_google_auth_reads_who_the_instance_is(
         _metadata.get(request, "instance/zone") == f"projects/{lab.project_number}/zones/{lab.zone}"
     )
     assert _metadata.get(request, "instance/network-interfaces/0/ip") == node.ip
+    assert _metadata.get(request, "instance/network-interfaces/0/mac") == "42:01:c6:12:00:0a"
+    assert _metadata.get(request, "instance/network-interfaces/0/gateway") == "198.18.0.1"
     network = _metadata.get(request, "instance/network-interfaces/0/network")
     assert network == f"projects/{lab.project_number}/networks/{lab.network_name}"
     assert network == lab.metadata_network
@@ -552,6 +558,19 @@ def test_compute_engine_credentials_get_a_token_the_api_requires(
     api.tokens.rotate()
     assert gce.routes.get(project=lab.project_id, route="cr-a").name == "cr-a"
     assert metadata.hits["instance/service-accounts/default/token"] == fetched + 1
+
+
+def test_a_renewed_token_leaves_the_ones_handed_out_valid_until_they_expire() -> None:
+    tokens = AccessTokens(lifetime=2)  # renewed in its last half second
+    first, left = tokens.issue()
+    assert 1 <= left <= 2 and tokens.issue()[0] == first  # one cached token for every node
+    second = wait_for(lambda: tokens.issue()[0] != first and tokens.issue()[0], 5, "a renewal")
+    assert tokens.valid(second)
+    wait_for(lambda: not tokens.valid(first), 5, "the first token to expire")
+    assert tokens.valid(second)
+    tokens.rotate()
+    assert not tokens.valid(second) and not tokens.valid(None) and not tokens.valid("")
+    assert "ya29" not in repr(tokens)
 
 
 # -- through the fault proxy --------------------------------------------------------------------
@@ -764,36 +783,60 @@ print(json.dumps({"project": project, "status": done.status.name,
 """
 
 
+def _agent_on_node(
+    gce_lab: GceLab, i: int, wrap: Sequence[str] = (), host_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``_AGENT`` as node i's agent (its command prefixed by ``wrap``) with the node's
+    environment; return what it printed."""
+    assert gce_lab.project is not None
+    node = gce_lab.project.instances[i]
+    env = gce_lab.node_env(i, host_env if host_env is not None else dict(os.environ))
+    args = [gce_lab.api_url, gce_lab.project.network_path, node.self_link]
+    result = subprocess.run(
+        [*wrap, sys.executable, "-c", _AGENT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _check_agent_seen(gce_lab: GceLab, i: int, seen: dict[str, Any]) -> None:
+    assert gce_lab.project is not None and gce_lab.proxy is not None
+    assert seen == {"project": gce_lab.project.project_id, "status": "DONE", "routes": ["cr-agent"]}
+    # The node asked its own metadata server only, and the API only through the proxy.
+    assert [bool(m.hits) for m in gce_lab.metadata] == [
+        k == i for k in range(len(gce_lab.metadata))
+    ]
+    assert gce_lab.metadata[i].hits["instance/service-accounts/default/token"] >= 1
+    assert dict(gce_lab.proxy.counts().by_action) == {
+        "routes.insert": 1,
+        "globalOperations.wait": 1,
+        "routes.list": 1,
+    }
+    assert gce_lab.api.counts() == gce_lab.proxy.counts().by_action
+
+
 def test_gce_lab_gives_each_agent_its_vm_through_the_environment_alone() -> None:
     with GceLab(["198.18.0.10", "198.18.0.11"], can_ip_forward=[True, False]) as gce_lab:
-        assert gce_lab.project is not None
-        node = gce_lab.project.instances[1]
         host_env = {"PATH": os.environ["PATH"], "GOOGLE_CLOUD_PROJECT": "not-this-one"}
-        env = gce_lab.node_env(1, host_env)
-        assert "GOOGLE_CLOUD_PROJECT" not in env
-        args = [gce_lab.api_url, gce_lab.project.network_path, node.self_link]
-        result = subprocess.run(
-            [sys.executable, "-c", _AGENT, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == {
-            "project": gce_lab.project.project_id,
-            "status": "DONE",
-            "routes": ["cr-agent"],
-        }
-        assert gce_lab.metadata[1].hits["instance/service-accounts/default/token"] >= 1
-        assert gce_lab.metadata[0].hits == Counter()  # node 1 asked its own server only
-        assert gce_lab.proxy is not None
-        assert dict(gce_lab.proxy.counts().by_action) == {
-            "routes.insert": 1,
-            "globalOperations.wait": 1,
-            "routes.list": 1,
-        }
-        routes = gce_lab.api.routes(gce_lab.project.project_id)
-        assert {r["name"] for r in routes if not r["name"].startswith("default-route-")} == {
-            "cr-agent"
-        }
+        assert "GOOGLE_CLOUD_PROJECT" not in gce_lab.node_env(1, host_env)
+        _check_agent_seen(gce_lab, 1, _agent_on_node(gce_lab, 1, host_env=host_env))
+        assert gce_lab.api.require_token  # the agent's calls carried the metadata's token
+
+
+@needs_root
+@pytest.mark.root
+def test_a_node_namespace_reaches_the_gce_lab_in_a_cloud_namespace(
+    netns: Callable[[str], Netns], underlay: Underlay
+) -> None:
+    cloud, node = netns("crgce"), netns("crnode")
+    underlay.plug(cloud, "eth0", "198.18.0.253/24")
+    underlay.plug(node, "eth0", "198.18.0.1/24")
+    with GceLab(["198.18.0.1"], host="198.18.0.253", netns=cloud.name) as gce_lab:
+        assert gce_lab.api_url.startswith("http://198.18.0.253:")
+        assert gce_lab.metadata[0].host_port.startswith("198.18.0.253:")
+        seen = _agent_on_node(gce_lab, 0, wrap=["ip", "netns", "exec", node.name])
+        _check_agent_seen(gce_lab, 0, seen)
