@@ -29,6 +29,9 @@ resource "google_compute_instance" "node" {
   # hop instance only receives them with IP forwarding on.
   can_ip_forward = true
 
+  # A new machine type or service account stops and restarts the node instead of failing.
+  allow_stopping_for_update = true
+
   boot_disk {
     initialize_params {
       image = var.image
