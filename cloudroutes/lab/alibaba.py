@@ -769,7 +769,7 @@ class AlibabaVpcApi(HttpService):
             "Status": entry.status(now),
             "RouteEntryName": entry.name,
             "Description": entry.description,
-            "IpVersion": "ipv6" if ":" in entry.destination else "ipv4",
+            "IpVersion": _ip_version(entry.destination),
             "NextHops": {"NextHop": [hop]},
         }
 
@@ -906,6 +906,8 @@ class AlibabaVpcApi(HttpService):
         wanted_dest = params.get("DestinationCidrBlock", "")
         if wanted_dest:
             wanted_dest = str(_cidr(wanted_dest))
+        # DestCidrBlockList.N: only these destinations (a backend asking for its own).
+        only = {str(_cidr(d)) for key, d in params.items() if key.startswith("DestCidrBlockList.")}
         filters: dict[str, Callable[[_Entry], bool]] = {
             "RouteEntryType": lambda e: e.kind == params["RouteEntryType"],
             "RouteEntryId": lambda e: e.entry_id == params["RouteEntryId"],
@@ -913,8 +915,11 @@ class AlibabaVpcApi(HttpService):
             "NextHopId": lambda e: e.next_hop_id == params["NextHopId"],
             "NextHopType": lambda e: e.next_hop_type == params["NextHopType"],
             "RouteEntryName": lambda e: e.name == params["RouteEntryName"],
+            "IpVersion": lambda e: _ip_version(e.destination) == params["IpVersion"].lower(),
         }
         active = [check for name, check in filters.items() if params.get(name)]
+        if only:
+            active.append(lambda e: e.destination in only)
         matching = [
             e
             for e in sorted(table.entries.values(), key=lambda e: e.seq)
@@ -1068,6 +1073,10 @@ def string_to_sign(method: str, params: Params) -> str:
 def sign(to_sign: str, secret: str) -> str:
     digest = hmac.new(f"{secret}&".encode(), to_sign.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
+
+
+def _ip_version(destination: str) -> str:
+    return "ipv6" if ":" in destination else "ipv4"
 
 
 def _now_stamp() -> str:

@@ -912,3 +912,19 @@ def test_a_token_bucket_throttles_writes_as_alibaba_does(api, lab) -> None:
         assert bucket.fired == 1
         assert proxy.counts().by_action == {"CreateRouteEntry": 3, "DescribeRouteEntryList": 1}
         assert api.counts()["CreateRouteEntry"] == 2  # the throttled call never arrived
+
+
+def test_a_listing_can_ask_for_some_destinations_only(api, lab, client) -> None:
+    _call(client, api.url, batch_create_request(_batch(lab, 0, 5)), lab.region)
+    wanted = [e["DstCidrBlock"] for e in _batch(lab, 0, 5)][1:3]
+    request = list_request(lab.route_table_id, DestCidrBlockLists=wanted)
+    answer = _call(client, api.url, request, lab.region)
+    assert [e["DestinationCidrBlock"] for e in answer["RouteEntrys"]["RouteEntry"]] == wanted
+    ipv6 = _call(client, api.url, list_request(lab.route_table_id, IpVersion="ipv6"), lab.region)
+    assert ipv6["RouteEntrys"]["RouteEntry"] == []
+
+
+def test_a_revoked_key_is_not_found(api, lab, client) -> None:
+    api.revoke(lab.credentials.key_id)
+    error = _error(client, api.url, list_request(lab.route_table_id), lab.region)
+    assert error.get_error_code() == "InvalidAccessKeyId.NotFound"
