@@ -297,6 +297,8 @@ class GceRoute:
     description: str
     priority: int
     warnings: frozenset[str]
+    # Counts against the routes quota (GCE's own subnet and default routes do not).
+    quota: bool = True
 
 
 def parse_route(raw: Any) -> GceRoute | None:
@@ -323,6 +325,7 @@ def parse_route(raw: Any) -> GceRoute | None:
         description=str(raw.description or ""),
         priority=int(raw.priority),
         warnings=frozenset(str(w.code) for w in raw.warnings),
+        quota=str(raw.route_type or "STATIC") == "STATIC" and not name.startswith("default-route-"),
     )
 
 
@@ -532,7 +535,7 @@ class GceRouteTable:
         # against the routes of this network.
         if self._route_limit is None:
             return None
-        return Capacity(self._route_limit, len(listed))
+        return Capacity(self._route_limit, sum(1 for r in listed if r.quota))
 
     def _list(self) -> list[GceRoute]:
         from google.cloud import compute_v1
@@ -567,9 +570,7 @@ class GceRouteTable:
                     log.info("%s: operation %s unknown: %s", self.name, flight.operation, exc)
                     running = False  # the listing tells what is there
             if not running:
-                with self._lock:
-                    if self._inflight.get(destination) is flight:
-                        del self._inflight[destination]
+                self._drop_flight(destination, flight)
             elif flight.kind == "delete":
                 deleting.add(flight.name)
         return deleting
@@ -668,7 +669,7 @@ class GceRouteTable:
 
     def _free_slots(self, deadline: float | None) -> int:
         """Room for more operations: MAX_IN_FLIGHT less those still running from earlier
-        passes, waiting (until ``deadline``) for one to finish when there is none."""
+        passes, waiting (until ``deadline``) for the oldest to finish when there is none."""
         while True:
             with self._lock:
                 flights = list(self._inflight.items())
@@ -681,8 +682,20 @@ class GceRouteTable:
             destination, flight = flights[0]
             op = self._wait_operation(flight.operation, left)
             if op is None or op.status.name == DONE:
-                with self._lock:
-                    self._inflight.pop(destination, None)
+                self._drop_flight(destination, flight)
+                # The others started about together: those done too make room now.
+                for other, later in flights[1:]:
+                    try:
+                        running = self._get_operation(later.operation).status.name != DONE
+                    except RouteError:
+                        running = False
+                    if not running:
+                        self._drop_flight(other, later)
+
+    def _drop_flight(self, destination: Destination, flight: _InFlight) -> None:
+        with self._lock:
+            if self._inflight.get(destination) is flight:
+                del self._inflight[destination]
 
     def _current_fence(self) -> Fence | None:
         return self._fence() if self._fence is not None else None
