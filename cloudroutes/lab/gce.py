@@ -5,7 +5,9 @@
   wire format, so the real google-cloud-compute client talks to it as to Google. It keeps
   what GCE enforces and a fake would easily skip: the name rule, one next hop, immutable
   routes (no update), 409 on a taken name, a routes quota per project, operations that run
-  for a while before they are DONE (or DONE with an error), bearer tokens.
+  for a while before they are DONE (or DONE with an error), requestId replays, bearer
+  tokens, the routes GCE makes for a network (subnet, internet) and the warnings it shows on
+  a route whose next-hop VM is gone or cannot forward.
 - ``FakeMetadataServer``: the GCE metadata server of one instance (who am I, which network,
   a service-account token the fake API accepts), behind the ``Metadata-Flavor`` check.
 - ``make_gce_project``: builds the scenario every test needs (a project, a network, instances)
@@ -433,6 +435,8 @@ class FakeComputeApi(HttpService):
     ) -> None:
         """The next ``times`` operations (of ``op_type``, insert or delete; None: any) are
         accepted, then end DONE with this error and change nothing."""
+        if op_type not in (None, "insert", "delete") or times < 1:
+            raise ValueError("fail_operations: op_type insert|delete|None, times >= 1")
         with self._changed:
             self._operation_faults.append(_OperationFault(op_type, code, message, status, times))
 
@@ -510,7 +514,9 @@ class FakeComputeApi(HttpService):
 
     # -- routes ------------------------------------------------------------------------------
 
-    def _insert(self, project_id: str, route: dict[str, Any], request_id: str | None):
+    def _insert(
+        self, project_id: str, route: dict[str, Any], request_id: str | None
+    ) -> dict[str, Any]:
         with self._changed:
             project = self._project(project_id)
             self._settle()
