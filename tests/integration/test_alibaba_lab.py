@@ -15,7 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,8 @@ from cloudroutes.lab.alibaba import (
     string_to_sign,
 )
 from cloudroutes.lab.fault_proxy import ALIBABA, FaultProxy, Throttle
+from cloudroutes.lab.netns import Netns, Underlay
+from tests.conftest import needs_root
 from tests.wait import wait_for
 
 _exceptions = pytest.importorskip("aliyunsdkcore.acs_exception.exceptions")
@@ -928,3 +930,54 @@ def test_a_revoked_key_is_not_found(api, lab, client) -> None:
     api.revoke(lab.credentials.key_id)
     error = _error(client, api.url, list_request(lab.route_table_id), lab.region)
     assert error.get_error_code() == "InvalidAccessKeyId.NotFound"
+
+
+_NODE_AGENT = """
+import json, sys, urllib.request
+from aliyunsdkvpc.request.v20160428.CreateRouteEntryRequest import CreateRouteEntryRequest
+from cloudroutes.lab.alibaba import AccessKey, alibaba_client, at
+
+api_url, metadata_url, table, destination = sys.argv[1:5]
+def get(path):
+    with urllib.request.urlopen(metadata_url + "/latest/meta-data/" + path, timeout=5) as a:
+        return a.read().decode()
+role = get("ram/security-credentials/")
+doc = json.loads(get("ram/security-credentials/" + role))
+key = AccessKey(doc["AccessKeyId"], doc["AccessKeySecret"], doc["SecurityToken"])
+region = get("region-id")
+request = CreateRouteEntryRequest()
+request.set_RouteTableId(table)
+request.set_DestinationCidrBlock(destination)
+request.set_NextHopType("Instance")
+request.set_NextHopId(get("instance-id"))
+client = alibaba_client(api_url, key, region)
+print(json.loads(client.do_action_with_exception(at(request, api_url, region)))["RouteEntryId"])
+"""
+
+
+@needs_root
+@pytest.mark.root
+def test_a_node_namespace_reaches_the_alibaba_lab_in_a_cloud_namespace(
+    netns: Callable[[str], Netns], underlay: Underlay
+) -> None:
+    cloud, node = netns("crali"), netns("crnode")
+    underlay.plug(cloud, "eth0", "198.18.0.253/24")
+    underlay.plug(node, "eth0", "198.18.0.1/24")
+
+    with AlibabaLab(["198.18.0.1"], host="198.18.0.253", netns=cloud.name) as whole:
+        assert whole.vpc is not None and whole.proxy is not None
+        endpoints = whole.node(0)
+        assert endpoints.api_url.startswith("http://198.18.0.253:")
+        table = whole.vpc.route_table_id
+        agent = [sys.executable, "-c", _NODE_AGENT, endpoints.api_url, endpoints.metadata_url]
+        result = subprocess.run(
+            ["ip", "netns", "exec", node.name, *agent, table, "10.244.0.0/24"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        [entry] = whole.api.entries(table)
+        assert entry.entry_id == result.stdout.strip()
+        assert entry.next_hop_id == whole.vpc.instances[0].instance_id
+        assert whole.proxy.counts().by_action == {"CreateRouteEntry": 1}
