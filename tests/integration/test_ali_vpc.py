@@ -1,0 +1,616 @@
+"""The ali-vpc backend end to end: the real aliyun SDK over HTTP to the lab's fake VPC API
+(through the fault proxy, Alibaba dialect), an ECS metadata server per node (whose RAM role's
+STS credentials the API accepts), the real reconciler, and a real etcd for the ledger and the
+elections.
+
+Each "node" is a backend built as the agent builds it (its metadata server, its etcd
+connection, its lease); the test drives the reconcilers' passes itself, so every API call can
+be counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+
+from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
+from cloudroutes.config import parse_config
+from cloudroutes.errors import CloudroutesError, ConfigError, Rejected
+from cloudroutes.lab.alibaba import (
+    AlibabaVpcApi,
+    EcsMetadata,
+    LabAlibabaVpc,
+    LabEcsInstance,
+    ManualClock,
+    alibaba_client,
+    at,
+    make_alibaba_vpc,
+)
+from cloudroutes.lab.etcd import EtcdCluster
+from cloudroutes.lab.fault_proxy import Call, Fault, FaultProxy, Proceed, Reply, Throttle
+from cloudroutes.lease import Lease, LeaseAttrs
+from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
+from cloudroutes.ledger import Ledger
+from cloudroutes.reconciler import Reconciler
+from cloudroutes.routing import Routing, node_vetting
+from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from providers import ali_route_table
+from providers.ali_vpc import AliVpcBackend, Metadata, RamRoleCredentials
+from tests.integration.test_ali_route_table import api, clean_ali_env, proxy
+from tests.wait import wait_for
+
+__all__ = ["api", "clean_ali_env", "proxy"]  # fixtures, used by name
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+PREFIX = "/coreos.com/network"
+CLUSTER = "lab"
+
+
+@dataclass
+class Node:
+    """One agent's ali-vpc part: its backend, lease and reconcilers, and its election task."""
+
+    name: str
+    backend: AliVpcBackend
+    lease: Lease | None
+    routing: Routing
+    client: EtcdClient
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def reconcilers(self) -> list[Reconciler]:
+        return self.routing.reconcilers
+
+    def start_tasks(self) -> None:
+        for name, task in self.backend.tasks():
+            thread = threading.Thread(target=task, args=(self.stop,), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def leads(self) -> bool:
+        return self.backend.election().is_leader()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        self.client.close()
+
+    def passes(self, resync: bool = True) -> None:
+        for reconciler in self.reconcilers:
+            with contextlib.suppress(CloudroutesError):
+                reconciler.reconcile(resync=resync)
+
+    def status(self) -> dict[str, Any]:
+        return self.routing.status()["routes"]
+
+
+class Lab:
+    """A VPC in the fake API, its nodes' metadata servers, and the network config."""
+
+    def __init__(
+        self,
+        api: AlibabaVpcApi,
+        proxy: FaultProxy,
+        etcd: EtcdCluster,
+        monkeypatch: pytest.MonkeyPatch,
+        nodes: int = 3,
+        tables: int = 2,
+    ) -> None:
+        self.api = api
+        self.proxy = proxy
+        self.etcd = etcd
+        self.monkeypatch = monkeypatch
+        self.vpc: LabAlibabaVpc = make_alibaba_vpc(api, nodes=nodes, tables=tables)
+        self.metadata = [
+            EcsMetadata(i, api, vswitch_cidr=self.vpc.vswitch_cidr).start()
+            for i in self.vpc.instances
+        ]
+        self.leases = LeaseTable()
+        self.leases.replace_all([], revision=1)
+        self.nodes: list[Node] = []
+        self.backend_options: dict[str, Any] = {
+            "RouteTableIDs": list(self.vpc.route_table_ids),
+            "ClusterName": CLUSTER,
+            "ResyncPeriod": 60,
+        }
+        self._revision = 1
+        self._reader: EtcdClient | None = None
+        monkeypatch.setenv("CLOUDROUTES_ALIYUN_VPC_ENDPOINT", proxy.url)
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return self.vpc.route_table_ids
+
+    def config(self) -> Any:
+        doc = {"Network": "10.5.0.0/16", "Backend": {"Type": "ali-vpc", **self.backend_options}}
+        return parse_config(json.dumps(doc))
+
+    def etcd_client(self) -> EtcdClient:
+        return EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,), request_timeout=3))
+
+    def backend(self, i: int, client: EtcdClient, controller: bool = False) -> AliVpcBackend:
+        self.monkeypatch.setenv("CLOUDROUTES_ALIYUN_METADATA_ENDPOINT", self.metadata[i].url)
+        ip = IPv4Address(self.vpc.instances[i].private_ip)
+        iface = None if controller else ExternalInterface("eth0", 2, 1500, ip, ip)
+        name = "controller-1" if controller else f"node-{i}"
+        ctx = BackendContext(self.config(), iface, Coordination(client, PREFIX, name), controller)
+        return AliVpcBackend(ctx)
+
+    def node(self, i: int) -> Node:
+        client = self.etcd_client()
+        backend = self.backend(i, client)
+        attrs = backend.prepare()
+        lease = Lease(IPv4Network(f"10.5.{i + 1}.0/24"), attrs, store_lease_id=100 + i)
+        self.put_lease(lease)
+        return self._bind(f"node-{i}", backend, lease, client)
+
+    def controller(self) -> Node:
+        client = self.etcd_client()
+        return self._bind("controller-1", self.backend(0, client, True), None, client)
+
+    def _bind(
+        self, name: str, backend: AliVpcBackend, lease: Lease | None, client: EtcdClient
+    ) -> Node:
+        iface = backend._ctx.iface
+        vetting = node_vetting(backend._config, backend, lease, iface, [self.etcd.endpoint])
+        routing = Routing(backend, backend.bind(lease), self.leases, vetting)
+        node = Node(name, backend, lease, routing, client)
+        node.start_tasks()
+        self.nodes.append(node)
+        return node
+
+    def ledger(self, table_id: str) -> dict[Any, Any]:
+        if self._reader is None:
+            self._reader = self.etcd_client()
+        return Ledger(self._reader, PREFIX, CLUSTER, table_id).entries()
+
+    def put_lease(self, lease: Lease) -> None:
+        self._revision += 1
+        self.leases.apply([LeaseEvent(EventType.ADDED, lease)], revision=self._revision)
+
+    def drop_lease(self, lease: Lease) -> None:
+        self._revision += 1
+        self.leases.apply([LeaseEvent(EventType.REMOVED, lease)], revision=self._revision)
+
+    def routes(self, table_id: str) -> dict[str, str]:
+        return {e.destination: e.next_hop_id for e in self.api.entries(table_id)}
+
+    def all_routes(self) -> dict[str, dict[str, str]]:
+        return {t: self.routes(t) for t in self.tables}
+
+    def passes(self, resync: bool = True) -> None:
+        for node in self.nodes:
+            node.passes(resync)
+
+    def leader(self) -> Node:
+        return wait_for(
+            lambda: next((n for n in self.nodes if n.leads()), None), 30, "an elected leader"
+        )
+
+    def instance(self, i: int) -> LabEcsInstance:
+        return self.vpc.instances[i]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.shutdown()
+        for server in self.metadata:
+            server.stop()
+        if self._reader is not None:
+            self._reader.close()
+
+
+@pytest.fixture
+def lab(
+    api: AlibabaVpcApi, proxy: FaultProxy, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Lab]:
+    # Entries made seconds ago count as the collector's to judge (in production it waits a
+    # minute, in case their lease has not reached it yet); a pending entry is looked at again
+    # at the next pass rather than 5 s later.
+    monkeypatch.setattr(ali_route_table, "LEDGER_GRACE", 0.0)
+    monkeypatch.setattr(ali_route_table, "SETTLE", 0.0)
+    made = Lab(api, proxy, etcd, monkeypatch)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def expected(lab: Lab, nodes: list[int]) -> dict[str, str]:
+    return {f"10.5.{i + 1}.0/24": lab.instance(i).instance_id for i in nodes}
+
+
+def states(node: Node, gc: bool = False) -> list[str]:
+    return sorted(s["state"] for k, s in node.status().items() if gc or "/gc" not in k)
+
+
+# -- node mode ------------------------------------------------------------------------------
+
+
+def test_node_mode_each_node_routes_its_own_subnet_with_ram_role_credentials(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(3)]
+    for i, node in enumerate(nodes):
+        assert node.lease is not None
+        assert node.lease.attrs.backend_type == "ali-vpc"
+        assert node.lease.attrs.backend_data == {
+            "InstanceID": lab.instance(i).instance_id,
+            "Region": lab.vpc.region,
+        }
+    lab.leader()
+    lab.proxy.reset_counts()
+    lab.passes()
+    want = expected(lab, [0, 1, 2])
+    assert lab.all_routes() == {t: want for t in lab.tables}
+    # Each node wrote its own entry, one batch call per table.
+    assert lab.proxy.counts()["CreateRouteEntries"] == 6 and lab.proxy.counts().writes == 6
+    for node in nodes:
+        assert states(node) == ["pending", "pending"]  # accepted; Alibaba applies it later
+    lab.passes(resync=False)  # the settle time came: each table is read once more
+    for node in nodes:
+        assert states(node) == ["programmed", "programmed"]
+    for table_id in lab.tables:
+        assert {e.by for e in lab.ledger(table_id).values()} == {"node-0", "node-1", "node-2"}
+    # The credentials came from each node's RAM role.
+    for server in lab.metadata:
+        assert server.hits["latest/meta-data/ram/security-credentials/cloudroutes-node"] >= 1
+
+    # Steady resync: one list per table per reconciler that acts, no write.
+    lab.proxy.reset_counts()
+    lab.passes()
+    active = sum(1 for n in nodes for r in n.reconcilers if r.is_active())
+    assert active == 3 * 2 + 2  # every node's tables, and the leader's collectors
+    assert lab.proxy.counts().by_action == {"DescribeRouteEntryList": active}
+
+
+def test_the_elected_collector_removes_a_dead_nodes_entry(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(3)]
+    leader = lab.leader()
+    lab.passes()
+    lab.passes(resync=False)  # the settle reads
+    leader.passes()  # the collector hears of the others' entries at its next read
+    dead = next(n for n in nodes if n is not leader)
+    assert dead.lease is not None
+    dead.shutdown()
+    lab.nodes.remove(dead)
+    lab.drop_lease(dead.lease)
+    lab.proxy.reset_counts()
+    lab.passes(resync=False)
+    alive = [nodes.index(n) for n in nodes if n is not dead]
+    assert lab.all_routes() == {t: expected(lab, alive) for t in lab.tables}
+    assert lab.proxy.counts().by_action == {"DeleteRouteEntries": 2}
+    for table_id in lab.tables:
+        assert dead.lease.subnet not in lab.ledger(table_id)
+
+
+def test_entries_of_leases_that_expired_while_no_agent_ran_are_collected(lab: Lab) -> None:
+    first = [lab.node(i) for i in range(3)]
+    lab.leader()
+    lab.passes()
+    for node in first:
+        node.shutdown()
+    lab.nodes.clear()
+    lab.leases.replace_all([n.lease for n in first[:2] if n.lease], revision=50)
+    lab.proxy.reset_counts()
+    [lab.node(i) for i in range(2)]  # the agents restart
+    lab.leader()
+    lab.passes()
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
+    # The restart wrote nothing of its own: only the deletes of the expired lease.
+    assert lab.proxy.counts()["DeleteRouteEntries"] == 2
+    assert lab.proxy.counts().writes == 2
+
+
+def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(2)]
+    lab.leader()
+    lab.passes()
+    for node in nodes:
+        node.shutdown()
+    lab.nodes.clear()
+    lab.proxy.reset_counts()
+    [lab.node(i) for i in range(2)]
+    lab.leader()
+    lab.passes()
+    assert lab.proxy.counts().writes == 0
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
+
+
+def test_drift_is_repaired_at_resync(lab: Lab) -> None:
+    nodes = [lab.node(i) for i in range(2)]
+    lab.leader()
+    lab.passes()
+    table_id = lab.tables[0]
+    from aliyunsdkvpc.request.v20160428.DeleteRouteEntryRequest import DeleteRouteEntryRequest
+
+    [gone] = [e for e in lab.api.entries(table_id) if e.destination == "10.5.1.0/24"]
+    request = DeleteRouteEntryRequest()
+    request.set_RouteEntryId(gone.entry_id)
+    admin = alibaba_client(lab.api.url, lab.vpc.credentials, lab.vpc.region)
+    admin.do_action_with_exception(at(request, lab.api.url, lab.vpc.region))
+    assert "10.5.1.0/24" not in lab.routes(table_id)
+    lab.proxy.reset_counts()
+    lab.passes(resync=True)
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
+    assert lab.proxy.counts().writes == 1
+    assert len(nodes) == 2
+
+
+def test_a_missing_permission_keeps_the_node_up_and_recovers_once_granted(lab: Lab) -> None:
+    lab.api.forbid("CreateRouteEntries")
+    node = lab.node(0)
+    node.passes()
+    assert states(node) == ["failed", "failed"]
+    for key, status in node.status().items():
+        if "/gc" in key:
+            continue
+        reason = status["reason"]
+        assert "vpc:CreateRouteEntries" in reason and key.split()[0] in reason
+        assert "providers/policies/ali-vpc-node.json" in reason and "\n" not in reason
+    lab.api.allow("CreateRouteEntries")
+
+    def recovered() -> bool:
+        node.passes()  # a refused entry is tried again after its backoff (5 s, jittered)
+        return lab.all_routes() == {t: expected(lab, [0]) for t in lab.tables}
+
+    wait_for(recovered, 30, "the entry once the permission was granted")
+
+
+def test_a_wrong_access_key_is_one_line_and_recovers_when_the_key_exists(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "a-secret-that-must-never-show-" + "y" * 8
+    monkeypatch.setenv("ACCESS_KEY_ID", "LTAInotyetknown")
+    monkeypatch.setenv("ACCESS_KEY_SECRET", secret)
+    with caplog.at_level("DEBUG"):
+        node = lab.node(0)
+        with pytest.raises(Rejected) as refused:
+            node.reconcilers[0].reconcile(resync=True)
+    reason = str(refused.value)
+    assert "InvalidAccessKeyId" in reason and "ACCESS_KEY_ID/ACCESS_KEY_SECRET" in reason
+    assert "\n" not in reason
+    assert secret not in caplog.text and secret not in json.dumps(node.routing.status())
+    assert secret not in repr(node.backend) and secret not in repr(node.backend.options)
+    lab.api.add_access_key("LTAInotyetknown", secret)  # the operator fixes the key
+    node.passes()
+    assert lab.all_routes() == {t: expected(lab, [0]) for t in lab.tables}
+
+
+# -- cluster mode ---------------------------------------------------------------------------
+
+
+def test_cluster_mode_one_leader_writes_every_entry(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    nodes = [lab.node(i) for i in range(3)]
+    leader = lab.leader()
+    lab.proxy.reset_counts()
+    lab.passes()
+    want = expected(lab, [0, 1, 2])
+    assert lab.all_routes() == {t: want for t in lab.tables}
+    assert lab.proxy.counts().by_action == {
+        "DescribeRouteEntryList": 2,
+        "CreateRouteEntries": 2,
+    }
+    for table_id in lab.tables:
+        assert {e.by for e in lab.ledger(table_id).values()} == {leader.name}
+    lab.passes(resync=False)  # the settle read
+    lab.proxy.reset_counts()
+    lab.passes()
+    assert lab.proxy.counts().by_action == {"DescribeRouteEntryList": 2}
+    assert nodes[2].lease is not None
+    lab.drop_lease(nodes[2].lease)
+    lab.proxy.reset_counts()
+    lab.passes(resync=False)
+    assert lab.proxy.counts().by_action == {"DeleteRouteEntries": 2}
+
+
+def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    for i in range(3):
+        lab.node(i)
+    controller = lab.controller()
+    leader = lab.leader()
+    created = threading.Semaphore(0)
+
+    class Slow(Fault):
+        """Each batch is applied, then answered 0.3 s later: time to kill the leader."""
+
+        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+            reply = proceed()
+            created.release()
+            time.sleep(0.3)
+            return reply
+
+    slow = lab.proxy.add(Slow(actions={"CreateRouteEntries"}))
+    lab.proxy.reset_counts()
+    worker = threading.Thread(target=leader.passes, daemon=True)
+    worker.start()
+    assert created.acquire(timeout=20)
+    leader.backend.election().resign()  # killed: its fence ends at once
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    lab.proxy.remove(slow)
+    assert lab.proxy.counts()["CreateRouteEntries"] == 1  # one table's batch, not the other
+    successor = wait_for(
+        lambda: next((n for n in lab.nodes if n is not leader and n.leads()), None),
+        30,
+        "a new leader",
+    )
+    successor.passes()
+    want = expected(lab, [0, 1, 2])
+    assert lab.all_routes() == {t: want for t in lab.tables}
+    # Every entry was created once, across both leaders: two batches, nothing deleted.
+    assert lab.proxy.counts()["CreateRouteEntries"] == 2
+    assert lab.proxy.counts()["DeleteRouteEntries"] == 0
+    assert controller in lab.nodes
+
+
+def test_convergence_of_n_leases_takes_n_over_50_batches(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    controller = lab.controller()
+    n = 120
+    for k in range(n):
+        data = {"InstanceID": lab.instance(k % 3).instance_id, "Region": lab.vpc.region}
+        ip = IPv4Address(lab.instance(k % 3).private_ip)
+        attrs = LeaseAttrs(public_ip=ip, backend_type="ali-vpc", backend_data=data)
+        lab.put_lease(Lease(IPv4Network(f"10.5.{k + 1}.0/24"), attrs))
+    lab.leader()
+    lab.proxy.reset_counts()
+    want = {f"10.5.{k + 1}.0/24": lab.instance(k % 3).instance_id for k in range(n)}
+
+    def converged() -> bool:
+        controller.passes(resync=False)
+        return lab.all_routes() == {t: want for t in lab.tables}
+
+    wait_for(converged, 60, f"{n} entries in each table")
+    assert lab.proxy.counts()["CreateRouteEntries"] == math.ceil(n / 50) * len(lab.tables)
+
+
+def test_throttling_on_a_third_of_calls_still_converges_without_duplicates(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    for i in range(3):
+        lab.node(i)
+    leader = lab.leader()
+    lab.proxy.add(Throttle(probability=0.3))
+    want = expected(lab, [0, 1, 2])
+
+    def converged() -> bool:
+        leader.passes(resync=True)
+        return lab.all_routes() == {t: want for t in lab.tables}
+
+    wait_for(converged, 60, "entries despite throttling")
+    lab.proxy.clear()
+    leader.passes()
+    assert states(leader, gc=True) == ["programmed"] * 6
+    assert lab.proxy.counts()["DeleteRouteEntries"] == 0
+    for table_id in lab.tables:
+        assert len(lab.api.entries(table_id)) == 3  # one entry per lease, never two
+
+
+def test_a_full_table_blocks_cleanly_and_recovers_when_the_quota_is_raised(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    lab.api.set_route_quota(2)
+    for i in range(3):
+        lab.node(i)
+    leader = lab.leader()
+    leader.passes()
+    statuses = leader.status()
+    assert sorted(s["state"] for s in statuses.values()) == ["pending"] * 4 + ["quota-blocked"] * 2
+    blocked = [s for s in statuses.values() if s["state"] == "quota-blocked"]
+    assert all("QuotaExceeded" in s["reason"] for s in blocked)
+    lab.proxy.reset_counts()
+    leader.passes(resync=False)  # blocked is quiet: no doomed creates
+    assert lab.proxy.counts()["CreateRouteEntries"] == 0
+    lab.api.set_route_quota(200)
+    want = expected(lab, [0, 1, 2])
+
+    def recovered() -> bool:
+        leader.passes(resync=True)
+        return lab.all_routes() == {t: want for t in lab.tables}
+
+    wait_for(recovered, 30, "the blocked entries after the quota was raised")
+
+
+def test_an_entry_stuck_pending_for_30_seconds_is_never_made_twice(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    clock = ManualClock()
+    lab.api.clock = clock
+    lab.api.pending_seconds = 30
+    controller = lab.controller()
+    lease = Lease(
+        IPv4Network("10.5.1.0/24"),
+        LeaseAttrs(
+            public_ip=IPv4Address(lab.instance(0).private_ip),
+            backend_type="ali-vpc",
+            backend_data={"InstanceID": lab.instance(0).instance_id, "Region": lab.vpc.region},
+        ),
+    )
+    lab.put_lease(lease)
+    lab.leader()
+    lab.proxy.reset_counts()
+    for _ in range(5):
+        controller.passes(resync=False)
+        clock.advance(5)
+    # One table's entry is Pending; the VPC refuses the other table's create meanwhile
+    # (TaskConflict), and retries are no duplicates.
+    assert {e.status for t in lab.tables for e in lab.api.entries(t)} == {"Pending"}
+    assert states(controller, gc=True) in (["pending", "retry"], ["pending", "pending"])
+    clock.advance(10)  # 30 s have passed
+    controller.passes(resync=True)
+    controller.passes(resync=True)
+    want = {"10.5.1.0/24": lab.instance(0).instance_id}
+    assert lab.all_routes() == {t: want for t in lab.tables}
+    clock.advance(31)
+    controller.passes(resync=True)
+    assert states(controller, gc=True) == ["programmed", "programmed"]
+    for table_id in lab.tables:
+        assert len(lab.api.entries(table_id)) == 1
+
+
+# -- discovery, credentials and old leases -------------------------------------------------
+
+
+def test_the_route_table_is_found_from_the_vrouter(
+    api: AlibabaVpcApi, proxy: FaultProxy, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = Lab(api, proxy, etcd, monkeypatch, nodes=1, tables=1)
+    try:
+        del one.backend_options["RouteTableIDs"]
+        node = one.node(0)
+        table_id = one.vpc.route_table_id
+        assert [r.table.name for r in node.reconcilers] == [table_id, f"{table_id}/gc"]
+        api.add_route_table(one.vpc.vpc_id)
+        client = one.etcd_client()
+        try:
+            with pytest.raises(ConfigError, match="has 2 route tables") as err:
+                one.backend(0, client).route_table_ids()
+            assert "Backend.RouteTableIDs" in str(err.value)
+        finally:
+            client.close()
+    finally:
+        one.close()
+
+
+def test_ram_role_credentials_are_renewed_before_they_expire(lab: Lab) -> None:
+    server = lab.metadata[0]
+    now = [datetime.now(UTC)]
+    credentials = RamRoleCredentials(Metadata(server.url), clock=lambda: now[0])
+    first = credentials()
+    assert credentials.role == "cloudroutes-node" and first.token
+    assert first.secret not in repr(first) and first.token not in repr(first)
+    assert credentials() is first  # not asked again while fresh
+    old = server.credentials
+    assert old is not None
+    server.rotate_credentials()
+    now[0] += timedelta(minutes=50)  # within the renewal margin of a 1 h credential
+    renewed = credentials()
+    assert renewed.key_id != first.key_id
+    lab.api.revoke(old.key_id)
+    node = lab.node(1)
+    node.passes()
+    assert lab.routes(lab.tables[0]) == expected(lab, [1])
+
+
+def test_an_old_flanneld_lease_is_refused_with_a_reason(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    controller = lab.controller()
+    old = lab.instance(1)
+    lab.put_lease(
+        Lease(IPv4Network("10.5.9.0/24"), LeaseAttrs(public_ip=IPv4Address(old.private_ip)))
+    )
+    lab.leader()
+    controller.passes()
+    refused = controller.reconcilers[0].refused()
+    assert "10.5.9.0-24" in refused and "ECS" in refused["10.5.9.0-24"]
+    assert lab.all_routes() == {t: {} for t in lab.tables}
