@@ -18,12 +18,15 @@ What the fake does as Alibaba does, because the backend must cope with it:
   retargeted in place (``ModifyRouteEntry`` with ``NewNextHopId``) is ``Modifying`` as long;
   a deleted one is ``Deleting`` for ``delete_seconds`` (0: gone at once). Time comes from
   ``clock`` (``ManualClock`` lets a test move it).
-- A change to an entry that is not ``Available`` fails with ``IncorrectRouteEntryStatus``.
-  Any other write into a VPC while one of its entries is not Available (a route task in
-  progress), or while a test holds the VPC with ``hold_task``, fails with ``TaskConflict``
-  (or the code ``hold_task`` names, e.g. ``OperationConflict``), and so does a write sooner
-  than ``write_interval`` seconds after the last one in the VPC (Alibaba allows route changes
-  about every 5 s; 0 by default). All of them are HTTP 400.
+- Changes conflict, all with HTTP 400:
+  - a change to an entry that is not ``Available``: ``IncorrectRouteEntryStatus``;
+  - any other write into a VPC while one of its entries is not Available (a route task in
+    progress): ``conflict_code``, ``TaskConflict`` by default (Alibaba also documents
+    ``IncorrectRouteEntryStatus`` for it);
+  - a write into a VPC a test holds with ``hold_task``: ``TaskConflict`` or the code it
+    names (e.g. ``OperationConflict``);
+  - a write sooner than ``write_interval`` seconds (0 by default) after the last one in the
+    VPC: ``TaskConflict`` (Alibaba allows route changes about every 5 s).
 - A second entry for one destination in a table is ``InvalidCIDRBlock.Duplicate``; deleting a
   missing entry is ``InvalidRouteEntry.NotFound``; more custom entries in a table than
   ``route_quota`` (200 by default, per table with ``set_route_quota``) is ``QuotaExceeded``.
@@ -208,8 +211,8 @@ class AlibabaVpcApi(HttpService):
 
     Set-up goes through methods, not HTTP (``add_vpc``, ``add_instance``, ``add_access_key``,
     or ``make_alibaba_vpc``). Behaviour knobs may change at any time, from any thread:
-    ``pending_seconds``, ``delete_seconds``, ``write_interval``, ``route_quota`` /
-    ``set_route_quota``,
+    ``pending_seconds``, ``delete_seconds``, ``write_interval``, ``conflict_code``,
+    ``route_quota`` / ``set_route_quota``,
     ``hold_task`` / ``release_task``, ``forbid`` / ``allow``. ``reset()`` forgets everything.
     """
 
@@ -231,6 +234,8 @@ class AlibabaVpcApi(HttpService):
         self.pending_seconds = pending_seconds
         self.delete_seconds = delete_seconds
         self.write_interval = write_interval
+        # Alibaba documents both for a write while a route task runs; a test picks one.
+        self.conflict_code = "TaskConflict"
         self.route_quota = route_quota
         self._seed = seed
         self._lock = threading.RLock()
@@ -260,6 +265,7 @@ class AlibabaVpcApi(HttpService):
             self.pending_seconds = 0.0
             self.delete_seconds = 0.0
             self.write_interval = 0.0
+            self.conflict_code = "TaskConflict"
             self.route_quota = DEFAULT_ROUTE_QUOTA
 
     def new_id(self, prefix: str, length: int = 22) -> str:
@@ -628,8 +634,10 @@ class AlibabaVpcApi(HttpService):
             self._expire(table)
             if any(e.status(now) != "Available" for e in table.entries.values()):
                 raise ApiError(
-                    "TaskConflict",
-                    "The operation is too frequent, please wait a moment and try again.",
+                    self.conflict_code,
+                    "The operation is too frequent, please wait a moment and try again."
+                    if self.conflict_code == "TaskConflict"
+                    else "Some route entry status blocked this operation.",
                 )
 
     def _quota(self, table_id: str) -> int:

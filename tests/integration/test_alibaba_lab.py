@@ -981,3 +981,13 @@ def test_a_node_namespace_reaches_the_alibaba_lab_in_a_cloud_namespace(
         assert entry.entry_id == result.stdout.strip()
         assert entry.next_hop_id == whole.vpc.instances[0].instance_id
         assert whole.proxy.counts().by_action == {"CreateRouteEntry": 1}
+
+
+def test_the_conflict_code_for_a_running_task_is_selectable(api, lab, client) -> None:
+    api.pending_seconds = 60
+    api.conflict_code = "IncorrectRouteEntryStatus"
+    hop = lab.instances[0].instance_id
+    _call(client, api.url, create_request(lab.route_table_id, "10.244.40.0/24", hop), lab.region)
+    second = create_request(lab.route_table_id, "10.244.41.0/24", hop)
+    error = _error(client, api.url, second, lab.region)
+    assert (error.get_error_code(), error.get_http_status()) == ("IncorrectRouteEntryStatus", 400)
