@@ -92,6 +92,7 @@ _STAMP = "%Y-%m-%dT%H:%M:%SZ"
 _SERVICE_CIDR = ipaddress.ip_network("100.64.0.0/10")
 _ID_CHARS = string.ascii_lowercase + string.digits
 _ALWAYS = -math.inf
+_TOO_FREQUENT = "The operation is too frequent, please wait a moment and try again."
 
 
 class ManualClock:
@@ -620,22 +621,18 @@ class AlibabaVpcApi(HttpService):
     def _check_vpc_idle(self, vpc_id: str) -> None:
         held = self._held.get(vpc_id)
         if held is not None:
-            raise ApiError(
-                held, "The operation is too frequent, please wait a moment and try again."
-            )
+            raise ApiError(held, _TOO_FREQUENT)
         now = self.clock()
         vpc = self._vpcs[vpc_id]
         if vpc.last_write is not None and now - vpc.last_write < self.write_interval:
-            raise ApiError(
-                "TaskConflict", "The operation is too frequent, please wait a moment and try again."
-            )
+            raise ApiError("TaskConflict", _TOO_FREQUENT)
         for table_id in vpc.table_ids:
             table = self._tables[table_id]
             self._expire(table)
             if any(e.status(now) != "Available" for e in table.entries.values()):
                 raise ApiError(
                     self.conflict_code,
-                    "The operation is too frequent, please wait a moment and try again."
+                    _TOO_FREQUENT
                     if self.conflict_code == "TaskConflict"
                     else "Some route entry status blocked this operation.",
                 )
