@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="host-gw")
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--keep", action="store_true", help="wait for Ctrl-C before cleaning up")
+    demo.add_argument(
+        "--mode",
+        choices=("node", "cluster"),
+        help="aws-vpc only: node (each agent writes its own route, default) or cluster "
+        "(one elected agent writes every route)",
+    )
     return parser
 
 
@@ -290,7 +296,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cloudroutes.demo import run_demo
 
-    return run_demo(backend=args.backend, nodes=args.nodes, keep=args.keep)
+    return run_demo(backend=args.backend, nodes=args.nodes, keep=args.keep, mode=args.mode)
 
 
 _VERBS = {

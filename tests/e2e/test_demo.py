@@ -109,13 +109,7 @@ def test_host_gw_demo_pings_every_node_and_cleans_up() -> None:
     assert leftovers(demo) == ([], False)
 
 
-# `cloudroutes demo` has no --mode flag yet: cluster mode is run through run_demo itself.
-CLUSTER_MODE = [
-    sys.executable,
-    "-c",
-    "import sys; from cloudroutes.demo import run_demo; "
-    "sys.exit(run_demo(backend='aws-vpc', nodes=3, keep=False, mode='cluster'))",
-]
+CLUSTER_MODE = [CLI, "demo", "--backend", "aws-vpc", "--mode", "cluster"]
 
 
 @pytest.mark.parametrize(
