@@ -1,0 +1,72 @@
+"""The shipped RAM policies grant exactly the VPC actions the ali-vpc code calls.
+
+The calls are read from the source (every aliyunsdkvpc request class it imports), so a new call
+without its permission, or a permission nothing uses any more, fails here and not on a node.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = [REPO / "providers" / "ali_vpc.py", REPO / "providers" / "ali_route_table.py"]
+NODE = REPO / "providers" / "policies" / "ali-vpc-node.json"
+CONTROLLER = REPO / "providers" / "policies" / "ali-vpc-controller.json"
+REQUESTS = "aliyunsdkvpc.request.v20160428."
+
+
+def called_actions(path: Path) -> set[str]:
+    """``vpc:<Action>`` for each request class imported from aliyunsdkvpc."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aliyunsdkvpc"):
+            assert (node.module or "").startswith(REQUESTS), f"{path.name}: {node.module}"
+            for alias in node.names:
+                assert alias.name.endswith("Request"), f"{path.name}: {alias.name}"
+                module_action = (node.module or "").rsplit(".", 1)[-1].removesuffix("Request")
+                action = alias.name.removesuffix("Request")
+                assert action == module_action, f"{path.name}: {alias.name} from {node.module}"
+                found.add(f"vpc:{action}")
+    return found
+
+
+def granted(path: Path) -> set[str]:
+    document = json.loads(path.read_text())
+    assert document["Version"] == "1"
+    actions: set[str] = set()
+    for statement in document["Statement"]:
+        assert statement["Effect"] == "Allow"
+        listed = statement["Action"]
+        actions.update([listed] if isinstance(listed, str) else listed)
+    assert not any("*" in a for a in actions), f"{path.name}: no wildcard actions"
+    return actions
+
+
+def test_the_source_calls_the_vpc_actions_it_should() -> None:
+    calls = set().union(*(called_actions(p) for p in SOURCES))
+    assert calls == {
+        "vpc:DescribeRouteEntryList",
+        "vpc:CreateRouteEntries",
+        "vpc:DeleteRouteEntries",
+        "vpc:DescribeVpcs",
+        "vpc:DescribeVRouters",
+    }
+
+
+def test_the_request_classes_exist_in_the_sdk() -> None:
+    import importlib
+
+    for action in set().union(*(called_actions(p) for p in SOURCES)):
+        name = action.removeprefix("vpc:") + "Request"
+        module = importlib.import_module(REQUESTS + name)
+        assert getattr(module, name)().get_action_name() == action.removeprefix("vpc:")
+
+
+def test_both_policies_grant_exactly_what_the_code_calls() -> None:
+    # A controller finds the table as a node does (from its own instance's VPC), and writes
+    # every route: both need the same actions.
+    calls = set().union(*(called_actions(p) for p in SOURCES))
+    assert granted(NODE) == calls
+    assert granted(CONTROLLER) == calls
