@@ -408,6 +408,20 @@ class FakeComputeApi(HttpService):
             project.instances[(zone, name)] = instance
             return self._lab_instance(project_id, instance)
 
+    def add_route(self, project_id: str, route: dict[str, Any]) -> dict[str, Any]:
+        """Make a route at once, as someone else made it (flanneld, an operator): ``route`` is
+        an insert's body (camelCase), held to the same rules (ApiError otherwise), with no
+        operation and no call counted. Returns the route as the API shows it."""
+        with self._changed:
+            project = self._project(project_id)
+            self._settle()
+            resource = self._valid_route(project, route)
+            name = resource["name"]
+            if name in project.routes or name in project.inserting:
+                raise ApiError(409, "alreadyExists", f"route {name} exists in {project_id}")
+            project.routes[name] = resource
+            return self._route_view(project, resource)
+
     def remove_instance(self, project_id: str, zone: str, name: str) -> None:
         """The VM is deleted: its routes stay, with GCE's NEXT_HOP_INSTANCE_NOT_FOUND."""
         with self._changed:

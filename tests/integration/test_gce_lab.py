@@ -393,6 +393,27 @@ def test_a_network_lists_the_routes_gce_made_for_it(api: FakeComputeApi, gce: Gc
     assert sorted(gce.names(lab)) == sorted(["cr-a", subnet.name])
 
 
+def test_a_route_made_by_someone_else_is_there_at_once_and_uncounted(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject
+) -> None:
+    body = {
+        "name": "flannel-10-5-1-0-24",
+        "network": lab.network_link,
+        "destRange": "10.5.1.0/24",
+        "nextHopInstance": lab.instances[2].self_link,
+        "description": "flanneld",
+    }
+    shown = api.add_route(lab.project_id, body)
+    assert shown["warnings"][0]["code"] == "NEXT_HOP_CANNOT_IP_FORWARD"
+    assert api.counts() == {}
+    got = gce.routes.get(project=lab.project_id, route="flannel-10-5-1-0-24")
+    assert (got.dest_range, got.description) == ("10.5.1.0/24", "flanneld")
+    with pytest.raises(ApiError):  # the same rules as an insert
+        api.add_route(lab.project_id, {**body, "name": "Flannel"})
+    with pytest.raises(ApiError):
+        api.add_route(lab.project_id, body)
+
+
 # -- quota and failed operations ------------------------------------------------------------
 
 
