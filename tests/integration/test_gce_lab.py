@@ -68,9 +68,11 @@ def server() -> Iterator[FakeComputeApi]:
 
 @pytest.fixture
 def api(server: FakeComputeApi) -> Iterator[FakeComputeApi]:
+    """The module's API, emptied, with the default options back after the test."""
     server.reset()
     yield server
     server.operation_seconds = 0.0
+    server.wait_seconds = 120.0
     server.quota_in_operation = True
     server.require_token = False
 
@@ -184,11 +186,8 @@ def test_an_operation_runs_for_a_while_and_the_route_appears_only_when_done(
         gce.routes.insert_unary(project=lab.project_id, route_resource=route)
 
     api.wait_seconds = 0.2
-    try:
-        # A wait that runs out answers the operation as it stands, as GCE's does.
-        assert gce.operations.wait(project=lab.project_id, operation=op.name).status == RUNNING
-    finally:
-        api.wait_seconds = 120.0
+    # A wait that runs out answers the operation as it stands, as GCE's does.
+    assert gce.operations.wait(project=lab.project_id, operation=op.name).status == RUNNING
     api.complete_operations()
     assert gce.operations.wait(project=lab.project_id, operation=op.name).status == DONE
     assert gce.names(lab) == ["cr-slow"]
