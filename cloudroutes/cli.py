@@ -1,4 +1,4 @@
-"""``cloudroutes <verb>``: agent, controller, config get|set, leases, plan, demo.
+"""``cloudroutes <verb>``: agent, controller, config get|set, leases, plan, demo, cni, docker-opts.
 
 Every error is one line on stderr (what, where, how to fix) and exit status 1 (2 for a
 command line that does not parse, as Go's flag package does); a traceback appears only with
@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cloudroutes import cni_docker_opts
 from cloudroutes.config import NetworkConfig, parse_config
 from cloudroutes.errors import CloudroutesError, ConfigError
 from cloudroutes.flags import (
@@ -91,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=("node", "cluster"),
         help="aws-vpc only: node (each agent writes its own route, default) or cluster "
         "(one elected agent writes every route)",
+    )
+
+    verbs.add_parser(
+        "cni",
+        help="the flannel CNI plugin (CNI_* environment, network config on stdin); "
+        "also installed as 'flannel' for CNI_PATH",
+    )
+    cni_docker_opts.add_arguments(
+        verbs.add_parser("docker-opts", help="Docker daemon options from subnet.env")
     )
     return parser
 
@@ -299,6 +309,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(backend=args.backend, nodes=args.nodes, keep=args.keep, mode=args.mode)
 
 
+def _cni(args: argparse.Namespace) -> int:
+    from cloudroutes.cni import main as cni_main
+
+    return cni_main()
+
+
 _VERBS = {
     "agent": _agent,
     "config": _config,
@@ -306,4 +322,6 @@ _VERBS = {
     "plan": _plan,
     "controller": _controller,
     "demo": _demo,
+    "cni": _cni,
+    "docker-opts": cni_docker_opts.run,
 }

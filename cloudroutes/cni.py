@@ -288,22 +288,12 @@ def _find_plugin(name: str, cni_path: str, prefix: str) -> str:
 
 
 def _save(data_dir: str, container_id: str, data: bytes) -> str:
-    """Write the delegate config atomically (0600 in a 0700 directory), fsynced."""
+    """Keep the delegate config for DEL: 0600 in a 0700 directory, atomically, fsynced."""
     path = scratch_path(data_dir, container_id)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomically(path, data, 0o600)
     except (OSError, ValueError) as exc:
-        _remove(tmp)
         why = exc.strerror.lower() if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CniError(
             ERR_INTERNAL,
@@ -311,6 +301,28 @@ def _save(data_dir: str, container_id: str, data: bytes) -> str:
             "dataDir must be a writable directory",
         ) from None
     return path
+
+
+def write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` by ``data``: a reader sees the old file or the new one, whole.
+
+    Raises OSError (or ValueError for a path with a NUL); no temporary file is left behind.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)  # exact, whatever the umask or a leftover temporary file
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _remove(path: str) -> None:
