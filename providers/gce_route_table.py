@@ -650,10 +650,11 @@ class GceRouteTable:
                 return outcomes, True
             batch = group[start : start + slots]
             futures = [pool.submit(self._one, c, fence, fresh, deadline) for c in batch]
-            for future in futures:
-                outcome = future.result()
-                outcomes.append(outcome)
-                stop |= isinstance(outcome.error, _NotLeader)
+            done = [future.result() for future in futures]
+            # Changes made at once have no order; those that went through are reported first,
+            # as if made first: a refusal for quota is then the last word on the quota.
+            outcomes.extend(sorted(done, key=lambda o: o.error is not None))
+            stop = any(isinstance(o.error, _NotLeader) for o in done)
             if stop:
                 break
             slots = self._free_slots(deadline)

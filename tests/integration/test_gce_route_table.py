@@ -153,16 +153,21 @@ def delete(route: Route) -> Plan:
     return Plan((Change(Action.DELETE, route, current=route),))
 
 
-def admin_insert(lab: GceLab, name: str, dest: str, node: int, text: str = "") -> None:
-    """A route made by someone else (flanneld, an operator), straight to the API: not counted
-    by the proxy, no faults."""
+def admin_routes(lab: GceLab) -> Any:
+    """A routes client of someone else (flanneld, an operator), straight to the API: not
+    counted by the proxy, no faults."""
     from google.cloud import compute_v1
     from google.oauth2.credentials import Credentials
 
     token, _ = lab.api.tokens.issue()
-    admin = compute_v1.RoutesClient(
+    return compute_v1.RoutesClient(
         credentials=Credentials(token), client_options={"api_endpoint": lab.api.url}
     )
+
+
+def admin_insert(lab: GceLab, name: str, dest: str, node: int, text: str = "") -> None:
+    from google.cloud import compute_v1
+
     route = compute_v1.Route(
         name=name,
         network=project(lab).network_path,
@@ -171,7 +176,12 @@ def admin_insert(lab: GceLab, name: str, dest: str, node: int, text: str = "") -
         priority=1000,
         description=text,
     )
-    admin.insert_unary(project=project(lab).project_id, route_resource=route)
+    admin_routes(lab).insert_unary(project=project(lab).project_id, route_resource=route)
+    lab.api.complete_operations()
+
+
+def admin_delete(lab: GceLab, name: str) -> None:
+    admin_routes(lab).delete_unary(project=project(lab).project_id, route=name)
     lab.api.complete_operations()
 
 
