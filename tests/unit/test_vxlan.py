@@ -1,0 +1,199 @@
+"""vxlan's own logic: options, the lease it publishes, the entries a lease wants, DirectRouting."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudroutes.backend import BackendContext, ExternalInterface, backend_factory
+from cloudroutes.config import parse_config
+from cloudroutes.errors import ConfigError, LeaseRefused
+from cloudroutes.lease import Lease, LeaseAttrs, decode_attrs, encode_attrs
+from cloudroutes.routes import Route
+from providers.vxlan import (
+    VxlanBackend,
+    VxlanOptions,
+    lease_data,
+    needs_checksum_fix,
+    parse_mac,
+    random_mac,
+    read_mac,
+    write_mac,
+)
+from providers.vxlan_table import VxlanPeer
+
+OWN = Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(IPv4Address("198.18.0.1"), None, "vxlan"))
+FLANNELD_LEASE = (
+    '{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"vxlan",'
+    '"BackendData":{"VNI":1,"VtepMAC":"6e:2f:3a:11:5c:9d"}}'
+)
+
+
+def iface(mtu: int = 1500) -> ExternalInterface:
+    address = IPv4Address("198.18.0.1")
+    return ExternalInterface("eth0", 2, mtu, address, address)
+
+
+def backend(options: dict[str, Any] | None = None, **kwargs: Any) -> VxlanBackend:
+    config = parse_config(
+        json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", **(options or {})}})
+    )
+    return VxlanBackend(BackendContext(config, kwargs.pop("iface", iface())), **kwargs)
+
+
+def bound(options: dict[str, Any] | None = None, connected: str = "198.18.0.0/24") -> VxlanBackend:
+    """A backend as after prepare() and bind(), without touching the kernel."""
+    b = backend(options)
+    b._own = OWN
+    b._connected = (IPv4Network(connected),)
+    return b
+
+
+def peer_lease(subnet: str, public_ip: str, data: Any) -> Lease:
+    return Lease(IPv4Network(subnet), LeaseAttrs(IPv4Address(public_ip), None, "vxlan", data))
+
+
+def test_defaults() -> None:
+    b = backend()
+    assert b.options == VxlanOptions(vni=1, port=0, mtu=None, gbp=False, learning=False)
+    assert b.device == "flannel.1"
+    assert b.mtu == 1450
+    assert b.accepts == frozenset({"vxlan"})
+
+
+def test_options_are_read_in_any_case() -> None:
+    b = backend({"vni": 4096, "PORT": 4789, "mtu": 9001, "gbp": True, "directrouting": True})
+    assert b.options == VxlanOptions(4096, 4789, 9001, True, False, True)
+    assert b.device == "flannel.4096"
+    assert b.mtu == 8951  # the MTU option is the underlay's, as flanneld reads it (#841)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"VNI": "1"}, "vxlan backend: Backend.VNI must be a whole number from 0 to 16777215, "
+                       "not '1'; fix it in the network config"),
+        ({"VNI": 1 << 24}, "Backend.VNI must be a whole number from 0 to 16777215, not 16777216"),
+        ({"Port": -1}, "Backend.Port must be a whole number from 0 to 65535, not -1"),
+        ({"Port": True}, "Backend.Port must be a whole number from 0 to 65535, not True"),
+        ({"MTU": 100}, "Backend.MTU must be a whole number from 118 to 65535, not 100"),
+        ({"GBP": "yes"}, "vxlan backend: Backend.GBP must be true or false, not 'yes'"),
+        ({"DirectRouting": 1}, "Backend.DirectRouting must be true or false, not 1"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_config_error_line(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        backend(options)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_controller_and_ipv6_networks_are_refused() -> None:
+    config = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}')
+    with pytest.raises(ConfigError, match="`cloudroutes controller` serves the cloud backends"):
+        VxlanBackend(BackendContext(config, None, controller=True))
+    dual = parse_config(
+        '{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fc00::/48",'
+        ' "Backend": {"Type": "vxlan"}}'
+    )
+    with pytest.raises(ConfigError, match="only IPv4 networks are supported"):
+        VxlanBackend(BackendContext(dual, iface()))
+
+
+def test_the_registry_knows_vxlan() -> None:
+    assert backend_factory("vxlan") is VxlanBackend
+
+
+def test_lease_data_is_flanneld_s_json_byte_for_byte() -> None:
+    attrs = LeaseAttrs(IPv4Address("198.18.0.2"), None, "vxlan", lease_data(1, "6e:2f:3a:11:5c:9d"))
+    assert encode_attrs(attrs).decode() == FLANNELD_LEASE
+    assert decode_attrs(FLANNELD_LEASE) == attrs
+
+
+def test_a_peer_lease_wants_one_vxlan_peer() -> None:
+    b = bound()
+    lease = Lease(IPv4Network("10.5.2.0/24"), decode_attrs(FLANNELD_LEASE))
+    assert list(b.desired(lease)) == [
+        VxlanPeer(
+            IPv4Network("10.5.2.0/24"), "10.5.2.0", "6e:2f:3a:11:5c:9d", "198.18.0.2", "flannel.1"
+        )
+    ]
+    (entry,) = b.desired(lease)
+    assert entry.lease_key == "10.5.2.0-24"
+    assert str(entry.route) == "10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink"
+
+
+def test_own_lease_wants_nothing_or_its_blackhole() -> None:
+    assert list(bound().desired(OWN)) == []
+    b = bound()
+    b._blackhole = True
+    assert list(b.desired(OWN)) == [Route(IPv4Network("10.5.1.0/24"), "blackhole")]
+
+
+def test_vtep_mac_is_read_like_go_and_refused_when_bad() -> None:
+    b = bound()
+    upper = peer_lease("10.5.2.0/24", "198.18.0.2", {"vni": 1, "vtepmac": "6E-2F-3A-11-5C-9D"})
+    assert [e.mac for e in b.desired(upper)] == ["6e:2f:3a:11:5c:9d"]  # type: ignore[attr-defined]
+    for data in (None, {"VNI": 1}, {"VtepMAC": "zz"}, {"VtepMAC": "01:00:5e:00:00:01"}, [1]):
+        with pytest.raises(LeaseRefused, match=r"lease 10\.5\.2\.0-24: BackendData\.VtepMAC"):
+            list(b.desired(peer_lease("10.5.2.0/24", "198.18.0.2", data)))
+
+
+def test_direct_routing_chooses_a_host_gw_route_for_peers_on_the_link() -> None:
+    data = {"VNI": 1, "VtepMAC": "6e:2f:3a:11:5c:9d"}
+    near = peer_lease("10.5.2.0/24", "198.18.0.2", data)
+    far = peer_lease("10.5.3.0/24", "192.0.2.3", data)
+    direct = bound({"DirectRouting": True})
+    assert list(direct.desired(near)) == [Route(IPv4Network("10.5.2.0/24"), "198.18.0.2", "eth0")]
+    assert [type(e) for e in direct.desired(far)] == [VxlanPeer]
+    # Without the option every peer goes over vxlan.
+    assert [type(e) for e in bound().desired(near)] == [VxlanPeer]
+
+
+def test_peers_and_routes_sort_together() -> None:
+    peer = VxlanPeer(IPv4Network("10.5.0.0/24"), "10.5.0.0", "0a:00:00:00:00:01", "1.2.3.4", "f")
+    route = Route(IPv4Network("10.5.0.0/16"), "198.18.0.2")
+    assert sorted([peer, route], key=lambda e: e.sort_key()) == [route, peer]
+
+
+def test_macs() -> None:
+    for _ in range(50):
+        mac = random_mac()
+        first = int(mac[:2], 16)
+        assert parse_mac(mac) == mac and first & 0x02 and not first & 0x01
+    assert parse_mac("0A:58:0A:F4:00:01") == "0a:58:0a:f4:00:01"
+    assert parse_mac("0a:58:0a:f4:00") is None
+    assert parse_mac("0a:58-0a:f4:00:01") is None
+
+
+def test_the_vtep_mac_file(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "vxlan-1.mac"
+    assert read_mac(path) is None
+    write_mac(path, "0a:58:0a:f4:00:01")
+    assert read_mac(path) == "0a:58:0a:f4:00:01"
+    assert [p.name for p in path.parent.iterdir()] == ["vxlan-1.mac"]  # no temp file left
+    path.write_text("garbage\n")
+    assert read_mac(path) is None
+
+
+def test_state_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOUDROUTES_STATE_DIR", "/srv/node")
+    assert backend({"VNI": 7}).mac_file == Path("/srv/node/vxlan-7.mac")
+    assert backend(state_dir="/x").mac_file == Path("/x/vxlan-1.mac")
+    monkeypatch.delenv("CLOUDROUTES_STATE_DIR")
+    assert backend().mac_file == Path("/var/lib/cloudroutes/vxlan-1.mac")
+
+
+@pytest.mark.parametrize(
+    ("release", "needed"),
+    [("4.19.0-21-amd64", True), ("5.6.19", True), ("5.7.0", False), ("6.18.44-fc", False),
+     ("weird", False)],
+)  # fmt: skip
+def test_checksum_offload_is_turned_off_only_on_kernels_with_the_bug(
+    release: str, needed: bool
+) -> None:
+    assert needs_checksum_fix(release) is needed
