@@ -805,42 +805,38 @@ class AliRouteTable:
             DeleteRouteEntriesRequest,
         )
 
-        items: list[dict[str, str]] = []
-        request: Any
-        if action == "CreateRouteEntries":
-            request = CreateRouteEntriesRequest()
-            for change in batch:
-                route = change.entry
-                assert isinstance(route, Route)
-                items.append(
-                    {
-                        "RouteTableId": self.table_id,
-                        "DstCidrBlock": str(route.destination),
-                        "NextHopType": "Instance",
-                        "NextHop": route.next_hop,
-                        "IpVersion": "IPv6" if route.destination.version == 6 else "IPv4",
-                        "Name": self._markers.name,
-                        "Description": self._markers.description(route.lease_key),
-                    }
-                )
-        else:
-            request = DeleteRouteEntriesRequest()
-            for change in batch:
-                current = change.current
-                assert isinstance(current, Route)
-                items.append(
-                    {
-                        "RouteTableId": self.table_id,
-                        "DstCidrBlock": str(current.destination),
-                        "NextHop": current.next_hop,
-                    }
-                )
+        create = action == "CreateRouteEntries"
+        request = CreateRouteEntriesRequest() if create else DeleteRouteEntriesRequest()
+        items = [self._create_item(c) if create else self._delete_item(c) for c in batch]
         request.set_RouteEntriess(items)
         with self._vpc_lock:
             if fence is not None:
                 fence.check()
             answer = self._call(action, request)
         return self._failures(action, batch, answer)
+
+    def _create_item(self, change: Change) -> dict[str, str]:
+        route = change.entry
+        assert isinstance(route, Route)
+        return {
+            "RouteTableId": self.table_id,
+            "DstCidrBlock": str(route.destination),
+            "NextHopType": "Instance",
+            "NextHop": route.next_hop,
+            "IpVersion": "IPv6" if route.destination.version == 6 else "IPv4",
+            "Name": self._markers.name,
+            "Description": self._markers.description(route.lease_key),
+        }
+
+    def _delete_item(self, change: Change) -> dict[str, str]:
+        # By destination and next hop: Alibaba deletes it only while it still goes there.
+        current = change.current
+        assert isinstance(current, Route)
+        return {
+            "RouteTableId": self.table_id,
+            "DstCidrBlock": str(current.destination),
+            "NextHop": current.next_hop,
+        }
 
     def _failures(
         self, action: str, batch: list[Change], answer: Mapping[str, Any]

@@ -25,7 +25,6 @@ from cloudroutes.errors import (
     Transient,
 )
 from cloudroutes.lab.alibaba import AlibabaVpcApi, LabAlibabaVpc, ManualClock, make_alibaba_vpc
-from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.fault_proxy import (
     ALIBABA,
     CannedError,
@@ -37,7 +36,7 @@ from cloudroutes.lab.fault_proxy import (
 from cloudroutes.ledger import Ledger, LedgerEntry
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Change, EntryState, Plan, Route
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from cloudroutes.subnet.etcd_client import EtcdClient
 from providers.ali_route_table import (
     AliRouteTable,
     Credentials,
@@ -45,6 +44,9 @@ from providers.ali_route_table import (
     NoAnswer,
     VpcClient,
 )
+from tests.integration.test_aws_route_table import etcd_client
+
+__all__ = ["etcd_client"]  # a fixture, used by name
 
 pytestmark = pytest.mark.etcd
 
@@ -76,15 +78,6 @@ def proxy(api: AlibabaVpcApi, clean_ali_env: None) -> Iterator[FaultProxy]:
     api.reset()
     with FaultProxy(api.url, dialect=ALIBABA) as server:
         yield server
-
-
-@pytest.fixture
-def etcd_client(etcd: EtcdCluster) -> Iterator[EtcdClient]:
-    client = EtcdClient(EtcdSettings(endpoints=(etcd.endpoint,), request_timeout=3))
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 # -- helpers --------------------------------------------------------------------------------

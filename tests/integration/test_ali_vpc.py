@@ -10,13 +10,11 @@ be counted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -25,7 +23,7 @@ import pytest
 
 from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
 from cloudroutes.config import parse_config
-from cloudroutes.errors import CloudroutesError, ConfigError, Rejected
+from cloudroutes.errors import ConfigError, Rejected
 from cloudroutes.lab.alibaba import (
     AlibabaVpcApi,
     EcsMetadata,
@@ -41,12 +39,12 @@ from cloudroutes.lab.fault_proxy import Call, Fault, FaultProxy, Proceed, Reply,
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
 from cloudroutes.ledger import Ledger
-from cloudroutes.reconciler import Reconciler
 from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import ali_route_table
 from providers.ali_vpc import AliVpcBackend, Metadata, RamRoleCredentials
 from tests.integration.test_ali_route_table import api, clean_ali_env, proxy
+from tests.integration.test_aws_vpc import Node
 from tests.wait import wait_for
 
 __all__ = ["api", "clean_ali_env", "proxy"]  # fixtures, used by name
@@ -55,46 +53,6 @@ pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 PREFIX = "/coreos.com/network"
 CLUSTER = "lab"
-
-
-@dataclass
-class Node:
-    """One agent's ali-vpc part: its backend, lease and reconcilers, and its election task."""
-
-    name: str
-    backend: AliVpcBackend
-    lease: Lease | None
-    routing: Routing
-    client: EtcdClient
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    @property
-    def reconcilers(self) -> list[Reconciler]:
-        return self.routing.reconcilers
-
-    def start_tasks(self) -> None:
-        for name, task in self.backend.tasks():
-            thread = threading.Thread(target=task, args=(self.stop,), name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def leads(self) -> bool:
-        return self.backend.election().is_leader()
-
-    def shutdown(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=10)
-        self.client.close()
-
-    def passes(self, resync: bool = True) -> None:
-        for reconciler in self.reconcilers:
-            with contextlib.suppress(CloudroutesError):
-                reconciler.reconcile(resync=resync)
-
-    def status(self) -> dict[str, Any]:
-        return self.routing.status()["routes"]
 
 
 class Lab:
@@ -167,7 +125,7 @@ class Lab:
         iface = backend._ctx.iface
         vetting = node_vetting(backend._config, backend, lease, iface, [self.etcd.endpoint])
         routing = Routing(backend, backend.bind(lease), self.leases, vetting)
-        node = Node(name, backend, lease, routing, client)
+        node = Node(name, None, backend, lease, routing, client)  # type: ignore[arg-type]
         node.start_tasks()
         self.nodes.append(node)
         return node
