@@ -27,7 +27,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
@@ -49,9 +48,11 @@ from providers.aws_route_table import (
 from providers.cloud import (
     CloudModes,
     CloudOptions,
+    checked_context,
     kept_routes,
     lease_destinations,
     parse_cloud_options,
+    pod_networks,
     shown,
 )
 
@@ -303,36 +304,17 @@ class AwsVpcBackend:
 
     def __init__(self, ctx: BackendContext) -> None:
         config = ctx.config
-        if ctx.coordination is None:
-            raise ConfigError(
-                "aws-vpc keeps its record of the routes it owns in etcd, and this process has "
-                "no etcd connection; run it with --etcd-endpoints (the kube subnet manager is "
-                "not supported with aws-vpc)"
-            )
         self.options = parse_options(config, ctx.coordination)
-        if ctx.controller and self.options.mode != "cluster":
-            raise ConfigError(
-                '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
-                '"node" each agent writes its own route: set Backend.Mode to "cluster"'
-            )
-        if not ctx.controller and ctx.iface is None:
-            raise ConfigError("aws-vpc needs the node's external interface")
+        coordination = checked_context(ctx, BACKEND_TYPE, self.options.mode)
         self._ctx = ctx
         self._config = config
-        self._coordination = ctx.coordination
-        self._networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
-            n
-            for n in (
-                config.network if config.enable_ipv4 else None,
-                config.ipv6_network if config.enable_ipv6 else None,
-            )
-            if n is not None
-        )
+        self._coordination = coordination
+        self._networks = pod_networks(config)
         self._lock = threading.Lock()
         self._identity: NodeIdentity | None = None
         self._ec2: EC2Client | None = None
         self._resolver: EniResolver | None = None
-        self._modes = CloudModes(BACKEND_TYPE, self.options.common, ctx.coordination, config)
+        self._modes = CloudModes(BACKEND_TYPE, self.options.common, coordination, config)
         self._gate = Gate()
 
     @property

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cloudroutes.backend import BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
 from cloudroutes.config import NetworkConfig
 from cloudroutes.election import Election, election_key
 from cloudroutes.errors import ConfigError, LeaseRefused
@@ -94,6 +94,35 @@ def parse_cloud_options(
             f"{shown(limit)}; set it to the route table's quota, {limit_hint}"
         )
     return CloudOptions(mode.casefold(), cluster, float(resync), limit)
+
+
+def checked_context(ctx: BackendContext, backend_type: str, mode: str) -> Coordination:
+    """What every cloud backend needs from its context, or one ConfigError saying what is
+    missing: etcd (for the ledger and elections), Mode cluster for the controller, and the
+    node's interface for an agent."""
+    if ctx.coordination is None:
+        raise ConfigError(
+            f"{backend_type} keeps its record of the routes it owns in etcd, and this process "
+            "has no etcd connection; run it with --etcd-endpoints (the kube subnet manager is "
+            f"not supported with {backend_type})"
+        )
+    if ctx.controller and mode != "cluster":
+        raise ConfigError(
+            '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
+            '"node" each agent writes its own route: set Backend.Mode to "cluster"'
+        )
+    if not ctx.controller and ctx.iface is None:
+        raise ConfigError(f"{backend_type} needs the node's external interface")
+    return ctx.coordination
+
+
+def pod_networks(config: NetworkConfig) -> tuple[Destination, ...]:
+    """The Networks of the families the config enables: cloud routes are ours only inside."""
+    candidates = (
+        config.network if config.enable_ipv4 else None,
+        config.ipv6_network if config.enable_ipv6 else None,
+    )
+    return tuple(n for n in candidates if n is not None)
 
 
 def lease_destinations(lease: Lease, config: NetworkConfig) -> Iterator[Destination]:
