@@ -240,8 +240,11 @@ class _Operation:
     error: tuple[str, str, int] | None  # (code, message, HTTP status) it ends with
     done: bool = False
     end_time: str = ""
+    shown: bool = False  # answered once: PENDING in the insert's or delete's own answer
 
     def document(self) -> dict[str, Any]:
+        status = "DONE" if self.done else "RUNNING" if self.shown else "PENDING"
+        self.shown = True
         doc: dict[str, Any] = {
             "kind": "compute#operation",
             "id": self.op_id,
@@ -249,7 +252,7 @@ class _Operation:
             "operationType": self.op_type,
             "targetLink": self.target_link,
             "targetId": self.target_id,
-            "status": "DONE" if self.done else "RUNNING",
+            "status": status,
             "user": "cloudroutes-lab@developer.gserviceaccount.com",
             "progress": 100 if self.done else 0,
             "insertTime": self.insert_time,
@@ -281,8 +284,9 @@ class _OperationFault:
 class FakeComputeApi(HttpService):
     """The Compute Engine API v1 for routes, in this process; point clients at ``url``.
 
-    ``operation_seconds``: how long an insert or delete stays RUNNING (0: DONE at the first
-    look). The change shows in routes only once its operation is DONE, as on GCE.
+    ``operation_seconds``: how long an insert or delete runs (0: DONE at the first look); its
+    own answer says PENDING, later looks RUNNING, then DONE. The change shows in routes only
+    once its operation is DONE, as on GCE.
     ``quota_in_operation``: whether an insert beyond a project's routes quota is refused at
     once (HTTP 403, QUOTA_EXCEEDED) or accepted and its operation ends DONE with error
     QUOTA_EXCEEDED (GCE answers both ways). ``require_token``: every call must carry the

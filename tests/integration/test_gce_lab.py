@@ -124,6 +124,7 @@ def gce(api: FakeComputeApi) -> Gce:
 
 DONE = compute_v1.Operation.Status.DONE
 RUNNING = compute_v1.Operation.Status.RUNNING
+PENDING = compute_v1.Operation.Status.PENDING
 
 
 def _reason(err: pytest.ExceptionInfo[GoogleAPICallError]) -> str:
@@ -148,7 +149,7 @@ def test_insert_then_wait_then_the_route_is_there_with_full_links(
         tags=["pods"],
     )
     op = gce.routes.insert_unary(project=lab.project_id, route_resource=route)
-    assert op.status == RUNNING
+    assert op.status == PENDING
     assert op.operation_type == "insert"
     assert op.target_link == f"{LINK_BASE}/projects/{lab.project_id}/global/routes/{route.name}"
 
@@ -179,6 +180,7 @@ def test_an_operation_runs_for_a_while_and_the_route_appears_only_when_done(
         next_hop_ip="198.18.0.11",
     )
     op = gce.routes.insert_unary(project=lab.project_id, route_resource=route)
+    assert op.status == PENDING
     assert gce.operations.get(project=lab.project_id, operation=op.name).status == RUNNING
     assert gce.names(lab) == []
     # The name is taken while the insert runs.
