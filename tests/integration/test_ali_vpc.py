@@ -34,7 +34,7 @@ from cloudroutes.lab.alibaba import (
     at,
     make_alibaba_vpc,
 )
-from cloudroutes.lab.etcd import EtcdCluster
+from cloudroutes.lab.etcd import EtcdCluster, free_port
 from cloudroutes.lab.fault_proxy import Call, Fault, FaultProxy, Proceed, Reply, Throttle
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
@@ -572,3 +572,28 @@ def test_an_old_flanneld_lease_is_refused_with_a_reason(lab: Lab) -> None:
     refused = controller.reconcilers[0].refused()
     assert "10.5.9.0-24" in refused and "ECS" in refused["10.5.9.0-24"]
     assert lab.all_routes() == {t: {} for t in lab.tables}
+
+
+def test_the_metadata_server_is_asked_with_a_token_when_it_requires_one(lab: Lab) -> None:
+    server = lab.metadata[0]
+    server.require_token = True
+    metadata = Metadata(server.url)
+    assert metadata.get("latest/meta-data/instance-id") == lab.instance(0).instance_id
+    assert metadata._token and metadata._token not in repr(metadata)
+
+
+def test_an_unreachable_metadata_server_is_one_clear_error(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    client = lab.etcd_client()
+    try:
+        backend = lab.backend(0, client)
+        monkeypatch.setenv("CLOUDROUTES_ALIYUN_METADATA_ENDPOINT", closed)
+        with pytest.raises(ConfigError) as err:
+            backend.prepare()
+    finally:
+        client.close()
+    text = str(err.value)
+    assert text.startswith(f"cannot reach the ECS metadata server at {closed}")
+    assert "CLOUDROUTES_ALIYUN_METADATA_ENDPOINT" in text and "\n" not in text
