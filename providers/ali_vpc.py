@@ -269,8 +269,7 @@ class RamRoleCredentials:
         self._metadata = metadata
         self._clock = clock or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()
-        self._current: Credentials | None = None
-        self._renew_at: datetime | None = None
+        self._current: _StsCredentials | None = None
         self.role: str | None = None
 
     def __repr__(self) -> str:
@@ -279,16 +278,18 @@ class RamRoleCredentials:
     def __call__(self) -> Credentials:
         with self._lock:
             now = self._clock()
-            if self._current is None or (self._renew_at is not None and now >= self._renew_at):
+            current = self._current
+            if current is None or now >= current.renew_at:
                 try:
-                    self._current, self._renew_at = self._fetch(now)
+                    current = self._current = self._fetch(now)
                 except RouteError:
-                    if self._current is None or now >= (self._renew_at or now) + RENEW_MARGIN:
+                    if current is None or now >= current.expires:
                         raise
+                    # Still valid for a while: renewal is tried again at the next call.
                     log.info("ali-vpc: RAM role credentials not renewed yet; using the old ones")
-            return self._current
+            return current.credentials
 
-    def _fetch(self, now: datetime) -> tuple[Credentials, datetime | None]:
+    def _fetch(self, now: datetime) -> _StsCredentials:
         base = "latest/meta-data/ram/security-credentials/"
         try:
             role = self.role or self._metadata.get(base).split()[0]
@@ -301,21 +302,36 @@ class RamRoleCredentials:
                 "AccessKey"
             ) from None
         self.role = role
+        fields = document if isinstance(document, dict) else {}
         key_id, secret, token = (
-            document.get(k) if isinstance(document, dict) else None
-            for k in ("AccessKeyId", "AccessKeySecret", "SecurityToken")
+            fields.get(k) for k in ("AccessKeyId", "AccessKeySecret", "SecurityToken")
         )
-        if not all(isinstance(v, str) and v for v in (key_id, secret, token)):
+        if not (
+            isinstance(key_id, str)
+            and isinstance(secret, str)
+            and isinstance(token, str)
+            and key_id
+            and secret
+            and token
+        ):
             raise Transient(f"the RAM role {role} gave incomplete credentials; asking again")
-        assert isinstance(key_id, str) and isinstance(secret, str) and isinstance(token, str)
-        renew_at = None
         try:
-            expires = datetime.strptime(str(document.get("Expiration")), "%Y-%m-%dT%H:%M:%SZ")
-            expires = expires.replace(tzinfo=UTC)
-            renew_at = expires - min(RENEW_MARGIN, max(expires - now, timedelta()) / 2)
+            stamp = datetime.strptime(str(fields.get("Expiration")), "%Y-%m-%dT%H:%M:%SZ")
+            expires = stamp.replace(tzinfo=UTC)
         except ValueError:
-            renew_at = now + RENEW_MARGIN  # no expiry given: ask again now and then
-        return Credentials(key_id, secret, token, source=f"the RAM role {role}"), renew_at
+            expires = now + 2 * RENEW_MARGIN  # no expiry given: ask again now and then
+        renew_at = expires - min(RENEW_MARGIN, max(expires - now, timedelta()) / 2)
+        credentials = Credentials(key_id, secret, token, source=f"the RAM role {role}")
+        return _StsCredentials(credentials, renew_at, expires)
+
+
+@dataclass(frozen=True)
+class _StsCredentials:
+    """STS credentials, when to renew them, and when they stop working."""
+
+    credentials: Credentials
+    renew_at: datetime
+    expires: datetime
 
 
 def _first_line(exc: Exception) -> str:
