@@ -500,6 +500,10 @@ class FakeComputeApi(HttpService):
             return 200, self._dispatch(method, target, body)
         except ApiError as err:
             return err.status, json.loads(gce_error(err.reason, err.message, err.status).body)
+        except Exception as exc:
+            # A bug in the fake must show in the test as an error, not as a dropped connection.
+            text = f"fake Compute API: {type(exc).__name__}: {exc}"
+            return 500, json.loads(gce_error("internalError", text, 500).body)
 
     def _dispatch(self, method: str, target: str, body: bytes) -> dict[str, Any]:
         parts = urlsplit(target)

@@ -42,6 +42,7 @@ from cloudroutes.lab.fault_proxy import (
     FaultProxy,
     ServerError,
     Throttle,
+    TokenBucket,
 )
 from cloudroutes.lab.gce import (
     LINK_BASE,
@@ -626,6 +627,20 @@ def test_calls_through_the_proxy_are_counted_per_action(
         "globalOperations.get": 1,
     }
     assert (counts.reads, counts.writes) == (5, 2)
+
+
+def test_a_write_bucket_throttles_inserts_and_deletes_but_not_reads(
+    proxy: FaultProxy, lab: LabGceProject
+) -> None:
+    gce = Gce(proxy.url)
+    writes = proxy.add(TokenBucket(kind="write", capacity=2, rate=0))
+    gce.insert(lab, "cr-a", "10.244.1.0/24")
+    gce.insert(lab, "cr-b", "10.244.2.0/24")
+    with pytest.raises(Forbidden) as err:
+        gce.routes.delete_unary(project=lab.project_id, route="cr-a")
+    assert _reason(err) == "rateLimitExceeded"
+    assert gce.names(lab) == ["cr-a", "cr-b"]  # reads (list, wait) have their own budget
+    assert writes.fired == 1
 
 
 @pytest.mark.parametrize(
