@@ -460,8 +460,10 @@ class AliRouteTable:
         for entry in listed:
             present.add(entry.destination)
             state = entry_state(entry.status)
-            if state is None:
-                continue  # being deleted: neither ours to keep nor anyone's to conflict with
+            if state is None or entry.destination.prefixlen == 0:
+                # Being deleted (neither ours to keep nor anyone's to conflict with), or a
+                # default route (never a lease's, whatever the Network).
+                continue
             record = entries.get(entry.destination)
             ours = entry.hop_type == "Instance" and self._ledger.owns(
                 entry.destination, entry.hop_id, self._networks

@@ -283,6 +283,7 @@ def test_flanneld_entries_are_adopted_and_foreign_ones_survive(
     api.put_entry(vpc.route_table_id, "10.5.1.0/24", hop(vpc, 0))  # flanneld's: no name
     api.put_entry(vpc.route_table_id, "10.5.2.0/24", hop(vpc, 1), name="k8s-route")
     api.put_entry(vpc.route_table_id, "192.168.9.0/24", hop(vpc, 1))  # outside the Network
+    api.put_entry(vpc.route_table_id, "0.0.0.0/0", hop(vpc, 2))  # the default route
     table = make_table(proxy, vpc, etcd_client, collect=True)
     seen = table.observe()
     assert not seen.owned
@@ -300,7 +301,7 @@ def test_flanneld_entries_are_adopted_and_foreign_ones_survive(
     [refused] = table.apply(plan(Action.DELETE, Route(net(2), hop(vpc, 1))))
     assert isinstance(refused.error, RouteNotFound)
     assert proxy.counts().writes == 0
-    assert set(entries(api, vpc)) == {"10.5.1.0/24", "10.5.2.0/24", "192.168.9.0/24"}
+    assert set(entries(api, vpc)) == {"10.5.1.0/24", "10.5.2.0/24", "192.168.9.0/24", "0.0.0.0/0"}
 
 
 def test_throttling_quota_and_server_errors_are_classified(
