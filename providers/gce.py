@@ -41,13 +41,8 @@ from cloudroutes.ledger import Ledger
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Destination, Route
 from providers.cloud import CloudModes, CloudOptions, lease_destinations, parse_cloud_options, shown
-from providers.gce_route_table import (
-    NAME_RULE,
-    ComputeClients,
-    ForwardingCheck,
-    GceRouteTable,
-    instance_path,
-)
+from providers.gce_api import NAME_RULE, Compute, ComputeClients, ForwardingCheck, instance_path
+from providers.gce_route_table import GceRouteTable
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +280,8 @@ class GceBackend:
         self._policy = POLICY_FILES[self.options.mode]
         self._lock = threading.Lock()
         self._identity: NodeIdentity | None = None
-        self._clients: ComputeClients | None = None
-        self._check: ForwardingCheck | None = None
+        self._compute = Compute(lambda: compute_clients(self.identity().project), self._policy)
+        self._check = ForwardingCheck(self._compute)
         self._modes = CloudModes(BACKEND_TYPE, self.options, ctx.coordination, config)
         self._gate = Gate()
 
@@ -325,20 +320,11 @@ class GceBackend:
 
     # --- the Compute API ----------------------------------------------------------------------
 
-    def clients(self) -> ComputeClients:
+    @property
+    def compute(self) -> Compute:
         """The Compute clients, built at first use: missing credentials are then a route
         error the reconciler reports and retries, not a failed start."""
-        project = self.identity().project
-        with self._lock:
-            if self._clients is None:
-                self._clients = compute_clients(project)
-            return self._clients
-
-    def forwarding_check(self) -> ForwardingCheck:
-        with self._lock:
-            if self._check is None:
-                self._check = ForwardingCheck(self.clients, self._policy)
-            return self._check
+        return self._compute
 
     # --- modes ------------------------------------------------------------------------------
 
@@ -370,15 +356,14 @@ class GceBackend:
         assert c is not None
         config = self._config
         return GceRouteTable(
-            self.clients,
+            self._compute,
             table_id,
             ledger=Ledger(c.client, c.prefix, self.options.cluster_name, table_id),
             networks=(config.network,) if config.network is not None else (),
             cluster=self.options.cluster_name,
             member=c.member,
-            policy=self._policy,
             gate=self._gate,
-            can_forward=self.forwarding_check(),
+            can_forward=self._check,
             name=name,
             scope=scope,
             collect=collect,

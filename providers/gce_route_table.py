@@ -24,9 +24,7 @@ A wrong route is replaced by a delete, then an insert (GCE has no update).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,15 +34,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
 
 from cloudroutes.election import Deposed, Fence
-from cloudroutes.errors import (
-    QuotaExceeded,
-    Rejected,
-    RouteConflict,
-    RouteError,
-    RouteNotFound,
-    Throttled,
-    Transient,
-)
+from cloudroutes.errors import Rejected, RouteConflict, RouteError, RouteNotFound, Transient
 from cloudroutes.ledger import Ledger, LedgerEntry, within
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import (
@@ -62,225 +52,37 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
+from providers.gce_api import (
+    CALL_TIMEOUT,
+    DONE,
+    AlreadyExists,
+    Compute,
+    cluster_mark,
+    description,
+    flannel_name,
+    operation_error,
+    resource_path,
+    route_name,
+)
 
 log = logging.getLogger(__name__)
 
-ROUTE_PREFIX = "cloudroutes-"
-NAME_HASH = 40  # hex digits: "cloudroutes-" + 40 = 52 characters, within GCE's 63
-CLUSTER_HASH = 16
 PRIORITY = 1000
 MAX_IN_FLIGHT = 10  # operations of one table in flight at once
-CALL_TIMEOUT = 5.0  # seconds per API call (waits excepted)
 PAGE_SIZE = 500
-MAX_MESSAGE = 300
 # A ledger entry younger than this whose route is not listed may belong to an insert under way
 # (perhaps another node's); only older ones are forgotten.
 LEDGER_GRACE = 60.0
-NAME_RULE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
-# Compute method -> the IAM permissions it needs (inserting a route also changes the network's
-# routing, hence compute.networks.updatePolicy).
-PERMISSIONS: dict[str, tuple[str, ...]] = {
-    "routes.list": ("compute.routes.list",),
-    "routes.get": ("compute.routes.get",),
-    "routes.insert": ("compute.routes.create", "compute.networks.updatePolicy"),
-    "routes.delete": ("compute.routes.delete", "compute.networks.updatePolicy"),
-    "globalOperations.get": ("compute.globalOperations.get",),
-    "globalOperations.wait": ("compute.globalOperations.get",),
-    "instances.get": ("compute.instances.get",),
-}
-THROTTLING = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED"})
-QUOTA = frozenset({"quotaExceeded", "QUOTA_EXCEEDED"})
-ALREADY_EXISTS = frozenset({"alreadyExists", "ALREADY_EXISTS", "RESOURCE_ALREADY_EXISTS"})
-NOT_FOUND = frozenset({"notFound", "RESOURCE_NOT_FOUND", "NOT_FOUND"})
-NOT_READY = frozenset({"resourceNotReady", "RESOURCE_NOT_READY"})
 NO_INSTANCE = "NEXT_HOP_INSTANCE_NOT_FOUND"
-DONE = "DONE"
-
-# google-cloud-compute clients are built at run time; importing their types here would load
-# the SDK for every user of this module.
-RoutesClient = Any
-OperationsClient = Any
-InstancesClient = Any
-
-
-@dataclass(frozen=True)
-class ComputeClients:
-    """The Compute clients of one project and endpoint (operations on the same endpoint)."""
-
-    project: str
-    routes: RoutesClient
-    operations: OperationsClient
-    instances: InstancesClient
-
-
-# --- names, marks and paths --------------------------------------------------------------
-
-
-def cluster_mark(cluster: str) -> str:
-    return hashlib.sha256(cluster.encode()).hexdigest()[:CLUSTER_HASH]
-
-
-def route_name(cluster: str, destination: Destination) -> str:
-    """The name of cluster's route to ``destination``: unique per cluster and CIDR."""
-    digest = hashlib.sha256(f"{cluster}\0{destination}".encode()).hexdigest()
-    return ROUTE_PREFIX + digest[:NAME_HASH]
-
-
-def flannel_name(destination: Destination) -> str:
-    """The name flanneld's gce backend gave the route to ``destination``."""
-    return "flannel-" + str(destination).replace(".", "-").replace("/", "-").replace(":", "-")
-
-
-def description(cluster: str, lease_key: str) -> str:
-    return f"cloudroutes cluster={cluster_mark(cluster)} lease={lease_key}"
-
-
-def resource_path(link: str) -> str:
-    """A resource reference as its path from ``projects/``: API links are full https URLs,
-    requests and metadata use partial paths; comparing paths compares the resources."""
-    text = link.strip()
-    index = text.find("projects/")
-    return text[index:].rstrip("/") if index >= 0 else text.rstrip("/")
-
-
-def instance_path(project: str, zone: str, instance: str) -> str:
-    return f"projects/{project}/zones/{zone}/instances/{instance}"
-
-
-def instance_parts(path: str) -> tuple[str, str, str] | None:
-    """(project, zone, name) of ``projects/P/zones/Z/instances/N``, else None."""
-    parts = resource_path(path).split("/")
-    if len(parts) == 6 and (parts[0], parts[2], parts[4]) == ("projects", "zones", "instances"):
-        return parts[1], parts[3], parts[5]
-    return None
-
-
-def ledger_target(hop: str, name: str, canonical: str) -> str:
-    """The ledger's target for a route: its next hop, and its name when it is not ours."""
-    return hop if name == canonical else f"{hop} as {name}"
-
-
-# --- errors ------------------------------------------------------------------------------
-
-
-class _AlreadyExists(Rejected):
-    """An insert found a route of that name (handled by the insert itself)."""
 
 
 class _NotLeader(Transient):
     """This process lost the election its writes need: the rest of the plan is not started."""
 
 
-def _reasons(exc: Any) -> set[str]:
-    found = {str(exc.reason)} if getattr(exc, "reason", None) else set()
-    for item in getattr(exc, "errors", None) or ():
-        if isinstance(item, Mapping) and item.get("reason"):
-            found.add(str(item["reason"]))
-    return found
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())[:MAX_MESSAGE] or "no message"
-
-
-def _retry_after(exc: Any) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    try:
-        seconds = float(headers.get("Retry-After", ""))
-    except (TypeError, ValueError):
-        return None
-    return seconds if 0 < seconds <= 3600 else None
-
-
-def gce_error(exc: BaseException, method: str, where: str, policy: str) -> RouteError:
-    """The route error for a failed Compute call ``method`` (e.g. "routes.insert") on
-    ``where``; ``policy`` is the permission file named when access is denied."""
-    from google.api_core import exceptions as api
-    from google.auth import exceptions as auth
-
-    if isinstance(exc, api.GoogleAPICallError):
-        status = exc.code if isinstance(exc.code, int) else 0
-        reasons = _reasons(exc)
-        message = _one_line(getattr(exc, "message", exc))
-        if reasons & THROTTLING or status == 429:
-            why = " ".join([str(status), *sorted(reasons & THROTTLING)])
-            return Throttled(
-                f"GCE throttled {method} on {where} ({why}); backing off",
-                retry_after=_retry_after(exc),
-            )
-        if reasons & QUOTA:
-            return _quota(where)
-        if reasons & ALREADY_EXISTS or status == 409:
-            return _AlreadyExists(f"{where} already exists")
-        if status == 404 and method in ("routes.delete", "routes.get", "instances.get"):
-            return RouteNotFound(f"{method} on {where}: the route is not there")
-        if reasons & NOT_READY:
-            return Transient(f"{method} on {where}: the resource is busy ({message}); retrying")
-        if status == 401:
-            return Rejected(
-                f"GCE refused the credentials for {method} on {where}; give the instance a "
-                "service account with the cloud-platform scope, or set "
-                "GOOGLE_APPLICATION_CREDENTIALS"
-            )
-        if status == 403:
-            needed = " and ".join(PERMISSIONS.get(method, (f"compute.{method}",)))
-            return Rejected(
-                f"not permitted to call {method} on {where} (needs {needed}); grant it to this "
-                f"node's service account with the custom role in {policy}"
-            )
-        if status >= 500 or isinstance(exc, api.ServerError):
-            return Transient(f"GCE failed {method} on {where} ({status}); retrying")
-        return Rejected(f"GCE refused {method} on {where}: {status}: {message}")
-    if isinstance(exc, auth.DefaultCredentialsError):
-        return Rejected(
-            f"no Google credentials for {method} on {where}: give the instance a service "
-            f"account (custom role in {policy}) or set GOOGLE_APPLICATION_CREDENTIALS"
-        )
-    if isinstance(exc, auth.TransportError):
-        return Transient(f"could not get a token for {method} on {where}; retrying")
-    if isinstance(exc, auth.RefreshError):
-        return Rejected(
-            f"could not get an access token for {method} on {where} "
-            f"({_one_line(exc)[:120]}); check the instance's service account and its scopes"
-        )
-    # Timeouts and dropped connections: the call may or may not have been applied; the next
-    # read of the routes decides.
-    return Transient(f"{method} on {where} got no answer ({type(exc).__name__}); retrying")
-
-
-def operation_error(op: Any, method: str, where: str, policy: str) -> RouteError | None:
-    """The route error an operation that ended with an error stands for (None: it did not)."""
-    errors = list(getattr(getattr(op, "error", None), "errors", None) or ())
-    if not errors:
-        return None
-    codes = {str(e.code) for e in errors}
-    message = _one_line(errors[0].message)
-    status = int(getattr(op, "http_error_status_code", 0) or 0)
-    if codes & THROTTLING:
-        return Throttled(f"GCE throttled the operation of {method} on {where}; backing off")
-    if codes & QUOTA:
-        return _quota(where)
-    if codes & ALREADY_EXISTS:
-        return _AlreadyExists(f"{where} already exists")
-    if codes & NOT_FOUND and method == "routes.delete":
-        return RouteNotFound(f"{method} on {where}: the route is not there")
-    if status == 403:
-        needed = " and ".join(PERMISSIONS.get(method, ()))
-        return Rejected(
-            f"not permitted to call {method} on {where} (needs {needed}); grant it with the "
-            f"custom role in {policy}"
-        )
-    if status >= 500 or "INTERNAL" in " ".join(codes):
-        return Transient(f"the operation of {method} on {where} failed ({message}); retrying")
-    return Rejected(f"GCE refused {method} on {where}: {sorted(codes)[0]}: {message}")
-
-
-def _quota(where: str) -> QuotaExceeded:
-    return QuotaExceeded(
-        f"the project's routes quota is used up (QUOTA_EXCEEDED at {where}): free routes or "
-        "raise the ROUTES quota (IAM & Admin > Quotas)"
-    )
+def ledger_target(hop: str, name: str, canonical: str) -> str:
+    """The ledger's target for a route: its next hop, and its name when it is not ours."""
+    return hop if name == canonical else f"{hop} as {name}"
 
 
 # --- one listed route ----------------------------------------------------------------------
@@ -329,54 +131,6 @@ def parse_route(raw: Any) -> GceRoute | None:
     )
 
 
-class ForwardingCheck:
-    """Whether an instance may be a next hop: GCE drops the packets an instance forwards
-    unless it was created with IP forwarding on (canIpForward, from instances.get).
-
-    Shared by the tables of one backend. A "yes" is kept (it cannot change on a running
-    instance); a "no" or a failure is asked again next time, which the reconciler's backoff
-    paces, so an instance recreated with forwarding is routed without a restart.
-    """
-
-    def __init__(self, clients: Callable[[], ComputeClients], policy: str) -> None:
-        self._clients = clients
-        self._policy = policy
-        self._lock = threading.Lock()
-        self._forwarding: set[str] = set()
-
-    def __call__(self, instance: str) -> None:
-        """Return if ``instance`` (a path) forwards; raise Rejected saying why not, or the
-        RouteError of the failed call."""
-        with self._lock:
-            if instance in self._forwarding:
-                return
-        parts = instance_parts(instance)
-        if parts is None:
-            raise Rejected(f"{instance!r} is not an instance (projects/P/zones/Z/instances/N)")
-        project, zone, name = parts
-        try:
-            clients = self._clients()
-            found = clients.instances.get(
-                project=project, zone=zone, instance=name, retry=None, timeout=CALL_TIMEOUT
-            )
-        except RouteError:
-            raise
-        except Exception as exc:
-            error = gce_error(exc, "instances.get", f"instance {name} in {zone}", self._policy)
-            if isinstance(error, RouteNotFound):
-                raise Rejected(f"instance {name} in {zone} does not exist") from None
-            raise error from None
-        if not found.can_ip_forward:
-            raise Rejected(
-                f"instance {name} in {zone} has IP forwarding off, so GCE would drop the "
-                "packets routed to its pods; no route is made to it. IP forwarding is set when "
-                "an instance is created: recreate it with `gcloud compute instances create "
-                "--can-ip-forward` (or canIpForward: true in its template)"
-            )
-        with self._lock:
-            self._forwarding.add(instance)
-
-
 @dataclass
 class _InFlight:
     """An operation of ours not yet seen DONE."""
@@ -395,20 +149,19 @@ class GceRouteTable:
     cluster mode), so it also forgets ledger entries left without a route. ``skip_young``:
     leave out routes recorded within LEDGER_GRACE (the node-mode collector). ``fence``: the
     election's fence, checked before every write and passed to ledger writes.
-    ``can_forward(instance_path)``: whether that instance has IP forwarding on (RouteError
-    when it cannot be told); checked before a route to it is inserted.
+    ``can_forward(instance_path)`` raises a RouteError unless that instance forwards IP
+    packets (``ForwardingCheck``); it is called before a route to it is inserted.
     """
 
     def __init__(
         self,
-        clients: Callable[[], ComputeClients],
+        compute: Compute,
         network: str,
         *,
         ledger: Ledger,
         networks: Sequence[IPv4Network | IPv6Network],
         cluster: str,
         member: str,
-        policy: str,
         gate: Gate,
         can_forward: Callable[[str], None],
         name: str | None = None,
@@ -425,13 +178,12 @@ class GceRouteTable:
         self.resync_period = resync_period
         self.limits = TableLimits(pass_deadline=pass_deadline, settle=2.0)
         self.gate = gate
-        self._clients = clients
+        self._compute = compute
         self._ledger = ledger
         self._networks = tuple(networks)
         self._cluster = cluster
         self._mark = f"cloudroutes cluster={cluster_mark(cluster)}"
         self._member = member
-        self._policy = policy
         self._can_forward = can_forward
         self._scope = scope
         self._collect = collect
@@ -540,18 +292,18 @@ class GceRouteTable:
     def _list(self) -> list[GceRoute]:
         from google.cloud import compute_v1
 
-        clients = self._api("routes.list")
         network = self.network.rsplit("/", 1)[-1]
-        request = compute_v1.ListRoutesRequest(
-            project=clients.project,
-            filter=f'network eq ".*/projects/{clients.project}/global/networks/{network}"',
-            max_results=PAGE_SIZE,
-        )
-        try:
-            pages = clients.routes.list(request=request, retry=None, timeout=CALL_TIMEOUT)
-            raw = list(pages)  # the pager follows nextPageToken to the end
-        except Exception as exc:
-            raise gce_error(exc, "routes.list", self.network, self._policy) from None
+
+        def listing(clients: Any) -> list[Any]:
+            request = compute_v1.ListRoutesRequest(
+                project=clients.project,
+                filter=f'network eq ".*/projects/{clients.project}/global/networks/{network}"',
+                max_results=PAGE_SIZE,
+            )
+            # The pager follows nextPageToken to the end.
+            return list(clients.routes.list(request=request, retry=None, timeout=CALL_TIMEOUT))
+
+        raw = self._compute.call("routes.list", self.network, listing)
         routes = [r for r in (parse_route(item) for item in raw) if r is not None]
         return [r for r in routes if r.destination.version == 4]
 
@@ -769,7 +521,7 @@ class GceRouteTable:
         )
         try:
             return self._insert(change, route, name, fence, deadline)
-        except _AlreadyExists:
+        except AlreadyExists:
             return self._already_exists(change, route, name, before, fence, deadline)
 
     def _already_exists(
@@ -878,7 +630,6 @@ class GceRouteTable:
 
         if fence is not None:
             fence.check()
-        clients = self._api("routes.insert")
         resource = compute_v1.Route(
             name=name,
             network=self.network,
@@ -888,20 +639,21 @@ class GceRouteTable:
             description=description(self._cluster, route.lease_key),
         )
         where = f"{self.network} ({route.destination})"
-        try:
-            op = clients.routes.insert_unary(
-                project=clients.project, route_resource=resource, retry=None, timeout=CALL_TIMEOUT
-            )
-        except Exception as exc:
-            raise gce_error(exc, "routes.insert", where, self._policy) from None
+        op = self._compute.call(
+            "routes.insert",
+            where,
+            lambda c: c.routes.insert_unary(
+                project=c.project, route_resource=resource, retry=None, timeout=CALL_TIMEOUT
+            ),
+        )
         with self._lock:
             self._inflight[route.destination] = _InFlight(op.name, "insert", route, name)
         op = self._finish(op, deadline)
         if op.status.name != DONE:
             return Outcome(change, pending=True)
-        error = operation_error(op, "routes.insert", where, self._policy)
+        error = operation_error(op, "routes.insert", where, self._compute.policy)
         if error is not None:
-            if isinstance(error, _AlreadyExists):
+            if isinstance(error, AlreadyExists):
                 raise error
             return Outcome(change, error, present=None)
         # Settled: the route is in the table (a read that misses it lags, see settle).
@@ -943,20 +695,20 @@ class GceRouteTable:
         """Delete route ``name``; True once it is gone, False while its operation runs."""
         if fence is not None:
             fence.check()
-        clients = self._api("routes.delete")
         where = f"route {name} ({route.destination})"
-        try:
-            op = clients.routes.delete_unary(
-                project=clients.project, route=name, retry=None, timeout=CALL_TIMEOUT
-            )
-        except Exception as exc:
-            raise gce_error(exc, "routes.delete", where, self._policy) from None
+        op = self._compute.call(
+            "routes.delete",
+            where,
+            lambda c: c.routes.delete_unary(
+                project=c.project, route=name, retry=None, timeout=CALL_TIMEOUT
+            ),
+        )
         with self._lock:
             self._inflight[route.destination] = _InFlight(op.name, "delete", route, name)
         op = self._finish(op, deadline)
         if op.status.name != DONE:
             return False
-        error = operation_error(op, "routes.delete", where, self._policy)
+        error = operation_error(op, "routes.delete", where, self._compute.policy)
         if error is not None:
             raise error
         return True
@@ -997,47 +749,40 @@ class GceRouteTable:
 
     # --- calls ------------------------------------------------------------------------------
 
-    def _api(self, method: str) -> ComputeClients:
-        try:
-            return self._clients()
-        except RouteError:
-            raise
-        except Exception as exc:
-            raise gce_error(exc, method, self.network, self._policy) from None
-
     def _get_route(self, name: str) -> GceRoute:
-        clients = self._api("routes.get")
-        try:
-            raw = clients.routes.get(
-                project=clients.project, route=name, retry=None, timeout=CALL_TIMEOUT
-            )
-        except Exception as exc:
-            raise gce_error(exc, "routes.get", f"route {name}", self._policy) from None
+        raw = self._compute.call(
+            "routes.get",
+            f"route {name}",
+            lambda c: c.routes.get(project=c.project, route=name, retry=None, timeout=CALL_TIMEOUT),
+        )
         route = parse_route(raw)
         if route is None:
             raise Rejected(f"route {name} has an unreadable destRange; left alone")
         return route
 
     def _get_operation(self, name: str) -> Any:
-        clients = self._api("globalOperations.get")
-        try:
-            return clients.operations.get(
-                project=clients.project, operation=name, retry=None, timeout=CALL_TIMEOUT
-            )
-        except Exception as exc:
-            raise gce_error(exc, "globalOperations.get", name, self._policy) from None
+        return self._compute.call(
+            "globalOperations.get",
+            name,
+            lambda c: c.operations.get(
+                project=c.project, operation=name, retry=None, timeout=CALL_TIMEOUT
+            ),
+        )
 
     def _wait_operation(self, name: str, left: float | None) -> Any | None:
         """globalOperations.wait for at most ``left`` seconds; None when it cannot say (the
         next read of the routes does)."""
-        clients = self._api("globalOperations.wait")
         timeout = CALL_TIMEOUT * 6 if left is None else max(0.1, left)
         try:
-            return clients.operations.wait(
-                project=clients.project, operation=name, retry=None, timeout=timeout
+            return self._compute.call(
+                "globalOperations.wait",
+                name,
+                lambda c: c.operations.wait(
+                    project=c.project, operation=name, retry=None, timeout=timeout
+                ),
             )
-        except Exception as exc:
-            log.info("%s: waiting for operation %s: %s", self.name, name, type(exc).__name__)
+        except RouteError as exc:
+            log.info("%s: waiting for operation %s: %s", self.name, name, exc)
             return None
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import gce_route_table
 from providers.gce import API_ENDPOINT_VARIABLE, GceBackend
-from providers.gce_route_table import flannel_name, route_name
+from providers.gce_api import flannel_name, route_name
 from tests.integration.test_gce_route_table import (
     NODE_IPS,
     admin_delete,

@@ -24,15 +24,10 @@ from cloudroutes.ledger import Ledger
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Change, EntryState, Plan, Route
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
-from providers import gce_route_table
+from providers import gce_api, gce_route_table
 from providers.gce import API_ENDPOINT_VARIABLE, compute_clients
-from providers.gce_route_table import (
-    ComputeClients,
-    ForwardingCheck,
-    GceRouteTable,
-    flannel_name,
-    route_name,
-)
+from providers.gce_api import Compute, ComputeClients, ForwardingCheck, flannel_name, route_name
+from providers.gce_route_table import GceRouteTable
 
 pytestmark = pytest.mark.etcd
 
@@ -108,16 +103,16 @@ def make_table(
     lab: GceLab, clients: ComputeClients, etcd_client: EtcdClient, **kw: Any
 ) -> GceRouteTable:
     network = project(lab).network_path
+    compute = Compute(lambda: clients, POLICY)
     return GceRouteTable(
-        lambda: clients,
+        compute,
         network,
         ledger=Ledger(etcd_client, PREFIX, CLUSTER, network),
         networks=(NETWORK,),
         cluster=CLUSTER,
         member="node-0",
-        policy=POLICY,
         gate=Gate(),
-        can_forward=ForwardingCheck(lambda: clients, POLICY),
+        can_forward=ForwardingCheck(compute),
         **kw,
     )
 
@@ -297,7 +292,7 @@ def test_already_exists_is_checked_against_its_target(
     name = route_name(CLUSTER, net(1))
     # Our route of that name, to another instance (a write of ours whose answer was lost,
     # for a lease that moved since): the name is ours alone, so it is replaced.
-    mark = f"cloudroutes cluster={gce_route_table.cluster_mark(CLUSTER)} lease=10.5.1.0-24"
+    mark = f"cloudroutes cluster={gce_api.cluster_mark(CLUSTER)} lease=10.5.1.0-24"
     admin_insert(gce_lab, name, "10.5.1.0/24", 1, mark)
     proxy(gce_lab).reset_counts()
     [outcome] = table.apply(add((net(1), hop(gce_lab, 0))))
