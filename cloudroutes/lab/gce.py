@@ -60,6 +60,7 @@ DEFAULT_NETWORK = "cloudroutes-lab"
 DEFAULT_ROUTE_QUOTA = 200
 DEFAULT_PRIORITY = 1000
 MAX_RESULTS = 500
+KEPT_OPERATIONS = 10_000  # the newest operations kept for get and wait
 # Part of 198.18.0.0/15, the benchmarking range (RFC 2544): never routed on the internet.
 SUBNET_CIDR = "198.18.0.0/20"
 TOKEN_LIFETIME = 3599  # seconds, what the real metadata server hands out
@@ -767,13 +768,30 @@ class FakeComputeApi(HttpService):
             apply=apply,
             error=error,
         )
+        self._forget_old_operations()
         self._operations[op.name] = op
         self._running.append(op)
         if request_id:
             project.request_ids[request_id] = op.name
-        # Not settled here: like GCE, the insert or delete answers RUNNING; with no delay the
+        # Not settled here: like GCE, the insert or delete answers PENDING; with no delay the
         # operation is DONE at the next look.
         return op
+
+    def _forget_old_operations(self) -> None:
+        """Drop the oldest DONE operations beyond KEPT_OPERATIONS, as GCE expires old ones,
+        so a long benchmark does not grow without end. Called with the lock held; a tenth
+        more are let in before the next sweep, so that inserts do not each pay for one."""
+        excess = len(self._operations) - KEPT_OPERATIONS
+        if excess <= KEPT_OPERATIONS // 10:
+            return
+        old = [name for name, op in self._operations.items() if op.done][:excess]
+        for name in old:
+            del self._operations[name]
+        gone = set(old)
+        for project in self._projects.values():
+            project.request_ids = {
+                r: name for r, name in project.request_ids.items() if name not in gone
+            }
 
     def _settle(self) -> None:
         """Finish every operation whose time has come. Called with the lock held."""

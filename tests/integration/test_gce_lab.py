@@ -32,6 +32,7 @@ from google.api_core.exceptions import (
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
+import cloudroutes.lab.gce as gce_module
 from cloudroutes.lab.fault_proxy import (
     GCE,
     GCE_429,
@@ -461,6 +462,18 @@ def test_an_injected_operation_error_ends_done_with_it_and_changes_nothing(
     assert gce.names(lab) == []
     assert gce.insert(lab, "cr-a", "10.244.1.0/24").error.errors == []  # only once
     assert gce.names(lab) == ["cr-a"]
+
+
+def test_old_operations_are_forgotten_the_newest_kept(
+    api: FakeComputeApi, gce: Gce, lab: LabGceProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gce_module, "KEPT_OPERATIONS", 10)
+    done = [gce.insert(lab, f"cr-{i}", f"10.244.{i}.0/24") for i in range(25)]
+    with pytest.raises(NotFound):
+        gce.operations.get(project=lab.project_id, operation=done[0].name)
+    for op in done[-10:]:
+        assert gce.operations.get(project=lab.project_id, operation=op.name).status == DONE
+    assert len(gce.names(lab)) == 25  # the routes stay, of course
 
 
 # -- instances ----------------------------------------------------------------------------------
