@@ -34,7 +34,6 @@ from typing import Any
 
 from cloudroutes.errors import Rejected, RouteError, RouteNotFound, Transient
 from cloudroutes.routes import (
-    UNKNOWN,
     Action,
     Change,
     Entry,
@@ -50,6 +49,7 @@ from cloudroutes.routes import (
 from providers.kernel import KernelRouteTable
 from providers.netlink import (
     BATCH,
+    IFF_UP,
     NLM_F_CREATE,
     NLM_F_REPLACE,
     RECV_SIZE,
@@ -202,6 +202,11 @@ class VxlanRouteTable:
         link = get_link(nl, name=self.device)
         return link.index if link is not None else 0
 
+    def _usable_index(self, nl: Netlink) -> int:
+        """The device's index when it is up (the kernel refuses routes through a down one)."""
+        link = get_link(nl, name=self.device)
+        return link.index if link is not None and link.flags & IFF_UP else 0
+
     def _dump_neighbours(self, nl: Netlink, index: int) -> tuple[dict[str, str], dict[str, str]]:
         """Permanent neighbour entries (VTEP IP -> MAC) and FDB entries (MAC -> remote IP) on
         the device."""
@@ -282,14 +287,15 @@ class VxlanRouteTable:
             return []
         building = [s for s in steps if s.peer is not None]
         if building:
-            index = self._call(self._device_index)
+            index = self._call(self._usable_index)
             if not index:
+                # Deleted or set down by hand: the backend makes it whole again.
                 try:
                     self._ensure_device()
                 except RouteError as exc:
                     for step in building:
                         step.error = exc
-                index = self._call(self._device_index)
+                index = self._call(self._usable_index)
             self._ifindex = index
             if not index:
                 for step in building:
@@ -416,11 +422,8 @@ class VxlanRouteTable:
 
     @staticmethod
     def _outcome(step: _Step) -> Outcome:
-        if step.error is None:
-            return Outcome(step.change)
-        if step.change.action is Action.ADD and step.peer is not None:
-            return Outcome(step.change, step.error, present=None)
-        return Outcome(step.change, step.error, present=UNKNOWN)
+        # After a failure the table is read again (present UNKNOWN), as the kernel table's.
+        return Outcome(step.change, step.error)
 
     # --- drift ----------------------------------------------------------------------------------
 

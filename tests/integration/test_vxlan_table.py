@@ -236,6 +236,15 @@ def test_a_deleted_device_comes_back_with_its_peers(node: Node) -> None:
     assert "inet 10.5.1.0/32" in node.ns.ip("addr", "show", DEVICE)
 
 
+def test_a_device_set_down_is_brought_up_with_its_peers(node: Node) -> None:
+    table = node.table()
+    table.apply(adds(peer(2)))
+    node.ns.ip("link", "set", DEVICE, "down")  # the kernel drops the routes through it
+    outcomes = converge(table, [peer(2)])
+    assert all(o.ok for o in outcomes), outcomes
+    assert node.whole(peer(2)) and ",UP," in node.link()
+
+
 def test_flanneld_peers_are_adopted_in_place(node: Node) -> None:
     table = node.table()
     p = peer(2)
@@ -266,6 +275,7 @@ def test_the_drift_watch_sees_a_deleted_fdb_entry(node: Node) -> None:
     finally:
         stop.set()
         watch.join(5)
+    assert not watch.is_alive(), "the drift watch did not stop"
 
 
 def test_the_lease_of_a_direct_peer_gets_a_host_gw_route(node: Node) -> None:
