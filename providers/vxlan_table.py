@@ -77,6 +77,7 @@ _NDMSG = struct.Struct("=BBHiHBB")
 _U32_ATTR = struct.Struct("=HHI")
 _V4_ATTR = struct.Struct("=HH4s")
 _MAC_ATTR = struct.Struct("=HH6sxx")
+_ZERO_MAC = "00:00:00:00:00:00"
 _WATCH_POLL = 0.2
 _WATCH_RETRY = 1.0
 
@@ -219,11 +220,10 @@ class VxlanRouteTable:
         fdb: dict[str, str] = {}
         for kind, payload in nl.dump(RTM_GETNEIGH, _NDMSG.pack(AF_BRIDGE, 0, 0, index, 0, 0, 0)):
             entry = _parse_neighbour(kind, payload, index)
-            # A MAC with several remotes (appended by hand) never matches one peer: it is
-            # reported as the joined list and so replaced.
-            if entry is not None and entry[1] != "00:00:00:00:00:00":
-                ip, mac, _state = entry
-                fdb[mac] = f"{fdb[mac]},{ip}" if mac in fdb else ip
+            # The kernel keeps one remote per unicast MAC (it refuses to append another), so
+            # only the all-zero and multicast entries, never a peer's, have several.
+            if entry is not None and not int(entry[1][:2], 16) & 1 and entry[1] != _ZERO_MAC:
+                fdb[entry[1]] = entry[0]
         return neighbours, fdb
 
     # --- observe --------------------------------------------------------------------------------
