@@ -34,13 +34,17 @@ CLUSTER_HASH = 16
 CALL_TIMEOUT = 5.0  # seconds per API call (waits excepted)
 MAX_MESSAGE = 300
 NAME_RULE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
-# Compute method -> the IAM permissions it needs (inserting a route also changes the network's
-# routing, hence compute.networks.updatePolicy).
+# Compute method -> the IAM permissions it needs. An insert changes the network's routing
+# (compute.networks.updatePolicy) and makes an instance a next hop (compute.instances.use).
 PERMISSIONS: dict[str, tuple[str, ...]] = {
     "routes.list": ("compute.routes.list",),
     "routes.get": ("compute.routes.get",),
-    "routes.insert": ("compute.routes.create", "compute.networks.updatePolicy"),
-    "routes.delete": ("compute.routes.delete", "compute.networks.updatePolicy"),
+    "routes.insert": (
+        "compute.routes.create",
+        "compute.networks.updatePolicy",
+        "compute.instances.use",
+    ),
+    "routes.delete": ("compute.routes.delete",),
     "globalOperations.get": ("compute.globalOperations.get",),
     "globalOperations.wait": ("compute.globalOperations.get",),
     "instances.get": ("compute.instances.get",),
