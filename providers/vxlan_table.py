@@ -391,8 +391,11 @@ class VxlanRouteTable:
                 if old.mac:
                     fdb.append(old.mac)
             elif step.peer is not None and step.error is None:
-                if step.old is not None and step.old.mac and step.old.mac != step.peer.mac:
-                    fdb.append(step.old.mac)
+                # A peer with a new VtepMAC (#1795): its old MAC's FDB entry is stale.
+                old = step.old
+                if old is not None and old.mac and old.mac != step.peer.mac:
+                    fdb.append(old.mac)
+                    want_fdb.pop(old.mac, None)
                 continue
             elif step.peer is not None and step.change.action is Action.ADD:
                 # Undo: a failed new peer leaves nothing behind.
