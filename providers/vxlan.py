@@ -260,6 +260,19 @@ def ensure_device(spec: DeviceSpec, netns: str | None = None) -> int:
         return index
 
 
+def remove_other_vnis(keep: str, netns: str | None = None) -> None:
+    """Delete the vxlan devices of another VNI (``flannel.<n>``) left by an earlier config: the
+    VNI changed, so the device is made anew under its new name, and saying so."""
+    with _ipr(netns) as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME") or ""
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info else None
+            if kind == "vxlan" and re.fullmatch(r"flannel\.\d+", name) and name != keep:
+                log.warning("deleting %s: the network config's VNI is now %s", name, keep[8:])
+                ipr.link("del", index=link["index"])
+
+
 def _set_mac(ipr: IPRoute, index: int, spec: DeviceSpec) -> None:
     """Give the device the stored VtepMAC, also when udev or systemd changed it (#1795)."""
     (link,) = ipr.link("get", index=index)
@@ -385,6 +398,10 @@ class VxlanBackend:
         """Make (or reuse) the device with the node's VtepMAC, and publish it."""
         self._mac = read_mac(self.mac_file) or self._existing_mac() or random_mac()
         write_mac(self.mac_file, self._mac)
+        try:
+            remove_other_vnis(self.device, self._netns)
+        except OSError as exc:
+            log.warning("cannot remove vxlan devices of another VNI: %s", exc)
         self._ensure()
         self._connected = connected_networks(self._iface.index, self._netns)
         return LeaseAttrs(

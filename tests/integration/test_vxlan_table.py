@@ -161,6 +161,19 @@ def test_an_incompatible_device_is_recreated_with_one_log_line(
     assert f"link/ether {mac}" in node.link()
 
 
+def test_a_changed_vni_replaces_the_old_device_and_says_so(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.backend().prepare()
+    with caplog.at_level(logging.WARNING, logger="providers.vxlan"):
+        node.backend(VNI=2).prepare()
+    assert [r.getMessage() for r in caplog.records] == [
+        "deleting flannel.1: the network config's VNI is now 2"
+    ]
+    assert node.link() == ""
+    assert "vxlan id 2 " in node.ns.ip("-d", "link", "show", "flannel.2")
+
+
 def test_a_peer_is_three_entries_made_in_order(node: Node) -> None:
     table = node.table()
     events = Netlink(node.ns.name, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE)
