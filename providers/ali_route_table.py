@@ -11,7 +11,8 @@ Each ``observe()`` is one DescribeRouteEntryList walk of this table (every page,
 NextToken) and one etcd range read of its ledger. Writes are CreateRouteEntries and
 DeleteRouteEntries of at most 50 entries each, one call at a time per VPC (Alibaba refuses
 concurrent route changes in a VPC); a batch's per-entry failures are per-route outcomes.
-Alibaba has no in-place retarget: a replace is a delete, then a create.
+A retarget is ModifyRouteEntry (one call per entry, rare): in place, never a moment without
+the entry.
 
 Alibaba applies route changes asynchronously: a new entry is ``Pending`` for a while, and
 changes the API refuses meanwhile (IncorrectRouteEntryStatus, TaskConflict, OperationConflict)
@@ -403,6 +404,8 @@ class AliRouteTable:
         self._fence = fence
         self._route_limit = route_limit
         self._seen: dict[Destination, LedgerEntry] = {}
+        # The id of each owned entry as last listed: a retarget names the entry it saw.
+        self._entry_ids: dict[Destination, str] = {}
 
     def __repr__(self) -> str:
         return f"AliRouteTable({self.name!r})"
@@ -457,6 +460,7 @@ class AliRouteTable:
         owned: dict[Destination, Observed] = {}
         foreign: dict[Destination, Foreign] = {}
         present: set[Destination] = set()
+        ids: dict[Destination, str] = {}
         for entry in listed:
             present.add(entry.destination)
             state = entry_state(entry.status)
@@ -474,9 +478,11 @@ class AliRouteTable:
                 if self._skip_young and now - record.written < LEDGER_GRACE:
                     continue  # maybe just made by a node whose lease we have not heard of yet
                 owned[entry.destination] = Observed(Route(entry.destination, entry.hop_id), state)
+                ids[entry.destination] = entry.entry_id
             elif within(entry.destination, self._networks):
                 foreign[entry.destination] = self._foreign(entry, record)
         self._seen = dict(entries)
+        self._entry_ids = ids
         if self._collect:
             self._forget_stale(entries, present, now)
         capacity = Capacity(self._route_limit, len(listed)) if self._route_limit else None
@@ -562,13 +568,15 @@ class AliRouteTable:
                 outcomes.update({id(c): Outcome(c) for c in adopts})
             except RouteError as exc:
                 outcomes.update({id(c): Outcome(c, exc, present=c.current) for c in adopts})
-        removals = [c for c in plan if c.action in (Action.DELETE, Action.REPLACE)]
-        creates: list[Change] = plan.of(Action.ADD)
-        if removals:
-            removed = self._remove(removals, fence, deadline, outcomes)
-            creates = [c for c in plan if c.action is Action.REPLACE and id(c) in removed] + creates
-        if creates:
-            self._create(creates, fence, deadline, outcomes)
+        changes = [c for c in plan if c.action in (Action.DELETE, Action.REPLACE)]
+        if changes:
+            ours = self._still_ours(changes, outcomes)
+            self._remove([c for c in ours if c.action is Action.DELETE], fence, deadline, outcomes)
+            self._retarget(
+                [c for c in ours if c.action is Action.REPLACE], fence, deadline, outcomes
+            )
+        if plan.of(Action.ADD):
+            self._create(plan.of(Action.ADD), fence, deadline, outcomes)
         return [outcomes[id(c)] for c in plan if id(c) in outcomes]
 
     def _entry(self, route: Any, previous: str | None = None) -> LedgerEntry:
@@ -601,17 +609,11 @@ class AliRouteTable:
         for destination in destinations:
             self._seen.pop(destination, None)
 
-    def _remove(
-        self,
-        changes: list[Change],
-        fence: Fence | None,
-        deadline: float | None,
-        outcomes: dict[int, Outcome],
-    ) -> set[int]:
-        """Delete the current entries of deletes and replaces; returns the replaces whose old
-        entry is gone (their create follows)."""
-        fresh = self._ledger_entries()  # one read, for every removal of this plan
-        doable: list[Change] = []
+    def _still_ours(self, changes: list[Change], outcomes: dict[int, Outcome]) -> list[Change]:
+        """The deletes and replaces whose current entry the ledger (read again, once for the
+        whole plan) still says is ours, unchanged since the table was read."""
+        fresh = self._ledger_entries()
+        ours: list[Change] = []
         for change in changes:
             current = change.current
             assert isinstance(current, Route)
@@ -628,33 +630,91 @@ class AliRouteTable:
                     present=None,
                 )
             else:
-                doable.append(change)
-        replaces = [c for c in doable if c.action is Action.REPLACE]
-        if replaces:
-            # Both targets stay ours while the retarget is under way.
-            self._record([self._entry(c.entry, previous=_hop(c.current)) for c in replaces], fence)
-        removed: set[int] = set()
-        for batch, failures in self._batches(doable, "DeleteRouteEntries", fence, deadline):
-            gone: list[Destination] = []  # deleted for good: their ledger entries go
+                ours.append(change)
+        return ours
+
+    def _remove(
+        self,
+        changes: list[Change],
+        fence: Fence | None,
+        deadline: float | None,
+        outcomes: dict[int, Outcome],
+    ) -> None:
+        """Delete entries in batches; a deleted (or already missing) one leaves the ledger."""
+        for batch, failures in self._batches(changes, "DeleteRouteEntries", fence, deadline):
+            gone: list[Destination] = []
             for change in batch:
                 current = change.current
                 assert isinstance(current, Route)
                 error = failures.get(id(change))
                 if error is None or isinstance(error, RouteNotFound):
-                    if change.action is Action.REPLACE:
-                        removed.add(id(change))
-                    else:
-                        gone.append(current.destination)
-                        outcomes[id(change)] = Outcome(change, error, present=None)
+                    gone.append(current.destination)
+                    outcomes[id(change)] = Outcome(change, error, present=None)
                 else:
                     present = UNKNOWN if _unknown(error) else current
                     outcomes[id(change)] = Outcome(change, error, present=present)
             if gone:
                 self._forget(gone, fence)
-        for change in doable:
-            if id(change) not in outcomes and id(change) not in removed:
-                outcomes[id(change)] = Outcome(change, Transient("not started"), present=UNKNOWN)
-        return removed
+
+    def _retarget(
+        self,
+        changes: list[Change],
+        fence: Fence | None,
+        deadline: float | None,
+        outcomes: dict[int, Outcome],
+    ) -> None:
+        """Point entries at another instance in place (ModifyRouteEntry, one call each): the
+        destination is never without its entry. Both targets stay ours while it is under way."""
+        if not changes:
+            return
+        self._record([self._entry(c.entry, previous=_hop(c.current)) for c in changes], fence)
+        done: list[LedgerEntry] = []
+        stop: RouteError | None = None
+        for change in changes:
+            if stop is None and deadline is not None and time.monotonic() >= deadline:
+                break  # not started: planned again
+            current = change.current
+            assert isinstance(current, Route)
+            try:
+                if stop is not None:
+                    raise stop
+                self._modify(change, fence)
+            except RouteError as exc:
+                if isinstance(exc, RouteNotFound):
+                    present: Any = None  # gone meanwhile: it is created again
+                else:
+                    present = UNKNOWN if _unknown(exc) else current
+                    stop = exc  # a refusal of the call: the next ones would get it too
+                outcomes[id(change)] = Outcome(change, exc, present=present)
+                continue
+            outcomes[id(change)] = Outcome(change, pending=True)
+            done.append(self._entry(change.entry))
+        if done:
+            self._settle_ledger(done, fence)
+
+    def _modify(self, change: Change, fence: Fence | None) -> None:
+        from aliyunsdkvpc.request.v20160428.ModifyRouteEntryRequest import (
+            ModifyRouteEntryRequest,
+        )
+
+        route = change.entry
+        assert isinstance(route, Route)
+        request = ModifyRouteEntryRequest()
+        entry_id = self._entry_ids.get(route.destination)
+        if entry_id:
+            request.set_RouteEntryId(entry_id)
+        else:
+            request.set_RouteTableId(self.table_id)
+            request.set_DestinationCidrBlock(str(route.destination))
+        request.set_NewNextHopType("Instance")
+        request.set_NewNextHopId(route.next_hop)
+        request.set_RouteEntryName(self._markers.name)
+        request.set_Description(self._markers.description(route.lease_key))
+        where = f"{self.table_id} ({route.destination})"
+        with self._vpc_lock:
+            if fence is not None:
+                fence.check()
+            self._call("ModifyRouteEntry", request, where)
 
     def _create(
         self,
@@ -671,21 +731,19 @@ class AliRouteTable:
                 why = Rejected(f"{route.next_hop!r} is not an ECS instance id (i-...)")
                 outcomes[id(change)] = Outcome(change, why, present=None)
                 continue
-            before = self._ledger.get(route.destination)
-            creates.append(_Create(change, route, before))
-        new = [c for c in creates if c.change.action is Action.ADD]
-        if new:
-            try:
-                self._record([self._entry(c.route) for c in new], fence)
-            except RouteError as exc:
-                for c in new:
-                    outcomes[id(c.change)] = Outcome(c.change, exc, present=None)
-                creates = [c for c in creates if c.change.action is not Action.ADD]
+            creates.append(_Create(change, route, self._ledger.get(route.destination)))
+        if not creates:
+            return
+        try:
+            self._record([self._entry(c.route) for c in creates], fence)
+        except RouteError as exc:
+            for c in creates:
+                outcomes[id(c.change)] = Outcome(c.change, exc, present=None)
+            return
         duplicates: list[_Create] = []
         by_change = {id(c.change): c for c in creates}
         batches = self._batches([c.change for c in creates], "CreateRouteEntries", fence, deadline)
         for batch, failures in batches:
-            done: list[LedgerEntry] = []
             undo: list[_Create] = []
             for change in batch:
                 item = by_change[id(change)]
@@ -694,25 +752,14 @@ class AliRouteTable:
                     duplicates.append(item)
                 elif error is None:
                     outcomes[id(change)] = Outcome(change, pending=True)
-                    if change.action is Action.REPLACE:
-                        done.append(self._entry(item.route))
+                elif _unknown(error):
+                    outcomes[id(change)] = Outcome(change, error, present=UNKNOWN)
                 else:
-                    # A replace whose create failed holds nothing there now.
-                    present: Any = None if change.action is Action.REPLACE else UNKNOWN
-                    if not _unknown(error):
-                        undo.append(item)
-                        present = None
-                    outcomes[id(change)] = Outcome(change, error, present=present)
-            if done:
-                self._settle_ledger(done, fence)
-            self._restore([c for c in undo if c.change.action is Action.ADD], fence)
+                    undo.append(item)
+                    outcomes[id(change)] = Outcome(change, error, present=None)
+            self._restore(undo, fence)
         if duplicates:
             self._resolve_duplicates(duplicates, fence, outcomes)
-        for item in creates:
-            if id(item.change) not in outcomes:
-                outcomes[id(item.change)] = Outcome(
-                    item.change, Transient("not started"), present=UNKNOWN
-                )
 
     def _settle_ledger(self, done: list[LedgerEntry], fence: Fence | None) -> None:
         try:
@@ -736,7 +783,7 @@ class AliRouteTable:
         self, items: list[_Create], fence: Fence | None, outcomes: dict[int, Outcome]
     ) -> None:
         """A create found an entry there: done if it is ours to the same instance; ours (per
-        the ledger as it was) to another instance: replaced next pass; anyone else's: a
+        the ledger as it was) to another instance: retargeted next pass; anyone else's: a
         conflict, left alone."""
         try:
             existing = {e.destination: e for e in self.list_entries()}
@@ -760,6 +807,7 @@ class AliRouteTable:
                 and item.before.owns(entry.hop_id)
             ):
                 old = Route(route.destination, entry.hop_id, lease_key=route.lease_key)
+                self._entry_ids[route.destination] = entry.entry_id
                 self._record([self._entry(route, previous=entry.hop_id)], fence)
                 why = Transient(f"{route.destination} still goes to {entry.hop_id}; replacing it")
                 outcomes[id(change)] = Outcome(change, why, present=old)
@@ -771,7 +819,7 @@ class AliRouteTable:
                     f"(delete entry {entry.entry_id} if nothing needs it)"
                 )
                 outcomes[id(change)] = Outcome(change, why, present=None)
-        self._restore([c for c in undo if c.change.action is Action.ADD], fence)
+        self._restore(undo, fence)
 
     def _batches(
         self,

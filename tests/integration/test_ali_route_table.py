@@ -245,19 +245,24 @@ def test_a_duplicate_is_done_when_it_is_ours_and_a_conflict_when_it_is_not(
     assert entries(api, vpc)["10.5.2.0/24"] == (hop(vpc, 2), "Available")
     assert net(2) not in Ledger(etcd_client, PREFIX, CLUSTER, vpc.route_table_id).entries()
 
-    # Ours (the ledger says so) but to another instance: replaced (deleted, then created).
+    # Ours (the ledger says so) but to another instance: retargeted in place.
     ledger = Ledger(etcd_client, PREFIX, CLUSTER, vpc.route_table_id)
     ledger.record([LedgerEntry(net(3), hop(vpc, 0), "10.5.3.0-24", "node-0")])
-    api.put_entry(vpc.route_table_id, "10.5.3.0/24", hop(vpc, 0))
+    entry_id = api.put_entry(vpc.route_table_id, "10.5.3.0/24", hop(vpc, 0))
     table.observe()  # the table knows the ledger as of its last read
     [stale] = table.apply(plan(Action.ADD, route(3, hop(vpc, 1))))
     assert isinstance(stale.error, Transient)
     assert stale.present == Route(net(3), hop(vpc, 0))
+    proxy.reset_counts()
     change = Change(Action.REPLACE, route(3, hop(vpc, 1)), current=Route(net(3), hop(vpc, 0)))
     [replaced] = table.apply(Plan((change,)))
-    assert replaced.ok
-    assert entries(api, vpc)["10.5.3.0/24"] == (hop(vpc, 1), "Available")
+    assert replaced.ok and replaced.pending
+    assert proxy.counts().by_action == {"ModifyRouteEntry": 1}  # no delete, no gap
+    [after] = [e for e in api.entries(vpc.route_table_id) if e.destination == "10.5.3.0/24"]
+    assert (after.entry_id, after.next_hop_id) == (entry_id, hop(vpc, 1))
+    assert after.name == Markers(CLUSTER).name
     assert table.observe().owned[net(3)].entry == Route(net(3), hop(vpc, 1))
+    assert ledger.entries()[net(3)].previous_target is None
 
 
 def test_a_plan_of_120_creates_is_three_batches(

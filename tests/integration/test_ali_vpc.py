@@ -597,3 +597,27 @@ def test_an_unreachable_metadata_server_is_one_clear_error(
     text = str(err.value)
     assert text.startswith(f"cannot reach the ECS metadata server at {closed}")
     assert "CLOUDROUTES_ALIYUN_METADATA_ENDPOINT" in text and "\n" not in text
+
+
+def test_a_subnet_that_moves_to_another_instance_is_retargeted_in_place(lab: Lab) -> None:
+    lab.backend_options["Mode"] = "cluster"
+    nodes = [lab.node(i) for i in range(2)]
+    leader = lab.leader()
+    lab.passes()
+    lab.passes(resync=False)  # the settle reads
+    moved = nodes[1].lease
+    assert moved is not None
+    data = {"InstanceID": lab.instance(2).instance_id, "Region": lab.vpc.region}
+    lab.put_lease(
+        Lease(
+            moved.subnet,
+            LeaseAttrs(moved.attrs.public_ip, backend_type="ali-vpc", backend_data=data),
+        )
+    )
+    lab.proxy.reset_counts()
+    leader.passes(resync=False)
+    assert lab.proxy.counts().by_action == {"ModifyRouteEntry": 2}  # one per table, no gap
+    want = {"10.5.1.0/24": lab.instance(0).instance_id, "10.5.2.0/24": lab.instance(2).instance_id}
+    assert lab.all_routes() == {t: want for t in lab.tables}
+    leader.passes(resync=False)  # the settle read
+    assert states(leader, gc=True) == ["programmed"] * 4

@@ -40,6 +40,7 @@ def test_the_source_calls_the_vpc_actions_it_should() -> None:
         "vpc:DescribeRouteEntryList",
         "vpc:CreateRouteEntries",
         "vpc:DeleteRouteEntries",
+        "vpc:ModifyRouteEntry",
         "vpc:DescribeVpcs",
         "vpc:DescribeVRouters",
     }
