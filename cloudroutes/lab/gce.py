@@ -1040,6 +1040,8 @@ class FakeMetadataServer(HttpService):
         self.service_account = (
             service_account or f"{project.project_number}-compute@developer.gserviceaccount.com"
         )
+        # False: a VM created without a service account; its token paths are 404.
+        self.has_service_account = True
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -1066,7 +1068,9 @@ class FakeMetadataServer(HttpService):
             "instance/network-interfaces/0/gateway": str(subnet.network_address + 1),
             "instance/network-interfaces/0/subnetmask": str(subnet.netmask),
             "instance/network-interfaces/0/network": p.metadata_network,
-            "instance/service-accounts/": f"default/\n{self.service_account}/\n",
+            "instance/service-accounts/": f"default/\n{self.service_account}/\n"
+            if self.has_service_account
+            else "",
             f"{account}email": self.service_account,
             f"{account}scopes": "https://www.googleapis.com/auth/cloud-platform\n",
             "universe/universe-domain": "googleapis.com",
@@ -1093,6 +1097,8 @@ class FakeMetadataServer(HttpService):
         with self._lock:
             self.hits[path] += 1
         account = "instance/service-accounts/default/"
+        if path.startswith(account) and not self.has_service_account:
+            return 404, "text/html", "Not Found\n"
         recursive = parse_qs(parts.query).get("recursive") == ["true"]
         if path == f"{account}token" and method in ("GET", "POST"):
             token, expires_in = self.tokens.issue()

@@ -596,6 +596,20 @@ def test_compute_engine_credentials_get_a_token_the_api_requires(
     assert metadata.hits["instance/service-accounts/default/token"] == fetched + 1
 
 
+def test_a_vm_without_a_service_account_gives_no_token(
+    api: FakeComputeApi, metadata: FakeMetadataServer, lab: LabGceProject
+) -> None:
+    from google.auth import compute_engine
+    from google.auth.exceptions import RefreshError
+
+    metadata.has_service_account = False
+    assert _metadata(metadata, "instance/service-accounts/default/token")[0] == 404
+    api.require_token = True
+    with pytest.raises(RefreshError):
+        Gce(api.url, compute_engine.Credentials()).routes.get(project=lab.project_id, route="x")
+    assert api.counts() == {}  # no call reached the API without a token
+
+
 def test_a_renewed_token_leaves_the_ones_handed_out_valid_until_they_expire() -> None:
     tokens = AccessTokens(lifetime=2)  # renewed in its last half second
     first, left = tokens.issue()
