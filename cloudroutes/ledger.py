@@ -13,13 +13,16 @@ The ownership rule (for the route tables): a route in a table is ours iff
 
 1. its destination lies inside the Network, and
 2. the ledger of that table has an entry for the destination, and
-3. the route's observed target is the entry's ``target`` or its ``previous_target``.
+3. the route's observed target is the entry's ``target`` or its ``previous_target``, or the
+   entry is ``confirmed``: its route was made (or adopted) and seen through, so a route of ours
+   that someone pointed elsewhere by hand is still ours, and is repaired.
 
 How the tables write it:
 
-- create: record the entry, then create the route. A process that dies in between leaves an
-  entry and no route: the next pass creates the route. If someone else created a route there
-  meanwhile, its target differs from the entry's: not ours (3), a conflict, left alone;
+- create: record the entry, then create the route, then record it ``confirmed``. A process
+  that dies in between leaves an unconfirmed entry and no route: the next pass creates the
+  route. If someone else created a route there meanwhile, its target differs from the
+  unconfirmed entry's: not ours (3), a conflict, left alone;
 - retarget (ReplaceRoute): record the new target with the old one as ``previous_target``,
   then replace; a death in between leaves the old route still ours, and the next pass replaces
   it. Once replaced, the entry is recorded again without ``previous_target``;
@@ -71,10 +74,14 @@ class LedgerEntry:
     by: str = ""  # the node or controller that wrote the entry
     written: float = field(default_factory=time.time)  # unix time
     previous_target: str | None = None  # set while a retarget to `target` is under way
+    # Set once the route was made (or adopted): from then on the destination is ours whatever
+    # it points at, so a route of ours that someone pointed elsewhere by hand is repaired.
+    confirmed: bool = False
 
     def owns(self, observed_target: str) -> bool:
-        """Rule 3: the observed route is the one this entry records."""
-        return observed_target in (self.target, self.previous_target)
+        """Rule 3: the observed route is the one this entry records, or the entry's route was
+        made and someone has retargeted it since."""
+        return self.confirmed or observed_target in (self.target, self.previous_target)
 
 
 def within(destination: Destination, networks: Iterable[Destination]) -> bool:
@@ -116,6 +123,8 @@ def encode_entry(entry: LedgerEntry) -> bytes:
     if entry.previous_target is not None:
         value["previous_target"] = entry.previous_target
     value.update(lease=entry.lease, written=entry.written, by=entry.by)
+    if entry.confirmed:
+        value["confirmed"] = True
     return json.dumps(value, separators=(",", ":")).encode()
 
 
@@ -137,6 +146,9 @@ def decode_entry(destination: Destination, raw: bytes) -> LedgerEntry:
     if not math.isfinite(written) or written < 0:
         raise ValueError("written is not a time")
     previous = value.get("previous_target")
+    confirmed = value.get("confirmed", False)
+    if not isinstance(confirmed, bool):
+        raise ValueError("confirmed is not true or false")
     return LedgerEntry(
         destination=destination,
         target=_text(value.get("target"), "target"),
@@ -144,6 +156,7 @@ def decode_entry(destination: Destination, raw: bytes) -> LedgerEntry:
         by=_text(value.get("by", ""), "by", empty=True),
         written=float(written),
         previous_target=None if previous is None else _text(previous, "previous_target"),
+        confirmed=confirmed,
     )
 
 

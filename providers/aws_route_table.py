@@ -520,10 +520,7 @@ class AwsRouteTable:
             if change.action is Action.REPLACE:
                 return self._replace(change, route, fence)
             if change.action is Action.ADOPT:
-                target = self._target(route)
-                self._record(
-                    LedgerEntry(route.destination, target, route.lease_key, self._member), fence
-                )
+                self._confirm(route, self._target(route), fence)
                 return Outcome(change)
             return self._delete(change, route, fence, fresh or {})
         except RouteError as exc:
@@ -555,6 +552,13 @@ class AwsRouteTable:
             raise Transient(f"could not write the route ledger in etcd: {exc}") from None
         self._seen[entry.destination] = entry
 
+    def _confirm(self, route: Route, target: str, fence: Fence | None) -> None:
+        """The route is in the table as we made it: from now on its destination is ours."""
+        entry = LedgerEntry(
+            route.destination, target, route.lease_key, self._member, confirmed=True
+        )
+        self._record(entry, fence)
+
     def _add(self, change: Change, route: Route, fence: Fence | None) -> Outcome:
         target = self._target(route)
         before = self._ledger.get(route.destination)
@@ -563,6 +567,7 @@ class AwsRouteTable:
             self._write("CreateRoute", route.destination, target, fence)
         except _AlreadyExists:
             return self._already_exists(change, route, target, before, fence)
+        self._confirm(route, target, fence)
         return Outcome(change)
 
     def _already_exists(
@@ -579,6 +584,7 @@ class AwsRouteTable:
         if existing is None:
             raise Transient(f"{route.destination}: EC2 said it exists but it is not listed yet")
         if existing.target == target and not existing.blackhole:
+            self._confirm(route, target, fence)
             return Outcome(change)
         ours = (
             existing.origin == "CreateRoute"
@@ -620,9 +626,7 @@ class AwsRouteTable:
         if old == target and route.destination not in self._broken:
             # The same ENI in another form (an old flanneld lease and its resolved ENI): only
             # the ledger learns the new form; the route is already right.
-            self._record(
-                LedgerEntry(route.destination, target, route.lease_key, self._member), fence
-            )
+            self._confirm(route, target, fence)
             return Outcome(original or change)
         self._record(
             LedgerEntry(
@@ -632,7 +636,7 @@ class AwsRouteTable:
         )
         self._write("ReplaceRoute", route.destination, target, fence)
         self._broken.discard(route.destination)
-        self._record(LedgerEntry(route.destination, target, route.lease_key, self._member), fence)
+        self._confirm(route, target, fence)
         return Outcome(original or change)
 
     def _delete(

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from typing import Any
 
 import pytest
@@ -35,7 +35,7 @@ from cloudroutes.lab.fault_proxy import (
 )
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
-from cloudroutes.ledger import Ledger
+from cloudroutes.ledger import Ledger, LedgerEntry
 from cloudroutes.reconciler import Reconciler, RouteState
 from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
@@ -339,7 +339,7 @@ def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
     assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.vpc.route_table_ids}
 
 
-def test_a_route_deleted_by_hand_comes_back_and_one_retargeted_by_hand_is_reported(
+def test_routes_deleted_or_retargeted_by_hand_are_repaired_at_the_next_resync(
     lab: Lab,
 ) -> None:
     nodes = [lab.node(i) for i in range(3)]
@@ -352,24 +352,42 @@ def test_a_route_deleted_by_hand_comes_back_and_one_retargeted_by_hand_is_report
         RouteTableId=table_id, DestinationCidrBlock="10.5.2.0/24", NetworkInterfaceId=other
     )
     lab.proxy.reset_counts()
-    mine = lab.vpc.instances[0].eni_id
+    mine, second = lab.vpc.instances[0].eni_id, lab.vpc.instances[1].eni_id
 
     def settled() -> bool:
         # A read that misses a route made within READ_LAG takes it for EC2's read lag, so
         # each node sees the change once its own write is older than that.
         lab.passes()
-        status = nodes[1].status().get(f"{table_id} 10.5.2.0/24", {})
-        return lab.routes(table_id).get("10.5.1.0/24") == mine and status.get("state") == "failed"
+        routes = lab.routes(table_id)
+        return routes.get("10.5.1.0/24") == mine and routes.get("10.5.2.0/24") == second
 
-    wait_for(settled, aws_route_table.READ_LAG + 15, "the deleted route back, the other failed")
-    # Pointed elsewhere by hand: no longer ours (the ledger records another target), so it
-    # is left alone and reported, never overwritten.
-    assert lab.routes(table_id)["10.5.2.0/24"] == other
-    assert lab.proxy.counts()["CreateRoute"] == 1 and lab.proxy.counts().writes == 1
-    reason = nodes[1].status()[f"{table_id} 10.5.2.0/24"]["reason"]
-    assert other in reason and "aws ec2 delete-route" in reason
-    # The collector does not delete it either.
-    assert "10.5.2.0/24" in lab.routes(table_id)
+    wait_for(settled, aws_route_table.READ_LAG + 15, "both routes repaired")
+    # The route cloudroutes made and someone pointed elsewhere is still ours (its ledger
+    # entry is confirmed): retargeted back in place, not deleted and re-created.
+    counts = lab.proxy.counts()
+    assert counts["CreateRoute"] == 1 and counts["ReplaceRoute"] == 1 and counts.writes == 2
+    assert nodes[1].status()[f"{table_id} 10.5.2.0/24"]["state"] == "programmed"
+
+
+def test_an_unconfirmed_ledger_entry_does_not_claim_someone_elses_route(lab: Lab) -> None:
+    """A process that died between recording a route and creating it leaves an unconfirmed
+    entry; a route someone else made there meanwhile is theirs, and is left alone."""
+    table_id = lab.vpc.main_route_table_id
+    other = lab.vpc.instances[2].eni_id
+    lab.admin.create_route(
+        RouteTableId=table_id, DestinationCidrBlock="10.5.1.0/24", NetworkInterfaceId=other
+    )
+    ledger = Ledger(lab.etcd_client(), PREFIX, CLUSTER, table_id)
+    mine = lab.vpc.instances[0].eni_id
+    ledger.record([LedgerEntry(ip_network("10.5.1.0/24"), mine, "10.5.1.0-24", "node0")])
+    node = lab.node(0)
+    lab.passes()
+    wait_for(
+        lambda: node.status().get(f"{table_id} 10.5.1.0/24", {}).get("state") == "failed",
+        15,
+        "the conflict to be reported",
+    )
+    assert lab.routes(table_id)["10.5.1.0/24"] == other
 
 
 def test_one_lease_change_is_one_write_per_table(lab: Lab) -> None:

@@ -123,3 +123,17 @@ def test_only_destinations_inside_the_network_can_be_ours() -> None:
     assert not within(IPv4Network("10.0.0.0/8"), networks)  # wider than the Network
     assert not within(IPv6Network("fc01::/64"), networks)
     assert not within(NET, [])
+
+
+def test_a_confirmed_entry_owns_its_destination_whatever_it_points_at() -> None:
+    destination = IPv4Network("10.5.3.0/24")
+    made = LedgerEntry(destination, "eni-1", "10.5.3.0-24", "node1", written=5.0, confirmed=True)
+    raw = encode_entry(made)
+    assert json.loads(raw)["confirmed"] is True
+    assert decode_entry(destination, raw) == made
+    assert made.owns("eni-someone-pointed-it-at")  # retargeted by hand: ours, to repair
+    recorded = LedgerEntry(destination, "eni-1", "10.5.3.0-24", "node1", written=5.0)
+    assert "confirmed" not in json.loads(encode_entry(recorded))
+    assert not recorded.owns("eni-2")  # not made yet: a route there is someone else's
+    with pytest.raises(ValueError, match="confirmed"):
+        decode_entry(destination, raw.replace(b"true", b'"yes"'))
