@@ -1,0 +1,152 @@
+"""The udp data path's packet logic: the TTL and its checksum, ICMP errors, the peer lookup."""
+
+from __future__ import annotations
+
+import io
+import struct
+from ipaddress import IPv4Address, IPv4Network
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from providers.udp_forwarder import (
+    ICMP_DEST_UNREACH,
+    ICMP_NET_UNREACH,
+    Peer,
+    build_lookup,
+    checksum,
+    decrement_ttl,
+    encode_table,
+    lookup,
+    net_unreachable,
+    read_table,
+)
+
+SOURCE = IPv4Address("10.5.1.0").packed
+
+
+def ipv4(
+    *, ttl: int = 64, protocol: int = 6, flags_offset: int = 0x4000, options: bytes = b"",
+    payload: bytes = b"\x12\x34\x00\x50" + bytes(range(40)), src: str = "10.5.1.7",
+    dst: str = "10.5.2.9", ident: int = 0x1C46, tos: int = 0,
+) -> bytearray:  # fmt: skip
+    """An IPv4 packet with a correct header checksum."""
+    header_length = 20 + len(options)
+    header = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s", 0x40 | header_length // 4, tos, header_length + len(payload), ident,
+            flags_offset, ttl, protocol, 0, IPv4Address(src).packed, IPv4Address(dst).packed,
+        ) + options
+    )  # fmt: skip
+    header[10:12] = checksum(header).to_bytes(2, "big")
+    return header + payload
+
+
+headers = st.builds(
+    lambda ttl, protocol, ident, tos, flags, src, dst, options: ipv4(
+        ttl=ttl, protocol=protocol, ident=ident, tos=tos, flags_offset=flags,
+        src=str(IPv4Address(src)), dst=str(IPv4Address(dst)), options=options,
+    ),
+    st.integers(0, 255), st.integers(0, 255), st.integers(0, 65535), st.integers(0, 255),
+    st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+    st.sampled_from([b"", b"\x01\x01\x01\x00", bytes(range(8)), b"\xff" * 40]),
+)  # fmt: skip
+
+
+@given(headers)
+def test_ttl_decrement_gives_the_checksum_a_full_recompute_gives(packet: bytearray) -> None:
+    ttl = packet[8]
+    header_length = (packet[0] & 0x0F) * 4
+    forwarded = decrement_ttl(packet)
+    if ttl <= 1:
+        assert not forwarded
+        assert packet[8] == ttl, "a dropped packet is left alone"
+        return
+    assert forwarded
+    assert packet[8] == ttl - 1
+    fresh = bytearray(packet[:header_length])
+    fresh[10:12] = b"\0\0"
+    assert packet[10:12] == checksum(fresh).to_bytes(2, "big")
+    assert checksum(packet[:header_length]) == 0, "the header verifies as a receiver checks it"
+
+
+def test_every_checksum_value_is_fixed_like_a_recompute() -> None:
+    """Exhaustive over the checksum field: headers that differ only where the checksum lands."""
+    packet = ipv4(ttl=2)
+    base = bytearray(packet[:20])
+    for ident in range(0, 65536, 7):
+        base[4:6] = ident.to_bytes(2, "big")
+        base[8] = 2
+        base[10:12] = b"\0\0"
+        base[10:12] = checksum(base).to_bytes(2, "big")
+        assert decrement_ttl(base)
+        expected = bytearray(base)
+        expected[10:12] = b"\0\0"
+        assert base[10:12] == checksum(expected).to_bytes(2, "big"), ident
+
+
+def test_net_unreachable_is_a_valid_icmp_error_quoting_the_header_and_8_bytes() -> None:
+    packet = ipv4(options=b"\x01\x01\x01\x00")
+    error = net_unreachable(packet, SOURCE)
+    assert error is not None
+    header, icmp = error[:20], error[20:]
+    assert checksum(header) == 0 and checksum(icmp) == 0
+    assert header[0] == 0x45 and header[9] == 1
+    assert struct.unpack("!H", header[2:4])[0] == len(error)
+    assert header[12:16] == SOURCE
+    assert header[16:20] == IPv4Address("10.5.1.7").packed, "back to the sender"
+    assert (icmp[0], icmp[1]) == (ICMP_DEST_UNREACH, ICMP_NET_UNREACH)
+    assert icmp[8:] == packet[: 24 + 8], "the whole original header (with options) and 8 bytes"
+
+
+def test_no_error_for_icmp_non_first_fragments_or_garbage() -> None:
+    assert net_unreachable(ipv4(protocol=1), SOURCE) is None
+    assert net_unreachable(ipv4(flags_offset=0x2000 | 185), SOURCE) is None
+    assert net_unreachable(ipv4(flags_offset=185), SOURCE) is None, "the last fragment"
+    assert net_unreachable(ipv4()[:19], SOURCE) is None
+    v6 = bytearray(ipv4())
+    v6[0] = 0x60
+    assert net_unreachable(v6, SOURCE) is None
+    assert net_unreachable(ipv4(flags_offset=0x2000), SOURCE) is not None, "a first fragment"
+    assert net_unreachable(ipv4(protocol=17), SOURCE) is not None
+
+
+def test_lookup_finds_the_peer_of_every_address_of_a_leased_subnet() -> None:
+    peers = [
+        Peer(
+            IPv4Network(f"10.{i // 256}.{i % 256}.0/24"),
+            IPv4Address(f"198.18.{i // 256}.{i % 256}"),
+        )
+        for i in range(1, 3000)
+    ]
+    table = build_lookup(read_table_bytes(encode_table(peers)), 8285)
+    assert len(table) == 1, "one mask for one SubnetLen"
+    for peer in peers[::97]:
+        for host in (0, 1, 77, 255):
+            destination = int(peer.subnet.network_address) + host
+            assert lookup(table, destination) == (str(peer.public_ip), 8285)
+    assert lookup(table, int(IPv4Address("10.200.0.1"))) is None
+    assert lookup(table, int(IPv4Address("10.0.0.1"))) is None
+
+
+def test_lookup_with_a_lease_of_another_length_prefers_the_longest() -> None:
+    peers = [
+        Peer(IPv4Network("10.5.0.0/16"), IPv4Address("198.18.0.9")),
+        Peer(IPv4Network("10.5.2.0/24"), IPv4Address("198.18.0.2")),
+        Peer(IPv4Network("10.5.3.0/26"), IPv4Address("198.18.0.3")),
+    ]
+    table = build_lookup(read_table_bytes(encode_table(peers)), 9000)
+    assert lookup(table, int(IPv4Address("10.5.2.200"))) == ("198.18.0.2", 9000)
+    assert lookup(table, int(IPv4Address("10.5.3.63"))) == ("198.18.0.3", 9000)
+    assert lookup(table, int(IPv4Address("10.5.3.64"))) == ("198.18.0.9", 9000)
+    assert lookup(table, int(IPv4Address("10.6.0.1"))) is None
+
+
+def test_a_truncated_table_reads_as_the_end() -> None:
+    data = encode_table([Peer(IPv4Network("10.5.2.0/24"), IPv4Address("198.18.0.2"))])
+    assert read_table_bytes(data[:-1]) is None
+    assert read_table_bytes(b"") is None
+
+
+def read_table_bytes(data: bytes) -> list[tuple[int, int, int]] | None:
+    return read_table(io.BytesIO(data))
