@@ -266,3 +266,99 @@ def test_changed_port_recreates_the_device_and_says_so() -> None:
         assert device_mac(node) == mac  # still the node's VtepMAC
     finally:
         lab.close()
+
+
+def test_direct_routing_uses_host_gw_routes_on_one_link() -> None:
+    lab = VxlanLab(2, backend="vxlan", backend_options={"DirectRouting": True}).build()
+    try:
+        lab.start()
+        node1, node2 = lab.nodes
+        wait_for(
+            lambda: (
+                route_to(node1, node2.subnet)
+                == f"{node2.subnet} via {node2.address} dev eth0 proto 157"
+            ),
+            what="a host-gw route to the peer on the same link",
+        )
+        assert lab.ping(node1, node2) and lab.ping(node2, node1)
+        assert neighbours(node1) == [] and fdb(node1) == []
+        # The lease still carries the VtepMAC, for peers that are not on the link.
+        assert lease_value(lab, node1)["BackendData"] == {"VNI": 1, "VtepMAC": device_mac(node1)}
+    finally:
+        lab.close()
+
+
+def flanneld_node(lab: LabCluster, node: LabNode, mac: str) -> None:
+    """What flanneld leaves on a node: its device, lease (with a TTL) and subnet.env."""
+    assert lab.etcd is not None
+    n = int(node.address.rsplit(".", 1)[1])
+    node.ns.ip("link", "add", DEVICE, "address", mac, "type", "vxlan", "id", "1", "local",
+               node.address, "dev", "eth0", "dstport", "8472", "nolearning")  # fmt: skip
+    node.ns.ip("link", "set", DEVICE, "mtu", "1450", "up")
+    node.ns.ip("addr", "add", f"10.5.{n}.0/32", "dev", DEVICE)
+    granted = lab.etcd.etcdctl("lease", "grant", "600")
+    lease_id = re.search(r"lease ([0-9a-f]+) granted", granted)
+    assert lease_id, granted
+    value = json.dumps(
+        {
+            "PublicIP": node.address,
+            "PublicIPv6": None,
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": mac},
+        },
+        separators=(",", ":"),
+    )
+    lab.etcd.etcdctl("put", f"--lease={lease_id[1]}", f"{PREFIX}/subnets/10.5.{n}.0-24", value)
+    node.subnet_file.write_text(
+        f"FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.{n}.1/24\n"
+        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+    )
+    lab.attach_gateway(node)
+
+
+def flanneld_peer(node: LabNode, peer: LabNode, mac: str) -> None:
+    """flanneld's three entries for a peer; its route has protocol boot."""
+    p = int(peer.address.rsplit(".", 1)[1])
+    vtep = f"10.5.{p}.0"
+    node.ns.ip("neigh", "add", vtep, "lladdr", mac, "dev", DEVICE, "nud", "permanent")
+    node.ns.run("bridge", "fdb", "add", mac, "dev", DEVICE, "dst", peer.address, "self",
+                "permanent")  # fmt: skip
+    node.ns.ip("route", "add", f"{vtep}/24", "via", vtep, "dev", DEVICE, "onlink")
+
+
+def test_a_node_switches_from_flanneld_without_losing_an_entry(tmp_path: Path) -> None:
+    lab = VxlanLab(2, backend="vxlan").build()
+    try:
+        lab.set_config()
+        node1, node2 = lab.nodes
+        macs = {node1.name: "0a:f1:00:00:00:01", node2.name: "0a:f1:00:00:00:02"}
+        for node in lab.nodes:
+            flanneld_node(lab, node, macs[node.name])
+        flanneld_peer(node1, node2, macs[node2.name])
+        flanneld_peer(node2, node1, macs[node1.name])
+        assert lab.ping(node1, node2)
+        events = tmp_path / "events"
+        with events.open("w") as out:
+            monitor = node1.ns.popen(["ip", "monitor", "neigh", "route", "link"], stdout=out)
+        try:
+            lab.start_agent(node1, f"--healthz-port={HEALTH}")
+            lab.wait_ready(node1)
+            wait_for(
+                lambda: (
+                    route_to(node1, "10.5.2.0/24")
+                    == f"10.5.2.0/24 via 10.5.2.0 dev {DEVICE} proto 157 onlink"
+                ),
+                what="cloudroutes to take over flanneld's peer",
+            )
+        finally:
+            monitor.kill()
+            monitor.wait()
+        assert [line for line in events.read_text().splitlines() if "Deleted" in line] == []
+        # flanneld's device and VtepMAC are kept, so the peer's entries for this node stay right.
+        assert device_mac(node1) == macs[node1.name]
+        assert lease_value(lab, node1)["BackendData"] == {"VNI": 1, "VtepMAC": macs[node1.name]}
+        assert node1.subnet_env()["FLANNEL_SUBNET"] == "10.5.1.1/24"
+        assert peer_entries(node1, node2, macs[node2.name]) == (True, True, True)
+        assert lab.ping(node1, node2)
+    finally:
+        lab.close()
