@@ -188,26 +188,20 @@ class Metadata:
         return f"Metadata({self.base!r})"  # never the token
 
     def get(self, path: str) -> str:
-        with self._lock:
-            if self._token is None:
-                self._token = self._new_token()
-            token = self._token
-        headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
-        try:
-            return self._request("GET", path, headers)
-        except _Refused:
-            pass
-        with self._lock:  # the token expired: one new token, one more try
-            self._token = self._new_token()
-            token = self._token
-        headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
-        try:
-            return self._request("GET", path, headers)
-        except _Refused:
-            raise ConfigError(
-                f"the ECS metadata server at {self.base} refused /{path}; check the "
-                "instance's metadata access mode"
-            ) from None
+        for fresh in (False, True):  # a refusal may be an expired token: one new one, once
+            with self._lock:
+                if self._token is None or fresh:
+                    self._token = self._new_token()
+                token = self._token
+            headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
+            try:
+                return self._request("GET", path, headers)
+            except _Refused:
+                continue
+        raise ConfigError(
+            f"the ECS metadata server at {self.base} refused /{path}; check the instance's "
+            "metadata access mode"
+        )
 
     def _new_token(self) -> str:
         ttl = {"X-aliyun-ecs-metadata-token-ttl-seconds": str(METADATA_TOKEN_TTL)}
