@@ -59,6 +59,15 @@ DEFAULT_STATE_DIR = "/var/lib/cloudroutes"
 CHECKSUM_FIX_KERNEL = (5, 7)
 _MAC = re.compile(r"[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}")
 _ENODEV = 19
+# What pyroute2 raises when the kernel refuses or the socket fails.
+KERNEL_ERRORS = (OSError, PyrouteError)
+
+
+def kernel_text(exc: Exception) -> str:
+    """A kernel error in words ("File exists"), whoever raised it."""
+    if isinstance(exc, PyrouteError):
+        return os.strerror(exc.code) if exc.code else str(exc)
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,7 @@ def _ipr(netns: str | None) -> IPRoute:
 
 def ensure_device(spec: DeviceSpec, netns: str | None = None) -> int:
     """Create ``spec.name`` or reuse the compatible one there; give it ``spec.mac``; return its
-    index. Raises OSError (pyroute2's NetlinkError) when the kernel refuses."""
+    index. Raises one of KERNEL_ERRORS when the kernel refuses."""
     with _ipr(netns) as ipr:
         try:
             (link,) = ipr.link("get", ifname=spec.name)
@@ -397,13 +406,24 @@ class VxlanBackend:
     def prepare(self) -> LeaseAttrs:
         """Make (or reuse) the device with the node's VtepMAC, and publish it."""
         self._mac = read_mac(self.mac_file) or self._existing_mac() or random_mac()
-        write_mac(self.mac_file, self._mac)
+        try:
+            write_mac(self.mac_file, self._mac)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot keep the VtepMAC in {self.mac_file}: {exc.strerror}; set "
+                f"{STATE_DIR_ENV} to a writable directory that survives reboots"
+            ) from None
         try:
             remove_other_vnis(self.device, self._netns)
-        except OSError as exc:
-            log.warning("cannot remove vxlan devices of another VNI: %s", exc)
+        except KERNEL_ERRORS as exc:
+            log.warning("cannot remove vxlan devices of another VNI: %s", kernel_text(exc))
         self._ensure()
-        self._connected = connected_networks(self._iface.index, self._netns)
+        try:
+            self._connected = connected_networks(self._iface.index, self._netns)
+        except KERNEL_ERRORS as exc:
+            raise Transient(
+                f"cannot read {self._iface.name}'s addresses: {kernel_text(exc)}"
+            ) from None
         return LeaseAttrs(
             public_ip=self._iface.public_ip or self._iface.ip or NO_IPV4,
             backend_type=BACKEND_TYPE,
@@ -413,7 +433,7 @@ class VxlanBackend:
     def _existing_mac(self) -> str | None:
         """The MAC of a compatible device left by an earlier run (or flanneld): reused, so
         peers' entries stay right."""
-        with contextlib.suppress(PyrouteError, ValueError), _ipr(self._netns) as ipr:
+        with contextlib.suppress(*KERNEL_ERRORS, ValueError), _ipr(self._netns) as ipr:
             (link,) = ipr.link("get", ifname=self.device)
             if not self.spec().incompatible(link):
                 return parse_mac(link.get_attr("IFLA_ADDRESS"))
@@ -425,8 +445,8 @@ class VxlanBackend:
             if self._own is not None and self._own.subnet is not None:
                 address = IPv4Interface(f"{self._own.subnet.network_address}/32")
                 configure_device(index, address, self._config.network, self._netns)
-        except OSError as exc:
-            raise Transient(f"cannot set up {self.device}: {exc}") from None
+        except KERNEL_ERRORS as exc:
+            raise Transient(f"cannot set up {self.device}: {kernel_text(exc)}") from None
         if needs_checksum_fix(platform.release()):
             turn_off_tx_checksum(self.device, self._netns)
 

@@ -197,3 +197,18 @@ def test_checksum_offload_is_turned_off_only_on_kernels_with_the_bug(
     release: str, needed: bool
 ) -> None:
     assert needs_checksum_fix(release) is needed
+
+
+def test_an_unwritable_state_dir_is_one_config_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    b = backend(state_dir=str(blocker / "state"))  # a directory under a file cannot exist
+    monkeypatch.setattr(b, "_existing_mac", lambda: None)  # no kernel in a unit test
+    with pytest.raises(ConfigError) as error:
+        b.prepare()
+    assert str(error.value) == (
+        f"cannot keep the VtepMAC in {blocker}/state/vxlan-1.mac: Not a directory; "
+        "set CLOUDROUTES_STATE_DIR to a writable directory that survives reboots"
+    )
