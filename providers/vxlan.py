@@ -17,6 +17,7 @@ changes nothing on it); one that does not fit is deleted and made again, with on
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import platform
@@ -58,7 +59,6 @@ DEFAULT_STATE_DIR = "/var/lib/cloudroutes"
 # when it's 0"); there the device's tx-checksum-ip-generic is turned off.
 CHECKSUM_FIX_KERNEL = (5, 7)
 _MAC = re.compile(r"[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}")
-_ENODEV = 19
 # What pyroute2 raises when the kernel refuses or the socket fails.
 KERNEL_ERRORS = (OSError, PyrouteError)
 
@@ -231,7 +231,7 @@ def ensure_device(spec: DeviceSpec, netns: str | None = None) -> int:
         try:
             (link,) = ipr.link("get", ifname=spec.name)
         except PyrouteError as exc:
-            if exc.code != _ENODEV:
+            if exc.code != errno.ENODEV:
                 raise
             link = None
         if link is not None:
@@ -269,7 +269,7 @@ def ensure_device(spec: DeviceSpec, netns: str | None = None) -> int:
         return index
 
 
-def remove_other_vnis(keep: str, netns: str | None = None) -> None:
+def remove_other_vnis(vni: int, netns: str | None = None) -> None:
     """Delete the vxlan devices of another VNI (``flannel.<n>``) left by an earlier config: the
     VNI changed, so the device is made anew under its new name, and saying so."""
     with _ipr(netns) as ipr:
@@ -277,8 +277,8 @@ def remove_other_vnis(keep: str, netns: str | None = None) -> None:
             name = link.get_attr("IFLA_IFNAME") or ""
             info = link.get_attr("IFLA_LINKINFO")
             kind = info.get_attr("IFLA_INFO_KIND") if info else None
-            if kind == "vxlan" and re.fullmatch(r"flannel\.\d+", name) and name != keep:
-                log.warning("deleting %s: the network config's VNI is now %s", name, keep[8:])
+            if kind == "vxlan" and re.fullmatch(r"flannel\.\d+", name) and name != f"flannel.{vni}":
+                log.warning("deleting %s: the network config's VNI is now %d", name, vni)
                 ipr.link("del", index=link["index"])
 
 
@@ -291,14 +291,15 @@ def _set_mac(ipr: IPRoute, index: int, spec: DeviceSpec) -> None:
     try:
         ipr.link("set", index=index, address=spec.mac)
     except PyrouteError as exc:
-        if exc.code != 16:  # EBUSY: this kernel changes the MAC only while the link is down
+        if exc.code != errno.EBUSY:  # this kernel changes the MAC only while the link is down
             raise
         ipr.link("set", index=index, state="down")
         ipr.link("set", index=index, address=spec.mac)
 
 
-def configure_device(index: int, address: IPv4Interface, network: IPv4Network | None,
-                     netns: str | None = None) -> None:  # fmt: skip
+def configure_device(
+    index: int, address: IPv4Interface, network: IPv4Network | None, netns: str | None = None
+) -> None:
     """Put ``address`` on the device, remove its other addresses inside the Network (#1060),
     and bring it up."""
     with _ipr(netns) as ipr:
@@ -414,7 +415,7 @@ class VxlanBackend:
                 f"{STATE_DIR_ENV} to a writable directory that survives reboots"
             ) from None
         try:
-            remove_other_vnis(self.device, self._netns)
+            remove_other_vnis(self.options.vni, self._netns)
         except KERNEL_ERRORS as exc:
             log.warning("cannot remove vxlan devices of another VNI: %s", kernel_text(exc))
         self._ensure()
