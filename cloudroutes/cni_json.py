@@ -8,8 +8,15 @@ every ADD, so it loads json and nothing heavier.
 
 from __future__ import annotations
 
-import json
 import math
+
+try:
+    # CPython's C half of the json module. The Python half imports re, 10 ms of every pod's
+    # start; it is loaded only to word an error about input that does not parse.
+    from _json import encode_basestring, encode_basestring_ascii, make_scanner
+except ImportError:  # another interpreter: the json module proper
+    from json.encoder import encode_basestring, encode_basestring_ascii
+    from json.scanner import make_scanner
 
 # Error codes of the CNI specification.
 ERR_INCOMPATIBLE_VERSION = 1
@@ -34,15 +41,15 @@ class CniError(Exception):
         self.details = details
 
     def render(self, cni_version: str) -> bytes:
-        body = {
-            "cniVersion": cni_version,
-            "code": self.code,
-            "msg": self.msg,
-            "details": self.details,
-        }
-        # ensure_ascii: whatever the input held (lone surrogates, control bytes), the answer
-        # is still valid ASCII JSON.
-        return json.dumps(body, indent=4).encode() + b"\n"
+        """The answer, laid out as Go's CNI library prints it, ASCII whatever the input held."""
+        fields = (
+            ("cniVersion", encode_basestring_ascii(cni_version)),
+            ("code", str(self.code)),
+            ("msg", encode_basestring_ascii(self.msg)),
+            ("details", encode_basestring_ascii(self.details)),
+        )
+        body = ",\n".join(f'    "{key}": {value}' for key, value in fields)
+        return f"{{\n{body}\n}}\n".encode("ascii")
 
 
 class GoStruct(dict):  # type: ignore[type-arg]
@@ -61,6 +68,22 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
 
 
+class _Rules:
+    """Go's reading of JSON, for the scanner: strict strings, every number a finite float64."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = staticmethod(_finite)
+    parse_int = staticmethod(_finite)
+    parse_constant = staticmethod(_refuse_constant)
+    memo: dict[str, str] = {}
+
+
+_scan = make_scanner(_Rules())
+_WHITESPACE = " \t\n\r"
+
+
 def decode(data: bytes) -> object:
     """Parse JSON as Go's json.Unmarshal into interface{} does: every number a float64.
 
@@ -68,6 +91,23 @@ def decode(data: bytes) -> object:
     are refused; invalid UTF-8 becomes U+FFFD, as Go does).
     """
     text = data.decode("utf-8", errors="replace")
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        value, end = _scan(text, start)
+    except RecursionError:
+        raise ValueError("exceeded max depth") from None
+    except Exception:
+        # Not JSON. The scanner's own error needs the json module loaded to be worded: let
+        # the json module read it again and say what is wrong.
+        return _explain(text)
+    if text[end:].strip(_WHITESPACE):
+        return _explain(text)
+    return value
+
+
+def _explain(text: str) -> object:
+    import json
+
     try:
         return json.loads(
             text, parse_int=_finite, parse_float=_finite, parse_constant=_refuse_constant
@@ -86,8 +126,10 @@ def encode(value: object) -> bytes:
 def _encode(value: object, out: list[str]) -> None:
     if isinstance(value, str):
         out.append(_string(value))
-    elif value is None or isinstance(value, bool):
-        out.append(json.dumps(value))
+    elif value is None:
+        out.append("null")
+    elif isinstance(value, bool):
+        out.append("true" if value else "false")
     elif isinstance(value, int):
         out.append(str(value))
     elif isinstance(value, float):
@@ -119,7 +161,7 @@ def _string(text: str) -> str:
     except UnicodeEncodeError:
         # A lone surrogate (from a \\ud800 escape) is not UTF-8; Go writes U+FFFD for it.
         text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
-    encoded = json.dumps(text, ensure_ascii=False)
+    encoded = encode_basestring(text)
     for char, escape in _GO_ESCAPES.items():
         if char in encoded:
             encoded = encoded.replace(char, escape)
