@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 PRIORITY = 1000
 MAX_IN_FLIGHT = 10  # operations of one table in flight at once
 PAGE_SIZE = 500
+# Seconds one apply() may take: operations still running then are reported pending.
+PASS_DEADLINE = 30.0
 # A ledger entry younger than this whose route is not listed may belong to an insert under way
 # (perhaps another node's); only older ones are forgotten.
 LEDGER_GRACE = 60.0
@@ -171,12 +173,12 @@ class GceRouteTable:
         fence: Callable[[], Fence | None] | None = None,
         route_limit: int | None = None,
         resync_period: float = 300.0,
-        pass_deadline: float = 30.0,
+        pass_deadline: float | None = None,
     ) -> None:
         self.network = resource_path(network)  # projects/ID/global/networks/NET
         self.name = name or self.network
         self.resync_period = resync_period
-        self.limits = TableLimits(pass_deadline=pass_deadline, settle=2.0)
+        self.limits = TableLimits(pass_deadline=pass_deadline or PASS_DEADLINE, settle=2.0)
         self.gate = gate
         self._compute = compute
         self._ledger = ledger
@@ -665,11 +667,10 @@ class GceRouteTable:
         # Called with the lock held: the retarget is over, so previous_target goes.
         entry = self._ledger.get(route.destination)
         if entry is not None and entry.previous_target is not None:
+            clean = LedgerEntry(route.destination, entry.target, entry.lease, entry.by)
             try:
-                self._ledger.record(
-                    [LedgerEntry(route.destination, entry.target, entry.lease, entry.by)],
-                    self._current_fence(),
-                )
+                self._ledger.record([clean], self._current_fence())
+                self._seen[route.destination] = clean
             except Exception as exc:
                 log.info("%s: ledger entry of %s kept as is: %s", self.name, route, exc)
 

@@ -24,7 +24,16 @@ from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
 from cloudroutes.config import parse_config
 from cloudroutes.errors import CloudroutesError, ConfigError
 from cloudroutes.lab.etcd import EtcdCluster, free_port
-from cloudroutes.lab.fault_proxy import Call, Fault, FaultProxy, Proceed, Reply, Throttle
+from cloudroutes.lab.fault_proxy import (
+    HTTP,
+    Call,
+    CannedError,
+    Fault,
+    FaultProxy,
+    Proceed,
+    Reply,
+    Throttle,
+)
 from cloudroutes.lab.gce import GceLab as Cloud
 from cloudroutes.lab.gce import LabGceInstance, LabGceProject
 from cloudroutes.lease import Lease, LeaseAttrs
@@ -570,3 +579,84 @@ def test_credentials_come_from_the_metadata_server_and_stay_out_of_repr(lab: Lab
     assert any("token" in path for path in lab.cloud.metadata[0].hits)
     for text in (repr(node.backend), *(repr(r.table) for r in node.reconcilers)):
         assert token not in text
+
+
+def test_a_revoked_token_is_replaced_by_itself(lab: Lab) -> None:
+    node = lab.node(0)
+    node.passes()
+    admin_delete(lab.cloud, route_name(CLUSTER, IPv4Network("10.5.1.0/24")))
+    tokens = lab.cloud.metadata[0].hits["instance/service-accounts/default/token"]
+    # The token the node's clients hold is revoked: the API answers 401 until a new one.
+    lab.cloud.api.tokens.rotate()
+    node.passes()
+    assert lab.routes() == expected(lab, [0])
+    assert lab.cloud.metadata[0].hits["instance/service-accounts/default/token"] > tokens
+
+
+def test_no_token_from_the_metadata_server_fails_the_pass_and_recovers(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = lab.node(0)
+    metadata = FaultProxy(lab.cloud.metadata[0].url, dialect=HTTP).start()
+    try:
+        # google-auth asks the metadata server for the service account's token through it.
+        point_google_auth_at(monkeypatch, metadata.url.removeprefix("http://"))
+        refused = metadata.add(
+            CannedError(
+                actions={"GET /computeMetadata/v1/instance/service-accounts/default/token"},
+                code="NotFound",
+                message="no service account",
+                status=404,
+            )
+        )
+        [own, _] = node.reconcilers
+        with pytest.raises(CloudroutesError) as err:
+            own.reconcile(resync=True)
+        assert "token" in str(err.value) and "\n" not in str(err.value)
+        assert lab.routes() == {}
+        metadata.remove(refused)  # the instance got its service account
+        node.passes()
+        assert lab.routes() == expected(lab, [0])
+    finally:
+        metadata.stop()
+
+
+def test_operations_in_flight_are_capped_across_a_cluster(
+    clean_gce_env: None, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gce_route_table, "PASS_DEADLINE", 1.0)
+    ips = [f"198.18.0.{10 + i}" for i in range(14)]
+    with Cloud(ips) as cloud:
+        lab = Lab(cloud, etcd, monkeypatch)
+        try:
+            lab.backend_options["Mode"] = "cluster"
+            controller = lab.controller()
+            for i, instance in enumerate(lab.project.instances):
+                data = {"Project": lab.project.project_id, "Zone": instance.zone}
+                attrs = LeaseAttrs(
+                    IPv4Address(instance.ip),
+                    backend_type="gce",
+                    backend_data={**data, "Instance": instance.name},
+                )
+                lab.put_lease(Lease(IPv4Network(f"10.5.{i + 1}.0/24"), attrs))
+            lab.leader()
+            cloud.api.operation_seconds = 60.0
+            controller.passes()
+            # Ten inserts at once, all still running at the end of the pass; the rest wait.
+            assert lab.proxy.counts()["routes.insert"] == gce_route_table.MAX_IN_FLIGHT
+            states = [s["state"] for s in controller.status().values()]
+            assert states.count("pending") == len(ips)
+            controller.passes(resync=False)
+            assert lab.proxy.counts()["routes.insert"] == gce_route_table.MAX_IN_FLIGHT
+
+            cloud.api.operation_seconds = 0.0
+            cloud.api.complete_operations()
+
+            def converged() -> bool:
+                controller.passes()
+                return len(lab.routes()) == len(ips)
+
+            wait_for(converged, 30, "every route once the operations are done")
+            assert lab.proxy.counts()["routes.insert"] == len(ips)  # none made twice
+        finally:
+            lab.close()
