@@ -1,5 +1,5 @@
 """vxlan: peers reached through the overlay device ``flannel.<VNI>``, wire-compatible with
-flanneld (flannel.md §3).
+flanneld's vxlan backend.
 
 Options (the ``Backend`` object of the network config, keys in any case, as flanneld reads
 them): ``VNI`` (default 1), ``Port`` (default 0: the kernel's, 8472), ``MTU`` (the underlay
@@ -8,10 +8,11 @@ MTU the device's is computed from; default the external interface's), ``GBP``, `
 gets a plain host-gw route instead).
 
 The device's MAC is the node's VtepMAC, published in its lease; peers program it into their
-neighbour and FDB entries, so it must survive restarts and reboots (flannel #1795, #533). It is
-kept in ``<state dir>/vxlan-<VNI>.mac``; the state dir is ``$CLOUDROUTES_STATE_DIR``, else
-``/var/lib/cloudroutes``. A device that exists and fits the config is reused (a restart
-changes nothing on it); one that does not fit is deleted and made again, with one log line.
+neighbour and FDB entries, so it must survive restarts and reboots (flannel issues #1795,
+#533). It is kept in ``<state dir>/vxlan-<VNI>.mac``; the state dir is
+``$CLOUDROUTES_STATE_DIR``, else ``/var/lib/cloudroutes``. A device that exists and fits the
+config is reused (a restart changes nothing on it); one that does not fit is deleted and made
+again, with one log line.
 """
 
 from __future__ import annotations

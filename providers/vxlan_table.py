@@ -1,4 +1,5 @@
-"""The vxlan route table: one entry per peer, made of three kernel entries (flannel.md §3).
+"""The vxlan route table: one entry per peer, made of three kernel entries, as
+flanneld makes them.
 
 A peer is reached through ``flannel.<VNI>`` with, in this order:
 
