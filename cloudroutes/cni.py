@@ -308,7 +308,9 @@ def write_atomically(path: str, data: bytes, mode: int) -> None:
 
     Raises OSError (or ValueError for a path with a NUL); no temporary file is left behind.
     """
-    tmp = f"{path}.{os.getpid()}.tmp"
+    directory, name = os.path.split(path)
+    # A leading dot: no container ID starts with one, so no kept config is ever taken for it.
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:

@@ -156,3 +156,21 @@ def test_missing_subnet_env_answers_flannels_error(
         "directory. Check the flannel pod log for this node."
     )
     assert "cni0" not in node.ns.ip("link", "show")
+
+
+@needs_plugins
+def test_dual_stack_pod(node: Node, netns: Callable[[str], Netns]) -> None:
+    node.subnet_file.write_text(
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\n"
+        "FLANNEL_IPV6_NETWORK=fd00:10::/48\nFLANNEL_IPV6_SUBNET=fd00:10:0:17::1/64\n"
+        f"FLANNEL_MTU={MTU}\nFLANNEL_IPMASQ=true\n"
+    )
+    pod = netns("cp")
+    answer = node.add(pod, "pod-a")
+    addresses = [ip_interface(ip["address"]) for ip in answer["ips"]]  # type: ignore[attr-defined]
+    assert [a.network for a in addresses] == [
+        ip_network(SUBNET),
+        ip_network("fd00:10:0:17::/64"),
+    ]
+    assert f"inet6 {addresses[1]}" in pod.ip("-6", "addr", "show", "dev", "eth0")
+    assert "fd00:10::/48 via fd00:10:0:17::1" in pod.ip("-6", "route")

@@ -442,3 +442,32 @@ def test_plugin_process_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert loaded.strip() == "[]"
+
+
+def test_main_reads_the_process_environment_and_stdin(
+    plugin: Plugin, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    from cloudroutes.cni import main
+
+    for name, value in {**plugin.environ, "CNI_COMMAND": "ADD"}.items():
+        monkeypatch.setenv(name, value)
+    stdin = io.TextIOWrapper(io.BytesIO(json.dumps(plugin.conf()).encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main() == 0
+    assert json.loads(capsysbinary.readouterr().out) == {"cniVersion": "0.3.1", "ips": []}
+    assert plugin.saved.exists()
+
+
+def test_cloudroutes_cni_is_the_same_plugin(plugin: Plugin) -> None:
+    cli = Path(sys.executable).parent / "cloudroutes"
+    environ = {**plugin.environ, "CNI_COMMAND": "ADD"}
+    plugin.subnet_file.unlink()
+    done = subprocess.run(
+        [str(cli), "cni"],
+        input=json.dumps(plugin.conf()).encode(),
+        env=environ,
+        capture_output=True,
+    )
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["msg"].startswith("failed to load flannel 'subnet.env' file: ")
+    assert done.stderr == b""
