@@ -174,8 +174,15 @@ def discover(metadata: Metadata, address: str | None) -> NodeIdentity:
                 nic = candidate
                 break
     # projects/NUM/networks/NET: a numeric project and no "global/"; the API wants the id.
-    network = metadata.get(f"instance/network-interfaces/{nic}/network").rsplit("/", 1)[-1]
-    network = _checked(network, "network", where)
+    parts = metadata.get(f"instance/network-interfaces/{nic}/network").split("/")
+    network = _checked(parts[-1], "network", where)
+    owner = parts[1] if len(parts) == 4 and parts[0] == "projects" else ""
+    if owner != metadata.get("project/numeric-project-id"):
+        raise ConfigError(
+            f"the network {network} of this instance's interface {nic} belongs to project "
+            f"{shown(owner)}, not to the instance's own ({project}): a Shared VPC, whose routes "
+            "live in the host project; gce routes networks of the instance's own project only"
+        )
     return NodeIdentity(project, zone, instance, f"projects/{project}/global/networks/{network}")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cloudroutes.errors import (
+    CloudroutesError,
     QuotaExceeded,
     Rejected,
     RouteError,
@@ -259,6 +260,8 @@ class Compute:
                     self._clients = self._build()
                 except RouteError:
                     raise
+                except CloudroutesError as exc:  # the metadata server, say
+                    raise Rejected(str(exc)) from None
                 except Exception as exc:
                     raise gce_error(exc, method, "the Compute API", self.policy) from None
             return self._clients
