@@ -621,3 +621,37 @@ def test_a_subnet_that_moves_to_another_instance_is_retargeted_in_place(lab: Lab
     assert lab.all_routes() == {t: want for t in lab.tables}
     leader.passes(resync=False)  # the settle read
     assert states(leader, gc=True) == ["programmed"] * 4
+
+
+def test_the_agents_loop_says_a_refusal_once_and_recovers_by_itself(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reconcilers' own loop (as in the agent): a missing permission is one warning per
+    table, not one per retry, and the entry appears once the permission is granted."""
+    lab.api.forbid("CreateRouteEntries")
+    node = lab.node(0)
+    stop = threading.Event()
+    own = [r for r in node.reconcilers if "/gc" not in r.table.name]
+    threads = [threading.Thread(target=r.run, args=(stop,), daemon=True) for r in own]
+    with caplog.at_level("WARNING", logger="cloudroutes.reconciler"):
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: states(node) == ["failed", "failed"], 20, "the refusal in /status")
+            passes = sum(r.passes for r in own)
+            wait_for(lambda: sum(r.passes for r in own) >= passes + 2, 30, "retries")
+            said = [m for m in caplog.messages if "vpc:CreateRouteEntries" in m]
+            assert len(said) == len(own), said  # once per table, not at every retry
+            lab.api.allow("CreateRouteEntries")
+            wait_for(
+                lambda: (
+                    lab.all_routes() == {t: expected(lab, [0]) for t in lab.tables}
+                    and states(node) == ["programmed", "programmed"]
+                ),
+                40,
+                "the entry once the permission was granted",
+            )
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
