@@ -1,0 +1,130 @@
+"""The udp forwarder alone, in two namespaces: a TUN in each, the workers between them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from cloudroutes.lab.netns import Netns, Underlay
+from tests.conftest import needs_root
+from tests.wait import wait_for
+
+pytestmark = needs_root
+
+# A node without an agent: the TUN, its address and the Network route, the socket and the
+# forwarder, with the peer table read from stdin (one line per table) until stdin closes.
+_NODE = """
+import sys
+from ipaddress import IPv4Address, IPv4Network
+import subprocess
+from providers.udp import DEVICE, accept_local, bind_socket, open_tun, set_link_mtu
+from providers.udp_forwarder import Forwarder, Peer
+
+address, subnet, port = sys.argv[1], IPv4Network(sys.argv[2]), int(sys.argv[3])
+tun = open_tun()
+set_link_mtu(DEVICE, 1472)
+accept_local(DEVICE)
+for args in (["addr", "add", f"{subnet.network_address}/32", "dev", DEVICE],
+             ["link", "set", DEVICE, "up"], ["route", "add", "10.5.0.0/16", "dev", DEVICE]):
+    subprocess.run(["ip", *args], check=True)
+forwarder = Forwarder(tun, bind_socket(IPv4Address(address), port), port, subnet.network_address)
+forwarder.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    peers = [item.split("=") for item in line.split()]
+    forwarder.set_peers([Peer(IPv4Network(s), IPv4Address(p)) for s, p in peers])
+    print("set", flush=True)
+forwarder.stop()
+"""
+
+
+@dataclass
+class Node:
+    ns: Netns
+    address: str
+    subnet: str
+    process: subprocess.Popen[str]
+
+    @property
+    def gateway(self) -> str:
+        return self.subnet.replace(".0/24", ".1")
+
+    def set_peers(self, *peers: Node) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        line = " ".join(f"{p.subnet}={p.address}" for p in peers)
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "set"
+
+    def ping(self, target: str, *options: str) -> subprocess.CompletedProcess[str]:
+        return self.ns.run(
+            "ping", "-c", "1", "-W", "2", "-I", self.gateway, *options, target, check=False
+        )
+
+
+@pytest.fixture
+def pair(netns: Callable[[str], Netns], underlay: Underlay) -> Iterator[tuple[Node, Node]]:
+    nodes: list[Node] = []
+    try:
+        for i in (1, 2):
+            ns = netns(f"udp{i}-")
+            address = f"198.18.0.{i}"
+            underlay.plug(ns, "eth0", f"{address}/24")
+            ns.sysctl("net.ipv4.ip_forward", "1")
+            subnet = f"10.5.{i}.0/24"
+            ns.ip("link", "add", "cni0", "type", "bridge")
+            ns.ip("addr", "add", subnet.replace(".0/24", ".1/24"), "dev", "cni0")
+            ns.ip("link", "set", "cni0", "up")
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", ns.name, sys.executable, "-c", _NODE, address, subnet,
+                 "8285"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+            nodes.append(Node(ns, address, subnet, process))
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            if node.process.stdin is not None:
+                node.process.stdin.close()
+            node.process.wait(10)
+
+
+def test_a_ping_crosses_the_forwarders_both_ways(pair: tuple[Node, Node]) -> None:
+    one, two = pair
+    one.set_peers(two)
+    two.set_peers(one)
+    assert one.ping(two.gateway).returncode == 0
+    assert two.ping(one.gateway).returncode == 0
+
+
+def test_a_peer_table_change_takes_effect(pair: tuple[Node, Node]) -> None:
+    one, two = pair
+    two.set_peers(one)
+    one.set_peers()
+    assert "0 received" in one.ping(two.gateway).stdout
+    one.set_peers(two)
+    assert wait_for(lambda: one.ping(two.gateway).returncode == 0, 10, "the new peer table")
+
+
+def test_the_ttl_is_decremented_on_each_forwarder(pair: tuple[Node, Node]) -> None:
+    one, two = pair
+    one.set_peers(two)
+    two.set_peers(one)
+    # Sent with TTL 2: node one's forwarder makes it 1, node two's would make it 0: dropped.
+    assert one.ping(two.gateway, "-t", "3").returncode == 0
+    assert one.ping(two.gateway, "-t", "2").returncode != 0
+
+
+def test_the_workers_exit_when_their_agent_goes(pair: tuple[Node, Node]) -> None:
+    one, _ = pair
+    assert one.ns.ip("link", "show", "flannel0")
+    one.process.kill()
+    one.process.wait()
+    wait_for(lambda: not one.ns.ip("link", "show", "flannel0", check=False), 10,
+             "the workers to close flannel0")  # fmt: skip
