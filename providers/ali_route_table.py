@@ -900,16 +900,13 @@ class AliRouteTable:
             assert isinstance(route, Route)
             by_destination[str(route.destination)] = change
         out: dict[int, RouteError] = {}
+        unread = 0  # failures the answer does not tie to one of our entries
         for item in failed if isinstance(failed, list) else []:
-            if not isinstance(item, dict):
-                continue
-            try:
-                key = str(ip_network(str(item.get("DstCidrBlock", "")).strip()))
-            except ValueError:
-                continue
-            change = by_destination.get(key)
+            change = self._failed_change(item, by_destination)
             if change is None:
+                unread += 1
                 continue
+            key = str(ip_network(str(item.get("DstCidrBlock", "")).strip()))
             code = str(item.get("FailedCode", ""))
             where = f"{self.table_id} ({key})"
             if code in DUPLICATE:
@@ -917,7 +914,24 @@ class AliRouteTable:
             else:
                 message = _message(item.get("FailedMessage"))
                 out[id(change)] = code_error(code, message, None, action, where, self._policy)
+        if unread:
+            # Which entries failed is not known: none of the others counts as done.
+            unknown = NoAnswer(
+                f"vpc:{action} on {self.table_id}: {unread} entries failed without saying "
+                "which; reading the table again"
+            )
+            out.update({id(c): unknown for c in batch if id(c) not in out})
         return out
+
+    @staticmethod
+    def _failed_change(item: Any, by_destination: Mapping[str, Change]) -> Change | None:
+        if not isinstance(item, dict):
+            return None
+        try:
+            key = str(ip_network(str(item.get("DstCidrBlock", "")).strip()))
+        except ValueError:
+            return None
+        return by_destination.get(key)
 
 
 class NoAnswer(Transient):

@@ -8,6 +8,7 @@ settings) are also used by the backend's tests in test_ali_vpc.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -27,15 +28,19 @@ from cloudroutes.errors import (
 from cloudroutes.lab.alibaba import AlibabaVpcApi, LabAlibabaVpc, ManualClock, make_alibaba_vpc
 from cloudroutes.lab.fault_proxy import (
     ALIBABA,
+    Call,
     CannedError,
     DropAfterForward,
+    Fault,
     FaultProxy,
+    Proceed,
+    Reply,
     ServerError,
     Throttle,
 )
 from cloudroutes.ledger import Ledger, LedgerEntry
 from cloudroutes.reconciler import Gate
-from cloudroutes.routes import Action, Change, EntryState, Plan, Route
+from cloudroutes.routes import UNKNOWN, Action, Change, EntryState, Plan, Route
 from cloudroutes.subnet.etcd_client import EtcdClient
 from providers.ali_route_table import (
     AliRouteTable,
@@ -370,3 +375,29 @@ def test_a_wrong_secret_is_one_clear_line_without_the_secret(
     with pytest.raises(Rejected, match="InvalidAccessKeyId"):
         make_table(proxy, vpc, etcd_client, client=client).observe()
     assert "whatever" not in repr(unknown) and vpc.credentials.secret not in repr(table)
+
+
+def test_a_batch_answer_that_hides_which_entries_failed_is_read_again(
+    api: AlibabaVpcApi, proxy: FaultProxy, vpc: LabAlibabaVpc, etcd_client: EtcdClient
+) -> None:
+    class Vague(Fault):
+        """The batch is applied; its answer names a failure but not the entry."""
+
+        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
+            reply = proceed()
+            document = json.loads(reply.body)
+            document["FailedCount"] = 1
+            document["FailedRouteEntries"] = [{"FailedCode": "InternalError"}]
+            return Reply(reply.status, reply.headers, json.dumps(document).encode())
+
+    proxy.add(Vague(actions={"CreateRouteEntries"}, times=1))
+    table = make_table(proxy, vpc, etcd_client)
+    wanted = [route(1, hop(vpc, 0)), route(2, hop(vpc, 1))]
+    outcomes = table.apply(plan(Action.ADD, *wanted))
+    assert all(isinstance(o.error, NoAnswer) and o.present is UNKNOWN for o in outcomes)
+    # Nothing is taken back from the ledger: the next read decides.
+    assert set(Ledger(etcd_client, PREFIX, CLUSTER, vpc.route_table_id).entries()) == {
+        net(1),
+        net(2),
+    }
+    assert table.observe().entries() == set(wanted)
