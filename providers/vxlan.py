@@ -473,10 +473,17 @@ class VxlanBackend:
         if self.options.direct_routing and any(lease.public_ip in n for n in self._connected):
             yield Route(lease.subnet, str(lease.public_ip), self._iface.name, lease_key=lease.key)
             return
+        mac = peer_mac(lease)
+        if mac == self._mac:
+            # A state file copied with a disk image, or one state dir shared by several nodes.
+            raise LeaseRefused(
+                f"lease {lease.key}: its VtepMAC {mac} is this node's own; every node needs its "
+                f"own: delete {self.mac_file} on one of them and restart its agent"
+            )
         yield VxlanPeer(
             lease.subnet,
             str(lease.subnet.network_address),
-            peer_mac(lease),
+            mac,
             str(lease.public_ip),
             self.device,
             lease_key=lease.key,

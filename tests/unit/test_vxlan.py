@@ -45,9 +45,11 @@ def backend(options: dict[str, Any] | None = None, **kwargs: Any) -> VxlanBacken
     return VxlanBackend(BackendContext(config, kwargs.pop("iface", iface())), **kwargs)
 
 
-def bound(options: dict[str, Any] | None = None, connected: str = "198.18.0.0/24") -> VxlanBackend:
+def bound(
+    options: dict[str, Any] | None = None, connected: str = "198.18.0.0/24", **kwargs: Any
+) -> VxlanBackend:
     """A backend as after prepare() and bind(), without touching the kernel."""
-    b = backend(options)
+    b = backend(options, **kwargs)
     b._own = OWN
     b._connected = (IPv4Network(connected),)
     return b
@@ -211,4 +213,16 @@ def test_an_unwritable_state_dir_is_one_config_error_line(
     assert str(error.value) == (
         f"cannot keep the VtepMAC in {blocker}/state/vxlan-1.mac: Not a directory; "
         "set CLOUDROUTES_STATE_DIR to a writable directory that survives reboots"
+    )
+
+
+def test_a_peer_with_this_node_s_vtep_mac_is_refused() -> None:
+    b = bound(state_dir="/var/lib/x")
+    b._mac = "6e:2f:3a:11:5c:9d"
+    lease = Lease(IPv4Network("10.5.2.0/24"), decode_attrs(FLANNELD_LEASE))
+    with pytest.raises(LeaseRefused) as error:
+        list(b.desired(lease))
+    assert str(error.value) == (
+        "lease 10.5.2.0-24: its VtepMAC 6e:2f:3a:11:5c:9d is this node's own; every node needs "
+        "its own: delete /var/lib/x/vxlan-1.mac on one of them and restart its agent"
     )
