@@ -22,6 +22,7 @@ refused at start (GCE takes IPv6 static routes only for some next-hop types).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -217,6 +218,17 @@ def _endpoint_checked() -> None:
         )
 
 
+def _sdk_checked() -> None:
+    try:
+        found = importlib.util.find_spec("google.cloud.compute_v1") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(
+            "gce needs google-cloud-compute, which is not installed: pip install 'cloudroutes[gce]'"
+        )
+
+
 # --- what each lease wants -------------------------------------------------------------------
 
 
@@ -281,6 +293,7 @@ class GceBackend:
         if not ctx.controller and ctx.iface is None:
             raise ConfigError("gce needs the node's external interface")
         _endpoint_checked()
+        _sdk_checked()
         self._ctx = ctx
         self._config = config
         self._coordination = ctx.coordination

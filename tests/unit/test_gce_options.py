@@ -143,3 +143,18 @@ def test_a_lease_naming_no_instance_is_refused_with_its_reason(
     with pytest.raises(LeaseRefused) as err:
         lease_routes(lease(attrs), config({}))
     assert text in str(err.value) and "\n" not in str(err.value)
+
+
+def test_without_the_google_sdk_the_backend_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name.startswith("google.cloud") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ConfigError, match=r"pip install 'cloudroutes\[gce\]'"):
+        GceBackend(BackendContext(config({}), IFACE, coordination()))
