@@ -660,3 +660,12 @@ def test_operations_in_flight_are_capped_across_a_cluster(
             assert lab.proxy.counts()["routes.insert"] == len(ips)  # none made twice
         finally:
             lab.close()
+
+
+def test_every_client_uses_the_configured_endpoint(lab: Lab) -> None:
+    node = lab.node(0)
+    clients = node.backend.compute.clients("routes.list")
+    # The operations client too: waiting on an insert never goes to Google's default host.
+    for client in (clients.routes, clients.operations, clients.instances):
+        assert client.api_endpoint == lab.cloud.api_url
+    assert clients.project == lab.project.project_id
