@@ -187,17 +187,20 @@ class VxlanRouteTable:
     # --- netlink --------------------------------------------------------------------------------
 
     def _call(self, work: Callable[[Netlink], Any]) -> Any:
+        """Run ``work`` on the socket; a broken or silent socket is reopened next time."""
         with self._lock:
             try:
                 if self._nl is None:
                     self._nl = Netlink(self.netns)
                 return work(self._nl)
-            except (NetlinkError, Transient):
-                raise
-            except OSError as exc:
+            except NetlinkError as exc:  # the kernel refused a request: the socket is fine
+                raise Transient(f"netlink: {exc.strerror}") from None
+            except (OSError, Transient) as exc:
                 if self._nl is not None:
                     self._nl.close()
                     self._nl = None
+                if isinstance(exc, Transient):
+                    raise
                 raise Transient(f"netlink: {exc.strerror or exc}") from None
 
     def _device_index(self, nl: Netlink) -> int:
@@ -359,7 +362,7 @@ class VxlanRouteTable:
             return []
         try:
             results = self._call(lambda nl: nl.transact([request(s) for s in steps], self.batch))
-        except (NetlinkError, Transient) as exc:
+        except Transient as exc:
             for step in steps:
                 step.error = Transient(f"{step.change.entry}: {what}: {exc}")
             return []
@@ -417,7 +420,7 @@ class VxlanRouteTable:
             return
         try:
             results = self._call(lambda nl: nl.transact(requests, self.batch))
-        except (NetlinkError, Transient) as exc:
+        except Transient as exc:
             log.warning("%s: cannot remove stale neighbour/FDB entries: %s", self.name, exc)
             return
         for result in results:
