@@ -1,0 +1,87 @@
+"""udp backend throughput: iperf3 TCP between two nodes' gateway addresses, over the udp backend
+(the Python forwarder), against the same over the vxlan backend (the kernel) and over the plain
+underlay veths, in the same run.
+
+Both clusters are real agents in namespaces (cloudroutes.lab). Runs alternate between the paths
+so that load from elsewhere on the machine falls on all of them alike; each figure is the median.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+
+from bench import Figure
+from cloudroutes.lab.cluster import LabCluster, LabNode
+
+PORT = 5201
+
+
+def iperf(src: LabNode, dst: LabNode, source: str, target: str, seconds: float) -> float:
+    """Gbit/s received in one iperf3 TCP run from ``source`` on src to ``target`` on dst."""
+    server = dst.ns.popen(
+        ["iperf3", "-s", "-1", "-B", target, "-p", str(PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(50):
+            result = src.ns.run(
+                "iperf3", "-J", "-c", target, "-B", source, "-p", str(PORT),
+                "-t", str(seconds), check=False, timeout=seconds + 30,
+            )  # fmt: skip
+            if result.returncode == 0:
+                report = json.loads(result.stdout)
+                return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+            time.sleep(0.1)  # the server is not listening yet
+        raise RuntimeError(f"iperf3 failed: {result.stdout[-300:]}")
+    finally:
+        server.kill()
+        server.wait()
+
+
+class Lab(LabCluster):
+    """Each agent keeps its state (vxlan's VtepMAC) in its node's run directory."""
+
+    def agent_env(self, node: LabNode) -> dict[str, str]:
+        return {**super().agent_env(node), "CLOUDROUTES_STATE_DIR": str(node.run_dir)}
+
+
+def cluster(backend: str) -> LabCluster:
+    lab = Lab(2, backend=backend).build()
+    try:
+        lab.start()
+        if not lab.ping(*lab.nodes):
+            raise RuntimeError(f"{backend}: the nodes do not reach each other")
+    except BaseException:
+        lab.close()
+        raise
+    return lab
+
+
+def run(short: bool = False) -> Iterator[Figure]:
+    seconds, rounds = (2.0, 1) if short else (10.0, 3)
+    udp = cluster("udp")
+    try:
+        vxlan = cluster("vxlan")
+        try:
+            results: dict[str, list[float]] = {"udp": [], "vxlan": [], "veth": []}
+            for _ in range(rounds):
+                for name, lab in (("udp", udp), ("vxlan", vxlan)):
+                    a, b = lab.nodes
+                    results[name].append(iperf(a, b, a.gateway, b.gateway, seconds))
+                a, b = udp.nodes
+                results["veth"].append(iperf(a, b, a.address, b.address, seconds))
+        finally:
+            vxlan.close()
+    finally:
+        udp.close()
+    gbps = {name: statistics.median(values) for name, values in results.items()}
+    yield Figure("iperf3 TCP gateway to gateway, udp backend", gbps["udp"], "Gbit/s",
+                 gbps["vxlan"], "vxlan backend")  # fmt: skip
+    yield Figure("iperf3 TCP gateway to gateway, udp backend", gbps["udp"], "Gbit/s",
+                 gbps["veth"], "plain underlay veth")  # fmt: skip
+    yield Figure("iperf3 TCP gateway to gateway, vxlan backend", gbps["vxlan"], "Gbit/s",
+                 gbps["veth"], "plain underlay veth")  # fmt: skip
