@@ -287,6 +287,14 @@ class AliEntry:
     description: str
 
 
+def listed(answer: Mapping[str, Any], outer: str, inner: str) -> list[dict[str, Any]]:
+    """The objects of a listing such as ``{"RouteEntrys": {"RouteEntry": [...]}}``; anything
+    else in an answer is left out."""
+    wrapper = answer.get(outer)
+    items = wrapper.get(inner) if isinstance(wrapper, dict) else None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
 def parse_entries(listing: Iterable[Any]) -> list[AliEntry]:
     """The readable entries of a DescribeRouteEntryList page; anything else is left out."""
     entries = []
@@ -352,7 +360,6 @@ class _Create:
     change: Change
     route: Route
     before: LedgerEntry | None
-    outcome: Outcome | None = None
 
 
 class AliRouteTable:
@@ -420,8 +427,8 @@ class AliRouteTable:
                 exc, action, where or self.table_id, self._policy, self._client.credential_source
             ) from None
 
-    def list_entries(self, destination: Destination | None = None) -> list[AliEntry]:
-        """Every custom entry of the table (or the one at ``destination``), all pages."""
+    def list_entries(self) -> list[AliEntry]:
+        """Every custom entry of the table, all pages."""
         from aliyunsdkvpc.request.v20160428.DescribeRouteEntryListRequest import (
             DescribeRouteEntryListRequest,
         )
@@ -433,13 +440,10 @@ class AliRouteTable:
             request.set_RouteTableId(self.table_id)
             request.set_RouteEntryType("Custom")
             request.set_MaxResult(PAGE)
-            if destination is not None:
-                request.set_DestinationCidrBlock(str(destination))
             if token:
                 request.set_NextToken(token)
             answer = self._call("DescribeRouteEntryList", request)
-            page = (answer.get("RouteEntrys") or {}).get("RouteEntry") or []
-            entries.extend(parse_entries(page if isinstance(page, list) else []))
+            entries.extend(parse_entries(listed(answer, "RouteEntrys", "RouteEntry")))
             token = str(answer.get("NextToken") or "")
             if not token:
                 return entries

@@ -49,6 +49,7 @@ from providers.ali_route_table import (
     Credentials,
     Markers,
     VpcClient,
+    listed,
     vpc_error,
 )
 from providers.cloud import CloudModes, CloudOptions, lease_destinations, parse_cloud_options, shown
@@ -487,20 +488,19 @@ class AliVpcBackend:
         client = self.client()
         vpcs = DescribeVpcsRequest()
         vpcs.set_VpcId(vpc_id)
-        found = self._ask(client, "DescribeVpcs", vpcs, vpc_id).get("Vpcs", {}).get("Vpc", [])
+        found = listed(self._ask(client, "DescribeVpcs", vpcs, vpc_id), "Vpcs", "Vpc")
         router = next((v.get("VRouterId") for v in found if v.get("VpcId") == vpc_id), None)
         if not isinstance(router, str) or not router:
             raise ConfigError(f"VPC {vpc_id} was not found; set Backend.RouteTableIDs")
         routers = DescribeVRoutersRequest()
         routers.set_VRouterId(router)
-        listed = self._ask(client, "DescribeVRouters", routers, router)
-        tables = [
-            t
-            for r in listed.get("VRouters", {}).get("VRouter", [])
-            if r.get("VRouterId") == router
-            for t in r.get("RouteTableIds", {}).get("RouteTableId", [])
-            if isinstance(t, str) and ROUTE_TABLE_ID.fullmatch(t)
-        ]
+        answer = self._ask(client, "DescribeVRouters", routers, router)
+        tables: list[str] = []
+        for found_router in listed(answer, "VRouters", "VRouter"):
+            ids = found_router.get("RouteTableIds")
+            ids = ids.get("RouteTableId") if isinstance(ids, dict) else None
+            if found_router.get("VRouterId") == router and isinstance(ids, list):
+                tables += [t for t in ids if isinstance(t, str) and ROUTE_TABLE_ID.fullmatch(t)]
         if len(tables) != 1:
             found_ids = ", ".join(tables) or "none"
             raise ConfigError(
