@@ -14,7 +14,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -39,12 +38,12 @@ from cloudroutes.lab.gce import LabGceInstance, LabGceProject
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
 from cloudroutes.ledger import Ledger
-from cloudroutes.reconciler import Reconciler
 from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import gce_route_table
 from providers.gce import API_ENDPOINT_VARIABLE, GceBackend
 from providers.gce_api import flannel_name, route_name
+from tests.integration.test_aws_vpc import Node
 from tests.integration.test_gce_route_table import (
     NODE_IPS,
     admin_delete,
@@ -60,49 +59,6 @@ pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 PREFIX = "/coreos.com/network"
 CLUSTER = "lab"
-
-
-@dataclass
-class Node:
-    """One agent's gce part: its backend, lease and reconcilers, and its election task."""
-
-    name: str
-    instance: LabGceInstance | None
-    backend: GceBackend
-    lease: Lease | None
-    routing: Routing
-    client: EtcdClient
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    @property
-    def reconcilers(self) -> list[Reconciler]:
-        return self.routing.reconcilers
-
-    def start_tasks(self) -> None:
-        for name, task in self.backend.tasks():
-            thread = threading.Thread(target=task, args=(self.stop,), name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def leads(self) -> bool:
-        return self.backend.election().is_leader()
-
-    def shutdown(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=10)
-        self.client.close()
-
-    def passes(self, resync: bool = True) -> None:
-        """One pass of each reconciler (those not leading do nothing)."""
-        for reconciler in self.reconcilers:
-            # A failed read (throttled) is dropped: the next pass reads again, as run() does.
-            with contextlib.suppress(CloudroutesError):
-                reconciler.reconcile(resync=resync)
-
-    def status(self) -> dict[str, Any]:
-        return self.routing.status()["routes"]
 
 
 class Lab:
@@ -173,7 +129,8 @@ class Lab:
     ) -> Node:
         vetting = node_vetting(ctx.config, backend, lease, ctx.iface, [self.etcd.endpoint])
         routing = Routing(backend, backend.bind(lease), self.leases, vetting)
-        node = Node(name, instance, backend, lease, routing, client)
+        # The aws-vpc tests' Node drives any cloud backend alike.
+        node = Node(name, instance, backend, lease, routing, client)  # type: ignore[arg-type]
         node.start_tasks()
         self.nodes.append(node)
         return node
