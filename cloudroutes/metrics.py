@@ -74,3 +74,9 @@ class Metrics:
             "with (changed, deleted or invalid): a restart would apply it.",
             registry=r,
         )
+        self.route_table_up = Gauge(
+            "cloudroutes_route_table_up",
+            "1 while the route table can be read and written, 0 while whole passes fail.",
+            ["table"],
+            registry=r,
+        )

@@ -315,6 +315,7 @@ class Reconciler:
         self._recent: dict[EntryKey, tuple[Entry | None, float]] = {}
         self._said = _Said()
         self._refused: dict[str, str] = {}
+        self._problem: str | None = None
         self._passes = 0
         self._actions = actions
         self._active = active
@@ -781,18 +782,39 @@ class Reconciler:
                     self._not_before = self._clock() + self._jittered(
                         self.policy.retry.delay(self._retry_attempt)
                     )
-                log.warning(
-                    "%s: reconcile pass failed: %s",
-                    self.table.name,
-                    exc,
-                    exc_info=not isinstance(exc, RouteError),
-                )
+                self._table_failed(exc)
                 with self._lock:
                     self._picture = None
                 self._wakeup.set()
                 continue
+            self._table_answers()
             if resync:
                 next_resync = self._clock() + self.table.resync_period
+
+    def _table_failed(self, exc: Exception) -> None:
+        """A pass failed as a whole (the table could not be read: bad credentials, a refused
+        list, an unreachable API): one status and one log line per distinct reason."""
+        reason = str(exc) or type(exc).__name__
+        with self._lock:
+            self._problem = reason
+        if self._said.changed(("table",), "failed", reason):
+            log.warning(
+                "%s: cannot reconcile the route table (retrying with backoff): %s",
+                self.table.name,
+                reason,
+                exc_info=not isinstance(exc, RouteError),
+            )
+        if self.metrics:
+            self.metrics.route_table_up.labels(self.table.name).set(0)
+
+    def _table_answers(self) -> None:
+        with self._lock:
+            was, self._problem = self._problem, None
+        if was is not None:
+            self._said.changed(("table",), "ok", "")
+            log.info("%s: the route table answers again", self.table.name)
+        if self.metrics:
+            self.metrics.route_table_up.labels(self.table.name).set(1)
 
     def _wait_for_wakeup(self, stop: threading.Event, timeout: float) -> None:
         end = self._clock() + timeout
@@ -816,3 +838,9 @@ class Reconciler:
     @property
     def passes(self) -> int:
         return self._passes
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last pass failed as a whole (the table could not be read), or None."""
+        with self._lock:
+            return self._problem

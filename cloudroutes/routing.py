@@ -104,9 +104,12 @@ class Routing:
         routes: dict[str, Any] = {}
         refused: dict[str, Any] = {}
         passes: dict[str, int] = {}
+        problems: dict[str, str] = {}
         for reconciler in self.reconcilers:
             name = reconciler.table.name
             passes[name] = reconciler.passes
+            if reconciler.problem is not None:
+                problems[name] = reconciler.problem
             for key, st in reconciler.status().items():
                 routes[f"{name} {key}"] = {
                     "route": str(st.entry),
@@ -116,4 +119,9 @@ class Routing:
                 }
             for lease_key, reason in reconciler.refused().items():
                 refused.setdefault(lease_key, reason)
-        return {"routes": routes, "refused_leases": refused, "passes": passes}
+        return {
+            "routes": routes,
+            "refused_leases": refused,
+            "passes": passes,
+            "table_problems": problems,
+        }

@@ -578,3 +578,39 @@ def test_a_held_route_stays_failed_through_a_resync(leases: LeaseTable) -> None:
     rec.reconcile(resync=True)
     status = rec.status()[net(2)]
     assert (status.state, status.reason) == (RouteState.FAILED, "next hop is not on-link")
+
+
+class _Unreadable(MemoryRouteTable):
+    """A table whose reads fail until ``fixed`` (a wrong key, a refused list)."""
+
+    fixed = False
+
+    def observe(self):  # type: ignore[no-untyped-def]
+        if not self.fixed:
+            raise Rejected("SignatureDoesNotMatch: check AccessKeyID and AccessKeySecret")
+        return super().observe()
+
+
+def test_a_table_that_cannot_be_read_is_one_status_one_log_line_and_recovers(
+    leases: LeaseTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = _Unreadable()
+    metrics = Metrics()
+    policy = ReconcilePolicy(retry=Backoff(0.01, 0.02))
+    rec = make(table, leases, metrics=metrics, policy=policy)
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: table.calls.count("observe") >= 0 and rec.problem, 5, "the failure")
+        time.sleep(0.2)  # several retries happen meanwhile: they must not log again
+        up = metrics.registry.get_sample_value("cloudroutes_route_table_up", {"table": "memory"})
+        assert up == 0
+        table.fixed = True
+        wait_for(lambda: len(table.owned()) == 3 and rec.problem is None, 5, "recovery")
+    finally:
+        stop.set()
+        thread.join(5)
+    said = [r for r in caplog.records if "cannot reconcile the route table" in r.getMessage()]
+    assert len(said) == 1
+    assert metrics.registry.get_sample_value("cloudroutes_route_table_up", {"table": "memory"}) == 1
