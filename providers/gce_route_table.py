@@ -785,9 +785,3 @@ class GceRouteTable:
         except RouteError as exc:
             log.info("%s: waiting for operation %s: %s", self.name, name, exc)
             return None
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)

@@ -33,15 +33,15 @@ from cloudroutes.lab.fault_proxy import (
     Reply,
     Throttle,
 )
+from cloudroutes.lab.gce import FakeMetadataServer, LabGceInstance, LabGceProject
 from cloudroutes.lab.gce import GceLab as Cloud
-from cloudroutes.lab.gce import LabGceInstance, LabGceProject
 from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
 from cloudroutes.ledger import Ledger
 from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import gce_route_table
-from providers.gce import API_ENDPOINT_VARIABLE, GceBackend
+from providers.gce import API_ENDPOINT_VARIABLE, GceBackend, Metadata, discover
 from providers.gce_api import flannel_name, route_name
 from tests.integration.test_aws_vpc import Node
 from tests.integration.test_gce_route_table import (
@@ -626,3 +626,28 @@ def test_every_client_uses_the_configured_endpoint(lab: Lab) -> None:
     for client in (clients.routes, clients.operations, clients.instances):
         assert client.api_endpoint == lab.cloud.api_url
     assert clients.project == lab.project.project_id
+
+
+def test_a_shared_vpc_network_is_refused_in_one_line(lab: Lab) -> None:
+    class SharedVpc(FakeMetadataServer):
+        """An instance whose interface is in a network of another (host) project."""
+
+        def paths(self) -> dict[str, str]:
+            return {
+                **super().paths(),
+                "instance/network-interfaces/0/network": "projects/999/networks/host-net",
+            }
+
+    project = lab.project
+    server = SharedVpc(project, project.instances[0], lab.cloud.api.tokens)
+    with server, pytest.raises(ConfigError) as err:
+        discover(Metadata([server.host_port]), None)
+    text = str(err.value)
+    assert "Shared VPC" in text and "host-net" in text and "\n" not in text
+    # The same instance in its own project's network is found.
+    identity = discover(Metadata([lab.cloud.metadata[0].host_port]), project.instances[0].ip)
+    assert (identity.project, identity.zone, identity.instance) == (
+        project.project_id,
+        project.zone,
+        project.instances[0].name,
+    )
