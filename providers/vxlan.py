@@ -9,7 +9,7 @@ gets a plain host-gw route instead).
 
 The device's MAC is the node's VtepMAC, published in its lease; peers program it into their
 neighbour and FDB entries, so it must survive restarts and reboots (flannel issues #1795,
-#533). It is kept in ``<state dir>/vxlan-<VNI>.mac``; the state dir is
+#533). It is kept in ``<state dir>/vxlan-<VNI>-<VTEP address>.mac``; the state dir is
 ``$CLOUDROUTES_STATE_DIR``, else ``/var/lib/cloudroutes``. A device that exists and fits the
 config is reused (a restart changes nothing on it); one that does not fit is deleted and made
 again, with one log line.
@@ -178,6 +178,7 @@ def write_mac(path: Path, mac: str) -> None:
             out.write(mac + "\n")
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -375,7 +376,10 @@ class VxlanBackend:
         self._netns = netns
         self._blackhole = ctx.blackhole_own_subnet
         directory = state_dir or getattr(ctx, "state_dir", None) or os.environ.get(STATE_DIR_ENV)
-        self.mac_file = Path(directory or DEFAULT_STATE_DIR) / f"vxlan-{self.options.vni}.mac"
+        # Named by VTEP address too: nodes that share a filesystem (namespaces on one host) or
+        # a disk image with the file in it never share a VtepMAC.
+        name = f"vxlan-{self.options.vni}-{local}.mac"
+        self.mac_file = Path(directory or DEFAULT_STATE_DIR) / name
         self._mac = ""
         self._own: Lease | None = None
         self._connected: tuple[IPv4Network, ...] = ()

@@ -124,7 +124,7 @@ def test_lease_is_flanneld_s_json_with_the_device_mac(cluster: LabCluster) -> No
         "get", "--print-value-only", f"{PREFIX}/subnets/{node.subnet.replace('/', '-')}"
     ).strip()
     assert raw.endswith(f'"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
-    assert (node.run_dir / "vxlan-1.mac").read_text().strip() == mac
+    assert (node.run_dir / f"vxlan-1-{node.address}.mac").read_text().strip() == mac
 
 
 def test_full_size_packets_with_df_pass(cluster: LabCluster) -> None:

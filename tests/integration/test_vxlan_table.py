@@ -122,7 +122,7 @@ def test_prepare_makes_the_device_and_keeps_its_mac(node: Node) -> None:
     assert "vxlan id 1 local 198.18.0.1 dev eth0" in node.link()
     assert "dstport 8472 nolearning" in node.link()
     assert "mtu 1450" in node.link()
-    assert (node.state_dir / "vxlan-1.mac").read_text() == backend.mac + "\n"
+    assert (node.state_dir / "vxlan-1-198.18.0.1.mac").read_text() == backend.mac + "\n"
     backend.bind(OWN)
     assert "inet 10.5.1.0/32" in node.ns.ip("addr", "show", DEVICE)
     # udev (MACAddressPolicy) changed it: the next start puts the VtepMAC back.
@@ -150,7 +150,7 @@ def test_an_incompatible_device_is_recreated_with_one_log_line(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
     node.backend().prepare()
-    mac = (node.state_dir / "vxlan-1.mac").read_text().strip()
+    mac = (node.state_dir / "vxlan-1-198.18.0.1.mac").read_text().strip()
     with caplog.at_level(logging.WARNING, logger="providers.vxlan"):
         node.backend(Port=4789, GBP=True).prepare()
     assert [r.getMessage() for r in caplog.records] == [

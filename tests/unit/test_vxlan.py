@@ -178,16 +178,22 @@ def test_the_vtep_mac_file(tmp_path: Path) -> None:
     write_mac(path, "0a:58:0a:f4:00:01")
     assert read_mac(path) == "0a:58:0a:f4:00:01"
     assert [p.name for p in path.parent.iterdir()] == ["vxlan-1.mac"]  # no temp file left
+    assert path.stat().st_mode & 0o777 == 0o644
     path.write_text("garbage\n")
     assert read_mac(path) is None
 
 
 def test_state_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOUDROUTES_STATE_DIR", "/srv/node")
-    assert backend({"VNI": 7}).mac_file == Path("/srv/node/vxlan-7.mac")
-    assert backend(state_dir="/x").mac_file == Path("/x/vxlan-1.mac")
+    assert backend({"VNI": 7}).mac_file == Path("/srv/node/vxlan-7-198.18.0.1.mac")
+    assert backend(state_dir="/x").mac_file == Path("/x/vxlan-1-198.18.0.1.mac")
     monkeypatch.delenv("CLOUDROUTES_STATE_DIR")
-    assert backend().mac_file == Path("/var/lib/cloudroutes/vxlan-1.mac")
+    assert backend().mac_file == Path("/var/lib/cloudroutes/vxlan-1-198.18.0.1.mac")
+    # Nodes sharing a state dir (namespaces on one host) keep a VtepMAC each.
+    other = IPv4Address("198.18.0.2")
+    assert backend(iface=ExternalInterface("eth0", 2, 1500, other, other)).mac_file == Path(
+        "/var/lib/cloudroutes/vxlan-1-198.18.0.2.mac"
+    )
 
 
 @pytest.mark.parametrize(
@@ -211,7 +217,7 @@ def test_an_unwritable_state_dir_is_one_config_error_line(
     with pytest.raises(ConfigError) as error:
         b.prepare()
     assert str(error.value) == (
-        f"cannot keep the VtepMAC in {blocker}/state/vxlan-1.mac: Not a directory; "
+        f"cannot keep the VtepMAC in {blocker}/state/vxlan-1-198.18.0.1.mac: Not a directory; "
         "set CLOUDROUTES_STATE_DIR to a writable directory that survives reboots"
     )
 
@@ -224,5 +230,5 @@ def test_a_peer_with_this_node_s_vtep_mac_is_refused() -> None:
         list(b.desired(lease))
     assert str(error.value) == (
         "lease 10.5.2.0-24: its VtepMAC 6e:2f:3a:11:5c:9d is this node's own; every node needs "
-        "its own: delete /var/lib/x/vxlan-1.mac on one of them and restart its agent"
+        "its own: delete /var/lib/x/vxlan-1-198.18.0.1.mac on one of them and restart its agent"
     )
