@@ -54,6 +54,7 @@ class AgentOptions:
     public_ip: str | None = None
     public_ipv6: str | None = None
     subnet_file: str = "/run/flannel/subnet.env"
+    state_dir: str = "/var/lib/cloudroutes"
     ip_masq: bool = False
     ip_masq_fully_random_disable: bool = False
     ip_blackhole_route: bool = False  # read by the backends
@@ -126,6 +127,7 @@ class Agent:
             iface,
             coordination=self._coordination(iface),
             blackhole_own_subnet=self.options.ip_blackhole_route,
+            state_dir=self.options.state_dir,
         )
         backend = backend_factory(config.backend_type)(context)
         # Without a lease this programs nothing, but fails now if iptables or nft is missing.

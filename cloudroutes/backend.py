@@ -78,6 +78,9 @@ class BackendContext:
     # flanneld's --ip-blackhole-route: kernel backends add a blackhole route for the node's
     # own subnet.
     blackhole_own_subnet: bool = False
+    # Where a backend keeps what must survive restarts and reboots (vxlan's VtepMAC). Not
+    # subnet.env's directory: /run is emptied at boot.
+    state_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,11 @@ AGENT_FLAGS = (
     ),
     Flag("subnet-file", "where to write the node's subnet", "/run/flannel/subnet.env"),
     Flag(
+        "state-dir",
+        "where backends keep what survives reboots, e.g. vxlan's VtepMAC (cloudroutes only)",
+        "/var/lib/cloudroutes",
+    ),
+    Flag(
         "subnet-lease-renew-margin",
         "renew the lease this many minutes before expiry (1 to 1439)",
         60,

@@ -174,7 +174,7 @@ def _u32(kind: int, value: int) -> bytes:
     return U32_ATTR.pack(8, kind, value)
 
 
-def _attrs(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+def attributes(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, value start, value end) of each attribute in buf[start:end]."""
     while start + 4 <= end:
         length, kind = _RTATTR.unpack_from(buf, start)
@@ -205,7 +205,7 @@ def parse_ack(buf: memoryview, flags: int, start: int, end: int) -> NetlinkError
         # With NETLINK_CAP_ACK the echoed request is only its header; the TLVs follow it.
         (echoed,) = struct.unpack_from("=I", buf, start + 4)
         tlvs = start + 4 + (16 if flags & NLM_F_CAPPED else echoed)
-        for kind, lo, hi in _attrs(buf, (tlvs + 3) & ~3, end):
+        for kind, lo, hi in attributes(buf, (tlvs + 3) & ~3, end):
             if kind == NLMSGERR_ATTR_MSG:
                 extack = bytes(buf[lo:hi]).rstrip(b"\0").decode(errors="replace")
     return NetlinkError(-code, extack)
@@ -357,7 +357,7 @@ class Link:
 def parse_link(payload: bytes) -> Link:
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(payload, 0)
     name = ""
-    for kind, lo, hi in _attrs(payload, _IFINFOMSG.size, len(payload)):
+    for kind, lo, hi in attributes(payload, _IFINFOMSG.size, len(payload)):
         if kind == IFLA_IFNAME:
             name = payload[lo:hi].rstrip(b"\0").decode()
     return Link(index, name, flags)
@@ -468,7 +468,7 @@ def parse_route(payload: bytes) -> KernelRoute | None:
     dst = _ZERO4 if family == socket.AF_INET else _ZERO16
     gateway = ""
     oif = 0
-    for kind, lo, hi in _attrs(payload, RTMSG.size, len(payload)):
+    for kind, lo, hi in attributes(payload, RTMSG.size, len(payload)):
         if kind == RTA_DST:
             dst = payload[lo:hi]
         elif kind == RTA_GATEWAY:
@@ -495,7 +495,7 @@ def _multipath_gateways(family: int, payload: bytes, lo: int, hi: int) -> Iterat
         (length,) = struct.unpack_from("=H", payload, lo)
         if length < 8:
             return
-        for kind, alo, ahi in _attrs(payload, lo + 8, lo + length):
+        for kind, alo, ahi in attributes(payload, lo + 8, lo + length):
             if kind == RTA_GATEWAY:
                 yield _address_text(family, payload[alo:ahi])
         lo += (length + 3) & ~3

@@ -375,7 +375,7 @@ class VxlanBackend:
         self._config = config
         self._netns = netns
         self._blackhole = ctx.blackhole_own_subnet
-        directory = state_dir or getattr(ctx, "state_dir", None) or os.environ.get(STATE_DIR_ENV)
+        directory = state_dir or ctx.state_dir or os.environ.get(STATE_DIR_ENV)
         # Named by VTEP address too: nodes that share a filesystem (namespaces on one host) or
         # a disk image with the file in it never share a VtepMAC.
         name = f"vxlan-{self.options.vni}-{local}.mac"

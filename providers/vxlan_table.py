@@ -56,7 +56,7 @@ from providers.netlink import (
     RECV_SIZE,
     Netlink,
     NetlinkError,
-    _attrs,
+    attributes,
     get_link,
     messages,
 )
@@ -510,7 +510,7 @@ def _parse_neighbour(kind: int, payload: bytes, index: int) -> tuple[str, str, i
     if ifindex != index or family not in (socket.AF_INET, AF_BRIDGE):
         return None
     ip = mac = ""
-    for attr, lo, hi in _attrs(payload, _NDMSG.size, len(payload)):
+    for attr, lo, hi in attributes(payload, _NDMSG.size, len(payload)):
         if attr == NDA_DST and hi - lo == 4:
             ip = socket.inet_ntop(socket.AF_INET, payload[lo:hi])
         elif attr == NDA_LLADDR and hi - lo == 6:
