@@ -1,5 +1,5 @@
 """udp: peers reached through the TUN device ``flannel0`` and a UDP socket, wire-compatible
-with flanneld's udp backend (flannel.md §3): same port (``Backend.Port``, default 8285), the
+with flanneld's udp backend: same port (``Backend.Port``, default 8285), the
 bare IP packet as the payload, and a lease with the PublicIP only (no BackendType, no
 BackendData), so nodes running flanneld's udp backend and cloudroutes' share one network.
 
@@ -33,7 +33,7 @@ from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
 from cloudroutes.routes import Action, Observation, Outcome, Plan, Route, TableLimits
 from providers.host_gw import blackhole_routes
 from providers.kernel import KernelRouteTable
-from providers.udp_forwarder import DEFAULT_PORT, Forwarder, Peer
+from providers.udp_forwarder import DEFAULT_PORT, SOL_UDP, UDP_GRO, Forwarder, Peer
 from providers.vxlan import configure_device
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ MIN_MTU = 68
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 _WATCH_PERIOD = 1.0
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -66,8 +67,9 @@ def parse_port(value: object) -> int:
 
 
 def open_tun(name: str = DEVICE) -> int:
-    """Create the TUN device ``name`` (packets without a packet-information header) and return
-    its fd; the device goes away when the last fd is closed."""
+    """Create the TUN device ``name`` (packets without a packet-information header, with a
+    virtio_net_hdr so that the forwarder can write TCP bursts) and return its fd; the device
+    goes away when the last fd is closed."""
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
@@ -76,7 +78,8 @@ def open_tun(name: str = DEVICE) -> int:
             "(modprobe tun) and run the agent as root"
         ) from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
     except OSError as exc:
         os.close(fd)
         if exc.errno == errno.EBUSY:
@@ -109,6 +112,8 @@ def bind_socket(address: IPv4Address, port: int) -> socket.socket:
     for option in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    # Runs of datagrams from one peer come in one read (the forwarder tells them apart).
+    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
     try:
         sock.bind((str(address), port))
     except OSError as exc:

@@ -1,12 +1,15 @@
 """The udp backend's data path: bare IPv4 packets between the TUN device and a UDP socket,
-as flanneld's udp backend sends them (flannel.md §3), so the two interoperate.
+one packet per datagram as flanneld's udp backend sends them, so the two interoperate.
 
-Python touches every packet here, so the loops are built for throughput:
+Python touches every packet here, so the loops are built for throughput (bench/udp_throughput.py
+measures them against the vxlan backend):
 
 - two worker processes, one per direction (TUN -> UDP and UDP -> TUN): separate processes,
   not threads, so the two directions and the agent's own threads never share one GIL;
-- each loop is one blocking read and one send per packet, into one preallocated buffer,
-  with no poll() per packet and no per-packet allocation besides a memoryview slice;
+- batches (see below): a run of packets read from the TUN leaves in one UDP send, and a run of
+  datagrams arrives in one read and, when they are segments of one TCP flow, enters the TUN in
+  one write;
+- preallocated buffers, no per-packet allocation besides memoryview slices;
 - the TTL's checksum fix is a table lookup: decrementing the TTL changes the header's
   checksum by an amount that depends only on the old checksum (RFC 1624, eqn. 3);
 - the peer lookup is a dict keyed by the destination masked to the lease length: one mask
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -166,6 +170,86 @@ def read_table(stream: IO[bytes]) -> list[tuple[int, int, int]] | None:
     return [_TABLE_ROW.unpack_from(body, i * _TABLE_ROW.size) for i in range(count)]
 
 
+# --- batches: one UDP send for a run of packets, one TUN write for a run of TCP segments ---------
+#
+# The TUN carries a virtio_net_hdr before each packet. Packets read from it in a row, all for one
+# peer and of one size, go out in one sendmsg() with UDP_SEGMENT: the kernel sends each as its
+# own datagram, exactly what flanneld sends and expects. The other way, UDP_GRO hands us a run of
+# datagrams from one peer in one read; coalesce() turns consecutive segments of one TCP flow into
+# one burst for the TUN, so the kernel's TCP receive path takes them at once.
+
+VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_SIZE = VNET_HDR.size
+NEEDS_CSUM = 1
+GSO_TCPV4 = 1
+NO_VNET_HDR = bytes(VNET_HDR_SIZE)
+IPPROTO_TCP = 6
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+# The largest UDP payload of one IPv4 datagram, and the most segments one UDP_SEGMENT send takes.
+MAX_UDP_PAYLOAD = 65507
+MAX_SEGMENTS = 64
+TCP_ACK = 0x10
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """The ones' complement sum of ``data`` as 16-bit words, modulo 0xffff (so 0xffff reads 0,
+    the same number in ones' complement): 2**16 is 1 modulo 0xffff, so the big-endian integer
+    of the bytes has the same remainder as the sum of its words. One C pass, no Python loop."""
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    return value % 0xFFFF
+
+
+def coalesce(buf: memoryview, n: int, size: int, out: bytearray) -> tuple[int, bytes] | None:
+    """Join the packets ``buf[:n]``, each ``size`` bytes but the last, into one TCP burst in
+    ``out`` with its TTL decremented; (its length, its virtio_net_hdr). None unless they are
+    consecutive segments of one TCP flow that nothing but sequence and length tell apart
+    (the packets are then written one by one)."""
+    if buf[0] & 0xF0 != 0x40 or buf[9] != IPPROTO_TCP or buf[8] <= 1:
+        return None
+    ihl = (buf[0] & 0x0F) * 4
+    t = ihl
+    thl = (buf[t + 12] >> 4) * 4
+    h = ihl + thl
+    mss = size - h
+    if mss <= 0 or ((buf[6] << 8) | buf[7]) & 0x3FFF:
+        return None  # a fragment
+    same = (slice(6, 10), slice(12, t + 4), slice(t + 8, t + 13), slice(t + 14, t + 16),
+            slice(t + 18, h))  # fmt: skip
+    first = [bytes(buf[part]) for part in same]
+    seq = int.from_bytes(buf[t + 4 : t + 8], "big")
+    o = h
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        if ((buf[start + 2] << 8) | buf[start + 3]) != end - start or end - start <= h:
+            return None
+        if int.from_bytes(buf[start + t + 4 : start + t + 8], "big") != seq:
+            return None
+        bits = buf[start + t + 13]
+        if bits != TCP_ACK and not (end == n and (bits & ~0x08) == TCP_ACK):
+            return None
+        for part, value in zip(same, first, strict=True):
+            if buf[start + part.start : start + part.stop] != value:
+                return None
+        payload = end - start - h
+        out[o : o + payload] = buf[start + h : end]
+        o += payload
+        seq = (seq + payload) & 0xFFFFFFFF
+    out[:h] = buf[:h]
+    out[2:4] = o.to_bytes(2, "big")
+    out[8] -= 1
+    out[10:12] = b"\0\0"
+    out[10:12] = (~ones_sum(out[:ihl]) & 0xFFFF).to_bytes(2, "big")
+    out[t + 13] = bits
+    # CHECKSUM_PARTIAL: the field holds the pseudo-header sum; the kernel trusts the rest.
+    pseudo = (ones_sum(out[12:20]) + IPPROTO_TCP + o - ihl) % 0xFFFF
+    out[t + 16 : t + 18] = pseudo.to_bytes(2, "big")
+    return o, VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, h, mss, ihl, 16)
+
+
 # --- the loops (run in the worker processes) -----------------------------------------------------
 
 
@@ -186,35 +270,69 @@ class TunToUdp:
         os._exit(0)
 
     def run(self) -> None:
-        buf = bytearray(BUFFER_SIZE)
+        """Read packets until the TUN has no more, sending runs of same-sized packets to one
+        peer as one UDP_SEGMENT batch (the kernel sends each packet as its own datagram); a run
+        is sent when the TUN runs dry, so batching adds no delay."""
+        buf = bytearray(MAX_UDP_PAYLOAD + BUFFER_SIZE)
         view = memoryview(buf)
-        buffers = [buf]
-        readv, write, sendto = os.readv, os.write, self.sock.sendto
-        tun, fix = self.tun, TTL_CHECKSUM
+        header = bytearray(VNET_HDR_SIZE)
+        readv, tun, fix = os.readv, self.tun, TTL_CHECKSUM
+        os.set_blocking(tun, False)
+        waiter = select.poll()
+        waiter.register(tun, select.POLLIN)
+        wait = waiter.poll
+        send = self.send
+        # The run in buf[:o]: its peer and the size of each of its packets.
+        o, size, batch = 0, 0, None
         while True:
-            n = readv(tun, buffers)
-            if n < 20 or buf[0] & 0xF0 != 0x40:
+            try:
+                n = readv(tun, [header, view[o : o + BUFFER_SIZE]]) - VNET_HDR_SIZE
+            except BlockingIOError:
+                if o:
+                    send(view[:o], size, batch)
+                    o = 0
+                wait()
+                continue
+            if n < 20 or buf[o] & 0xF0 != 0x40:
                 continue  # not IPv4 (the kernel's IPv6 chatter on the device)
-            destination = (buf[16] << 24) | (buf[17] << 16) | (buf[18] << 8) | buf[19]
+            destination = int.from_bytes(view[o + 16 : o + 20], "big")
             peer = None
             for mask, peers in self.table:
                 peer = peers.get(destination & mask)
                 if peer is not None:
                     break
             if peer is None:
-                error = net_unreachable(view[:n], self.source)
+                error = net_unreachable(view[o : o + n], self.source)
                 if error is not None:
-                    write(tun, error)
+                    os.writev(tun, [NO_VNET_HDR, error])
                 continue
-            ttl = buf[8]
+            ttl = buf[o + 8]
             if ttl <= 1:
                 continue
-            buf[8] = ttl - 1
-            buf[10:12] = fix[(buf[10] << 8) | buf[11]]
-            try:  # noqa: SIM105 (suppress() costs a context manager per packet)
-                sendto(view[:n], peer)
-            except OSError:
-                pass  # a full queue or an unreachable peer: dropped, as a router would
+            buf[o + 8] = ttl - 1
+            c = o + 10
+            buf[c : c + 2] = fix[(buf[c] << 8) | buf[c + 1]]
+            if o and (peer != batch or n > size):
+                # It cannot join the run: send the run, and start another with it.
+                send(view[:o], size, batch)
+                buf[:n] = bytes(view[o : o + n])
+                o = 0
+            if not o:
+                size, batch = n, peer
+            o += n
+            if n < size or o + size > MAX_UDP_PAYLOAD or o >= MAX_SEGMENTS * size:
+                send(view[:o], size, batch)  # a shorter packet ends a run
+                o = 0
+
+    def send(self, run: memoryview, size: int, peer: tuple[str, int] | None) -> None:
+        try:
+            if len(run) == size:
+                self.sock.sendto(run, peer)
+            else:
+                cmsg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+                self.sock.sendmsg([run], cmsg, 0, peer)
+        except OSError:
+            pass  # a full queue or an unreachable peer: dropped, as a router would
 
 
 class UdpToTun:
@@ -233,21 +351,41 @@ class UdpToTun:
     def run(self) -> None:
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
-        recv_into, write = self.sock.recv_into, os.write
-        tun, fix = self.tun, TTL_CHECKSUM
+        out = bytearray(BUFFER_SIZE)
+        out_view = memoryview(out)
+        buffers = [buf]
+        recvmsg_into, writev = self.sock.recvmsg_into, os.writev
+        tun, fix, no_header = self.tun, TTL_CHECKSUM, NO_VNET_HDR
+        cmsg_space = socket.CMSG_SPACE(4)
         while True:
             try:
-                n = recv_into(buf)
+                n, ancillary, _, _ = recvmsg_into(buffers, cmsg_space)
             except OSError:
                 continue  # an ICMP error for an earlier send, reported on this socket
-            if n < 20 or buf[0] & 0xF0 != 0x40 or buf[8] <= 1:
-                continue
-            buf[8] -= 1
-            buf[10:12] = fix[(buf[10] << 8) | buf[11]]
-            try:  # noqa: SIM105 (suppress() costs a context manager per packet)
-                write(tun, view[:n])
-            except OSError:
-                pass  # the kernel refused a malformed packet: peers' input is untrusted
+            size = n
+            for level, kind, data in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    size = int.from_bytes(data[:4], sys.byteorder)
+            if size < n:
+                merged = coalesce(view, n, size, out)
+                if merged is not None:
+                    length, header = merged
+                    try:  # noqa: SIM105 (suppress() costs a context manager per packet)
+                        writev(tun, [header, out_view[:length]])
+                    except OSError:
+                        pass
+                    continue
+            for start in range(0, n, size):
+                end = min(start + size, n)
+                if end - start < 20 or buf[start] & 0xF0 != 0x40 or buf[start + 8] <= 1:
+                    continue
+                buf[start + 8] -= 1
+                c = start + 10
+                buf[c : c + 2] = fix[(buf[c] << 8) | buf[c + 1]]
+                try:  # noqa: SIM105 (suppress() costs a context manager per packet)
+                    writev(tun, [no_header, view[start:end]])
+                except OSError:
+                    pass  # the kernel refused a malformed packet: peers' input is untrusted
 
 
 def worker_main(argv: Sequence[str]) -> None:
