@@ -5,11 +5,13 @@ agent on every node. Everything is removed at the end, also on Ctrl-C.
 
 - host-gw: every node's subnet gateway pings every other node's through the routes the agents
   programmed; then the leases and each node's routes are printed.
-- aws-vpc: the nodes are instances of a fake AWS on this machine (moto behind a counting
-  proxy, and one instance metadata service per node, in a "cloud" namespace on the switch).
-  The VPC route table is printed as the agents fill it, with the owner of each route per the
-  ledger in etcd; then one node leaves the cluster (its agent stops, its lease is deleted) and
-  the table is printed again once the elected agent has removed its route.
+- aws-vpc, ali-vpc, gce: the nodes are instances of that cloud's fake on this machine (moto
+  for EC2, the Alibaba VPC and Compute API fakes of cloudroutes.lab, each behind a counting
+  proxy, and one metadata server per node, all in a "cloud" namespace on the switch). The
+  route table (GCE: the network's routes) is printed as the agents fill it, with the owner
+  of each route per the ledger in etcd and the cluster's marker on the route; then one node
+  leaves the cluster (its agent stops, its lease is deleted) and the table is printed again
+  once the elected agent has removed its route.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ from ipaddress import ip_network
 from types import FrameType
 
 from cloudroutes.errors import ConfigError
-from cloudroutes.lab.cluster import AWS_VPC, LabCluster, LabNode
+from cloudroutes.lab.cluster import CLOUD_ADDRESS, CLOUDS, CloudRoute, LabCluster, LabNode
 from cloudroutes.ledger import LedgerEntry, decode_entry, ledger_path, parse_entry_key, within
 
 PREFIX = "/coreos.com/network"
-AWS_MODES = ("node", "cluster")
+CLOUD_MODES = ("node", "cluster")
+# The modules each cloud's demo runs on (its fake's client side and the agents' SDK).
+SDKS = {
+    "aws-vpc": ("moto", "boto3"),
+    "ali-vpc": ("aliyunsdkcore", "aliyunsdkvpc"),
+    "gce": ("google.cloud.compute_v1", "google.auth"),
+}
 # Seconds between the agents' full reads of the table; the default (300) would keep the demo
 # waiting minutes for the collector's next look.
 DEMO_RESYNC = 5
@@ -38,6 +46,13 @@ CONVERGE_TIMEOUT = 90.0
 # A node-mode collector leaves routes alone for their first minute (the node that made one may
 # hold a lease it has not heard of yet), then notices at its next read.
 LEAVE_TIMEOUT = 60 + 3 * DEMO_RESYNC + 30.0
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def say(text: str) -> None:
@@ -66,35 +81,38 @@ def _show_cluster(cluster: LabCluster) -> bool:
     return ok
 
 
-# --- aws-vpc -----------------------------------------------------------------------------------
+# --- the cloud backends (aws-vpc, ali-vpc, gce) -------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TableRow:
-    """One route of the VPC route table, as the demo prints it."""
+    """One route of the cloud's route table, as the demo prints it."""
 
+    name: str
     destination: str
     target: str
     state: str
     owner: str
 
 
-class AwsView:
-    """What the demo reads of an aws-vpc lab cluster: its route table, ledger and leaders."""
+class CloudView:
+    """What the demo reads of a cloud cluster: its route table, ledger and leaders (straight
+    from the fake and etcd: none of it counts as an agent's call)."""
 
     def __init__(self, cluster: LabCluster) -> None:
-        assert cluster.aws is not None
+        assert cluster.cloud is not None
         self.cluster = cluster
-        self.aws = cluster.aws
+        self.cloud = cluster.cloud
         self.table_id = cluster.route_table_id
         self.network = ip_network(cluster.network)
         # With no ClusterName in the config, the cluster is named after the etcd prefix.
-        self.ledger_prefix = ledger_path(PREFIX, PREFIX, self.table_id)
+        self.cluster_name = PREFIX
+        self.ledger_prefix = ledger_path(PREFIX, self.cluster_name, self.table_id)
 
     def node_named(self, text: str) -> str:
-        """A node's name for its address or ENI id; the text itself for anything else."""
+        """A node's name for its address or its instance's route target; else the text."""
         for node in self.cluster.nodes:
-            if text == node.address or (node.instance and text == node.instance.eni_id):
+            if text == node.address or (node.machine and text == node.machine.target):
                 return node.name
         return text
 
@@ -111,45 +129,36 @@ class AwsView:
         return entries
 
     def rows(self) -> list[TableRow]:
-        """DescribeRouteTables of the table (straight to moto: not counted as an agent call)."""
-        listing = self.aws.admin().describe_route_tables(RouteTableIds=[self.table_id])
         ledger = self.ledger()
         rows = []
-        for route in listing["RouteTables"][0]["Routes"]:
-            destination = route.get("DestinationCidrBlock") or route.get(
-                "DestinationIpv6CidrBlock", "?"
-            )
-            target = (
-                route.get("NetworkInterfaceId")
-                or route.get("InstanceId")
-                or route.get("GatewayId")
-                or "?"
-            )
-            name = self.node_named(target)
-            shown = target if name == target else f"{target} ({name})"
-            rows.append(
-                TableRow(destination, shown, route.get("State", "?"), self._owner(route, ledger))
-            )
+        for route in self.cloud.routes(self.cluster_name):
+            short = route.target.rsplit("/", 1)[-1]  # a GCE instance by its name
+            name = self.node_named(route.target)
+            shown = short if name == route.target else f"{short} ({name})"
+            owner = self._owner(route, ledger.get(route.destination))
+            rows.append(TableRow(route.name, route.destination, shown, route.state, owner))
         return rows
 
-    def _owner(self, route: dict[str, str], ledger: dict[str, LedgerEntry]) -> str:
-        """The ledger's rule: made by CreateRoute, inside the Network, recorded with this
-        target."""
-        destination = route.get("DestinationCidrBlock", "")
-        entry = ledger.get(destination)
-        target = route.get("NetworkInterfaceId", "")
-        if route.get("Origin") != "CreateRoute":
-            return f"AWS ({route.get('Origin', '?')})"
-        if not within(ip_network(destination), [self.network]):
+    def _owner(self, route: CloudRoute, entry: LedgerEntry | None) -> str:
+        """The ledger's rule: made through the API, inside the Network, recorded with this
+        target; and whether it carries the cluster's marker, where the cloud has them."""
+        if route.made_by_cloud:
+            return route.made_by_cloud
+        try:
+            destination = ip_network(route.destination)
+        except ValueError:
+            return "not cloudroutes' (unreadable destination)"
+        if not within(destination, [self.network]):
             return "not cloudroutes' (outside its Network)"
         if entry is None:
             return "not cloudroutes' (not in its ledger)"
-        if not entry.owns(target):
+        if not route.ledger_target or not entry.owns(route.ledger_target):
             return f"not cloudroutes' (its ledger records {entry.target})"
-        return f"cloudroutes (ledger: written by {self.node_named(entry.by)})"
+        marker = {None: "", True: ", marked", False: ", no marker (adopted)"}[route.marked]
+        return f"cloudroutes (ledger: written by {self.node_named(entry.by)}{marker})"
 
     def leaders(self) -> dict[str, str]:
-        """Each elected duty (aws-vpc-gc, aws-vpc-controller) and the node holding it."""
+        """Each elected duty (e.g. gce-gc, ali-vpc-controller) and the node holding it."""
         out = {}
         prefix = f"{PREFIX}/cloudroutes/leader/"
         for key, value in self.cluster.etcd_get_prefix(prefix).items():
@@ -161,8 +170,8 @@ class AwsView:
         return out
 
     def calls(self) -> str:
-        assert self.aws.proxy is not None
-        counts = self.aws.proxy.counts()
+        assert self.cloud.proxy is not None
+        counts = self.cloud.proxy.counts()
         actions = ", ".join(f"{a} {n}" for a, n in sorted(counts.by_action.items()))
         return f"{counts.reads} reads, {counts.writes} writes ({actions})"
 
@@ -170,21 +179,21 @@ class AwsView:
 class TableWatch:
     """Prints the route table whenever it changes, with the time since the agents started."""
 
-    def __init__(self, view: AwsView) -> None:
+    def __init__(self, view: CloudView) -> None:
         self.view = view
         self.started = time.monotonic()
         self._last: list[TableRow] | None = None
 
     def until(self, done: Callable[[dict[str, str]], bool], timeout: float, what: str) -> bool:
-        """Poll the table until ``done`` holds for {destination: target}; False on a timeout
-        or an agent that exited."""
+        """Poll the table until ``done`` holds for {destination: node name or target}; False
+        on a timeout or an agent that exited."""
         deadline = time.monotonic() + timeout
         while True:
             rows = self.view.rows()
             if rows != self._last:
                 self._print(rows)
                 self._last = rows
-            if done({r.destination: r.target.split(" ")[0] for r in rows}):
+            if done({r.destination: r.target for r in rows}):
                 return True
             for node in self.view.cluster.nodes:
                 if node.agent is not None and node.agent.poll() is not None:
@@ -197,58 +206,61 @@ class TableWatch:
 
     def _print(self, rows: list[TableRow]) -> None:
         elapsed = time.monotonic() - self.started
-        say(f"route table {self.view.table_id} (DescribeRouteTables) at {elapsed:.1f} s:")
-        head = TableRow("DESTINATION", "TARGET", "STATE", "OWNER")
-        every = [head, *rows]
-        widths = [max(len(r.destination) for r in every), max(len(r.target) for r in every)]
-        widths.append(max(len(r.state) for r in every))
-        for row in every:
-            cells = (row.destination, row.target, row.state)
-            line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+        view = self.view
+        say(f"route table {view.table_id} ({view.cloud.listing}) at {elapsed:.1f} s:")
+        head = TableRow("NAME", "DESTINATION", "TARGET", "STATE", "OWNER")
+        cells = [(r.name, r.destination, r.target, r.state) for r in (head, *rows)]
+        widths = [max(len(row[k]) for row in cells) for k in range(4)]
+        for row, shown in zip((head, *rows), cells, strict=True):
+            line = "  ".join(c.ljust(w) for c, w in zip(shown, widths, strict=True))
             print(f"    {line}  {row.owner}", flush=True)
 
 
-def _wanted(node: LabNode) -> tuple[str, str]:
-    assert node.instance is not None
-    return node.subnet, node.instance.eni_id
+def _routed(node: LabNode) -> tuple[str, str]:
+    """The node's subnet, and its route's target as the table shows it."""
+    assert node.machine is not None
+    return node.subnet, f"{node.machine.target.rsplit('/', 1)[-1]} ({node.name})"
 
 
-def _aws_vpc(cluster: LabCluster, mode: str) -> bool:
+def _cloud(cluster: LabCluster, mode: str) -> bool:
     """Start the agents and show the table filling, then one node leaving."""
-    view = AwsView(cluster)
+    view = CloudView(cluster)
     cluster.set_config()
     for node in cluster.nodes:
         cluster.start_agent(node, "--ip-masq")
     watch = TableWatch(view)
-    say("no pings here: moto keeps route tables but carries no packets; the table is the proof")
-    enis = {node.instance.eni_id for node in cluster.nodes if node.instance is not None}
+    say("no pings here: the fake cloud keeps route tables but carries no packets; the table is "
+        "the proof")  # fmt: skip
+    names = {f"({node.name})" for node in cluster.nodes}
     converged = watch.until(
-        lambda table: enis <= set(table.values()), CONVERGE_TIMEOUT, "a route to every node"
+        lambda table: names <= {t.split(" ")[-1] for t in table.values()},
+        CONVERGE_TIMEOUT,
+        "a route to every node",
     )
     if not converged:
         return False
     for node in cluster.nodes:
         cluster.wait_ready(node)
-        assert node.instance is not None
+        assert node.machine is not None
         say(
-            f"{node.name} ({node.address}): instance {node.instance.instance_id}, ENI "
-            f"{node.instance.eni_id}, FLANNEL_SUBNET={node.subnet_env()['FLANNEL_SUBNET']}"
+            f"{node.name} ({node.address}): {node.machine.shown}, "
+            f"FLANNEL_SUBNET={node.subnet_env()['FLANNEL_SUBNET']}"
         )
-    want = dict(_wanted(node) for node in cluster.nodes)
+    want = dict(_routed(node) for node in cluster.nodes)
     if not watch.until(
-        lambda table: all(table.get(d) == eni for d, eni in want.items()),
+        lambda table: all(table.get(d) == t for d, t in want.items()),
         CONVERGE_TIMEOUT,
-        "every node's subnet routed to its ENI",
+        "every node's subnet routed to its instance",
     ):
         return False
-    say(f"converged: every node's subnet routes to its ENI; EC2 calls so far: {view.calls()}")
+    say(f"converged: every node's subnet routes to its instance; API calls so far: {view.calls()}")
     leaders = view.leaders()
     for duty, holder in sorted(leaders.items()):
         say(f"elected for {duty}: {holder}")
     leaving = next(
         (n for n in reversed(cluster.nodes) if n.name not in leaders.values()), cluster.nodes[-1]
     )
-    subnet, eni = _wanted(leaving)
+    subnet, target = _routed(leaving)
     say(f"{leaving.name} leaves the cluster: its agent stops, then its lease is deleted")
     cluster.stop_agent(leaving)
     assert cluster.etcd is not None
@@ -261,14 +273,14 @@ def _aws_vpc(cluster: LabCluster, mode: str) -> bool:
         )
     else:
         say("the elected writer deletes its route as soon as it sees the lease deleted")
-    others = {d: e for d, e in want.items() if d != subnet}
+    others = {d: t for d, t in want.items() if d != subnet}
     gone = watch.until(
-        lambda table: subnet not in table and all(table.get(d) == e for d, e in others.items()),
+        lambda table: subnet not in table and all(table.get(d) == t for d, t in others.items()),
         LEAVE_TIMEOUT,
-        f"{leaving.name}'s route {subnet} -> {eni} to go",
+        f"{leaving.name}'s route {subnet} -> {target} to go",
     )
     if gone:
-        say(f"{leaving.name}'s route is gone, the others stayed; EC2 calls: {view.calls()}")
+        say(f"{leaving.name}'s route is gone, the others stayed; API calls: {view.calls()}")
     return gone
 
 
@@ -280,16 +292,20 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
         raise ConfigError("the demo builds network namespaces and needs root; run it with sudo")
     if nodes < 2:
         raise ConfigError("--nodes must be at least 2 for nodes to reach each other")
-    if mode is not None and backend != AWS_VPC:
-        raise ConfigError(f"--mode is an option of --backend {AWS_VPC}; leave it out for {backend}")
-    mode = mode or "node"
-    if mode not in AWS_MODES:
-        raise ConfigError(f'--mode must be "node" or "cluster", got {mode!r}')
-    cloud = backend == AWS_VPC
-    if cloud and not all(importlib.util.find_spec(m) for m in ("moto", "boto3")):
+    cloud = backend in CLOUDS
+    if mode is not None and not cloud:
         raise ConfigError(
-            "the aws-vpc demo runs a fake AWS with moto and boto3, which are not installed; "
-            "run `make demo BACKEND=aws-vpc`, or pip install 'cloudroutes[aws,test]'"
+            f"--mode is an option of the cloud backends ({', '.join(CLOUDS)}); leave it out "
+            f"for {backend}"
+        )
+    mode = mode or "node"
+    if mode not in CLOUD_MODES:
+        raise ConfigError(f'--mode must be "node" or "cluster", got {mode!r}')
+    missing = [m for m in SDKS.get(backend, ()) if not _installed(m)]
+    if missing:
+        raise ConfigError(
+            f"the {backend} demo needs {', '.join(missing)}, which is not installed; run "
+            f"`make demo BACKEND={backend}`, or pip install 'cloudroutes[all,test]'"
         )
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
@@ -301,7 +317,7 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
     options = {"Mode": mode, "ResyncPeriod": DEMO_RESYNC} if cloud else {}
     cluster = LabCluster(nodes, backend=backend, backend_options=options)
     try:
-        where = " and a fake AWS (moto, IMDS) on 198.18.0.253" if cloud else ""
+        where = f" and {CLOUDS[backend].what} on {CLOUD_ADDRESS}" if cloud else ""
         say(f"building {nodes} nodes, an etcd machine{where} on 198.18.0.0/24 (backend {backend})")
         cluster.build()
         mode_text = f", Mode {mode}" if cloud else ""
@@ -310,7 +326,7 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
             f"(logs: {cluster.workdir})"
         )
         if cloud:
-            ok = _aws_vpc(cluster, mode)
+            ok = _cloud(cluster, mode)
         else:
             cluster.start("--ip-masq")
             ok = _show_cluster(cluster)

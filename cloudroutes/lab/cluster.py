@@ -5,11 +5,12 @@ the machine) and runs a real ``cloudroutes agent``. Once a node has written subn
 FLANNEL_SUBNET gateway address goes on a ``cni0`` bridge, as Docker or the CNI bridge plugin
 would put it. The demo and the end-to-end tests both build their clusters with this.
 
-With ``backend="aws-vpc"`` the cluster also gets a fake AWS (cloudroutes.lab.aws.AwsLab): a
-"cloud" namespace on the switch holds the EC2 endpoint (a counting proxy in front of moto) and
-one IMDS stub per node, each node is an instance of a VPC whose addresses are the nodes'
-underlay addresses, and each agent runs with its own instance's environment and nothing from
-the host's AWS configuration.
+With a cloud backend (aws-vpc, ali-vpc, gce) the cluster also gets that cloud's fake: a "cloud"
+namespace on the switch holds the API endpoint (a counting proxy in front of the fake) and one
+metadata server per node, each node is an instance whose address is its underlay address, and
+each agent runs with its own instance's environment and nothing from the host's configuration
+for that cloud. What differs between the clouds is a ``CloudFake`` (one small class each);
+the cluster does the same with all of them.
 """
 
 from __future__ import annotations
@@ -21,22 +22,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from cloudroutes.errors import CloudroutesError
-from cloudroutes.lab.aws import AwsLab, LabInstance
+from cloudroutes.lab.alibaba import AlibabaLab
+from cloudroutes.lab.aws import AwsLab
 from cloudroutes.lab.etcd import EtcdCluster
+from cloudroutes.lab.fault_proxy import FaultProxy
+from cloudroutes.lab.gce import GceLab
 from cloudroutes.lab.netns import Netns, Underlay, unique_name
 from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
 ETCD_ADDRESS = "198.18.0.254"
-# The fake AWS's endpoints (EC2 and every node's IMDS), as a cloud's sit on the instance's network.
+# A fake cloud's endpoints (its API and every node's metadata server), as a cloud's sit on the
+# instance's network.
 CLOUD_ADDRESS = "198.18.0.253"
 AWS_VPC = "aws-vpc"
+ALI_VPC = "ali-vpc"
+GCE = "gce"
 
 # GET a URL from inside a node: prints the status code (0 when nothing answered), then the body.
 _HTTP_GET = """
@@ -70,8 +78,8 @@ class LabNode:
     run_dir: Path
     agent: subprocess.Popen[bytes] | None = None
     agent_args: list[str] = field(default_factory=list)
-    # The EC2 instance this node is, in an aws-vpc cluster.
-    instance: LabInstance | None = None
+    # The instance this node is, in a cloud backend's cluster.
+    machine: CloudMachine | None = None
 
     @property
     def subnet_file(self) -> Path:
@@ -121,13 +129,260 @@ class LabNode:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
 
+# --- the clouds --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CloudMachine:
+    """The instance a node of a cloud cluster is."""
+
+    instance: str  # its id (EC2, ECS) or name (GCE)
+    target: str  # what its lease's route points at, as the cloud lists it
+    shown: str  # how the demo introduces it, e.g. "instance i-0abc, ENI eni-0def"
+
+
+@dataclass(frozen=True)
+class CloudRoute:
+    """One route of the cloud's table, as the fake holds it (read without an agent call)."""
+
+    name: str  # "-" where the cloud names no routes (EC2)
+    destination: str
+    target: str  # a CloudMachine.target for a route to an instance, else the cloud's own hop
+    state: str
+    made_by_cloud: str  # "" for a route made through the API, else who made it: "AWS (...)"
+    ledger_target: str  # what the ledger records for this route when it is cloudroutes'
+    marked: bool | None  # it carries the cluster's marker; None: the cloud has no markers
+
+
+class CloudFake(Protocol):
+    """What a cluster needs of one cloud's fake; everything else is the same for every cloud."""
+
+    backend: str
+    what: str  # "a fake AWS (moto, IMDS)", for the demo
+    listing: str  # the API call that lists the table, for the demo
+    proxy: FaultProxy | None  # in front of the API, counting the agents' calls
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def table_id(self) -> str:
+        """The route table the agents keep (their ledger's table id)."""
+        ...
+
+    def machine(self, i: int) -> CloudMachine: ...
+
+    def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
+        """Node i's agent environment: ``base`` without the host's settings for this cloud,
+        with the lab's endpoints; credentials come from its metadata server."""
+        ...
+
+    def backend_config(self) -> dict[str, Any]:
+        """The Backend options a cluster of this cloud starts with."""
+        ...
+
+    def routes(self, cluster: str) -> list[CloudRoute]: ...
+
+
+class _Lab(Protocol):
+    proxy: FaultProxy | None
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+
+LabT = TypeVar("LabT", bound=_Lab)
+
+
+class _Started(Generic[LabT]):
+    """A cloud's lab as the cluster starts and stops it; the proxy counts the agents' calls."""
+
+    def __init__(self, lab: LabT) -> None:
+        self.lab = lab
+
+    @property
+    def proxy(self) -> FaultProxy | None:
+        return self.lab.proxy
+
+    def start(self) -> None:
+        self.lab.start()
+
+    def stop(self) -> None:
+        self.lab.stop()
+
+
+class AwsFake(_Started[AwsLab]):
+    backend = AWS_VPC
+    what = "a fake AWS (moto, IMDS)"
+    listing = "DescribeRouteTables"
+
+    def __init__(self, addresses: Sequence[str], host: str, netns: str) -> None:
+        super().__init__(AwsLab(addresses, tables=1, host=host, netns=netns))
+
+    @property
+    def table_id(self) -> str:
+        assert self.lab.vpc is not None, "started"
+        return self.lab.vpc.main_route_table_id
+
+    def machine(self, i: int) -> CloudMachine:
+        assert self.lab.vpc is not None, "started"
+        instance = self.lab.vpc.instances[i]
+        shown = f"instance {instance.instance_id}, ENI {instance.eni_id}"
+        return CloudMachine(instance.instance_id, instance.eni_id, shown)
+
+    def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
+        return self.lab.node_env(i, base)
+
+    def backend_config(self) -> dict[str, Any]:
+        return {"Mode": "node", "RouteTableID": self.table_id}
+
+    def routes(self, cluster: str) -> list[CloudRoute]:
+        listing = self.lab.admin().describe_route_tables(RouteTableIds=[self.table_id])
+        out = []
+        for route in listing["RouteTables"][0]["Routes"]:
+            eni = route.get("NetworkInterfaceId", "")
+            hop = eni or route.get("InstanceId") or route.get("GatewayId") or "?"
+            origin = route.get("Origin", "?")
+            out.append(
+                CloudRoute(
+                    name="-",
+                    destination=route.get("DestinationCidrBlock")
+                    or route.get("DestinationIpv6CidrBlock", "?"),
+                    target=hop,
+                    state=route.get("State", "?"),
+                    made_by_cloud="" if origin == "CreateRoute" else f"AWS ({origin})",
+                    ledger_target=eni,
+                    marked=None,
+                )
+            )
+        return out
+
+
+class AlibabaFake(_Started[AlibabaLab]):
+    backend = ALI_VPC
+    what = "a fake Alibaba Cloud (VPC API, ECS metadata)"
+    listing = "DescribeRouteEntryList"
+    # What may carry a host's Alibaba credentials into an agent.
+    HOST_ENV = ("ACCESS_KEY_", "ALIBABA_CLOUD_", "ALICLOUD_", "CLOUDROUTES_ALIYUN_")
+
+    def __init__(self, addresses: Sequence[str], host: str, netns: str) -> None:
+        super().__init__(AlibabaLab(addresses, host=host, netns=netns))
+
+    @property
+    def table_id(self) -> str:
+        assert self.lab.vpc is not None, "started"
+        return self.lab.vpc.route_table_id
+
+    def machine(self, i: int) -> CloudMachine:
+        assert self.lab.vpc is not None, "started"
+        instance = self.lab.vpc.instances[i].instance_id
+        return CloudMachine(instance, instance, f"instance {instance}")
+
+    def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
+        from providers.ali_vpc import ENDPOINT_ENV, METADATA_ENV
+
+        endpoints = self.lab.node(i)
+        env = {k: v for k, v in base.items() if not k.startswith(self.HOST_ENV)}
+        env[METADATA_ENV] = endpoints.metadata_url
+        env[ENDPOINT_ENV] = endpoints.api_url
+        return env
+
+    def backend_config(self) -> dict[str, Any]:
+        # No RouteTableIDs: the agents find their vRouter's table, as on a one-table VPC.
+        return {"Mode": "node"}
+
+    def routes(self, cluster: str) -> list[CloudRoute]:
+        from providers.ali_route_table import Markers
+
+        ours = Markers(cluster).name
+        return [
+            CloudRoute(
+                name=entry.name or "-",
+                destination=entry.destination,
+                target=entry.next_hop_id or entry.next_hop_type,
+                state=entry.status,
+                made_by_cloud="" if entry.kind == "Custom" else f"Alibaba ({entry.kind})",
+                ledger_target=entry.next_hop_id if entry.next_hop_type == "Instance" else "",
+                marked=entry.name == ours,
+            )
+            for entry in self.lab.api.entries(self.table_id, kind=None)
+        ]
+
+
+class GceFake(_Started[GceLab]):
+    backend = GCE
+    what = "a fake GCE (Compute API, metadata servers)"
+    listing = "routes.list"
+
+    def __init__(self, addresses: Sequence[str], host: str, netns: str) -> None:
+        super().__init__(GceLab(addresses, host=host, netns=netns))
+
+    @property
+    def table_id(self) -> str:
+        assert self.lab.project is not None, "started"
+        return self.lab.project.network_path
+
+    def machine(self, i: int) -> CloudMachine:
+        assert self.lab.project is not None, "started"
+        instance = self.lab.project.instances[i]
+        return CloudMachine(instance.name, instance.path, f"instance {instance.name}")
+
+    def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
+        from providers.gce import API_ENDPOINT_VARIABLE
+
+        # GceLab.node_env leaves the API endpoint out: the agents reach it through the proxy.
+        env = self.lab.node_env(i, {k: v for k, v in base.items() if k != API_ENDPOINT_VARIABLE})
+        env[API_ENDPOINT_VARIABLE] = self.lab.api_url
+        return env
+
+    def backend_config(self) -> dict[str, Any]:
+        return {"Mode": "node"}
+
+    def routes(self, cluster: str) -> list[CloudRoute]:
+        from providers.gce_api import cluster_mark, resource_path, route_name
+        from providers.gce_route_table import ledger_target
+
+        assert self.lab.project is not None, "started"
+        mark = f"cloudroutes cluster={cluster_mark(cluster)}"
+        out = []
+        for route in self.lab.api.routes(self.lab.project.project_id):
+            name, destination = str(route["name"]), str(route["destRange"])
+            instance = resource_path(str(route.get("nextHopInstance", "")))
+            hop = next((str(v) for k, v in route.items() if k.startswith("nextHop")), "?")
+            warnings = ",".join(str(w.get("code")) for w in route.get("warnings", []))
+            kind = "the subnet's route" if route.get("routeType") == "SUBNET" else "default route"
+            own = name.startswith("default-route-")  # GCE's own routes for the network
+            canonical = route_name(cluster, ip_network(destination))
+            out.append(
+                CloudRoute(
+                    name=name,
+                    destination=destination,
+                    target=instance or hop.rsplit("/", 1)[-1],
+                    state=warnings or "active",
+                    made_by_cloud=f"GCE ({kind})" if own else "",
+                    ledger_target=ledger_target(instance, name, canonical) if instance else "",
+                    marked=mark in str(route.get("description", "")),
+                )
+            )
+        return out
+
+
+CLOUDS: dict[str, type[AwsFake] | type[AlibabaFake] | type[GceFake]] = {
+    AWS_VPC: AwsFake,
+    ALI_VPC: AlibabaFake,
+    GCE: GceFake,
+}
+
+
 class LabCluster:
     def __init__(
         self, nodes: int = 3, *, network: str = "10.5.0.0/16", backend: str = "host-gw",
         etcd_members: int = 1, backend_options: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
-        """``backend_options`` go into the network config's Backend object (an aws-vpc
-        cluster's default to Mode "node" and its VPC's main route table)."""
+        """``backend_options`` go into the network config's Backend object (a cloud
+        cluster's default to Mode "node", and its route table where the cloud needs one)."""
         self.node_count = nodes
         self.network = network
         self.backend = backend
@@ -140,7 +395,7 @@ class LabCluster:
         self.nodes: list[LabNode] = []
         self.cli = str(Path(sys.executable).with_name("cloudroutes"))
         self.cloud_host: Netns | None = None
-        self.aws: AwsLab | None = None
+        self.cloud: CloudFake | None = None
 
     # --- building -----------------------------------------------------------------------
 
@@ -152,35 +407,37 @@ class LabCluster:
         self.etcd_hosts.append(host)
         self.switch.plug(host, "eth0", f"{ETCD_ADDRESS}/24")
         self.etcd = EtcdCluster(size=self.etcd_members, host=ETCD_ADDRESS, netns=host.name).start()
-        if self.backend == AWS_VPC:
-            self._build_aws()
+        if self.backend in CLOUDS:
+            self._build_cloud()
         for i in range(1, self.node_count + 1):
             self.add_node(i)
         return self
 
-    def _build_aws(self) -> None:
+    def _build_cloud(self) -> None:
         assert self.switch is not None
-        self.cloud_host = Netns(unique_name("craws"))
+        self.cloud_host = Netns(unique_name("crcloud"))
         self.switch.plug(self.cloud_host, "eth0", f"{CLOUD_ADDRESS}/24")
         addresses = [node_address(i) for i in range(1, self.node_count + 1)]
-        self.aws = AwsLab(addresses, tables=1, host=CLOUD_ADDRESS, netns=self.cloud_host.name)
-        self.aws.start()
+        cloud = CLOUDS[self.backend](addresses, CLOUD_ADDRESS, self.cloud_host.name)
+        cloud.start()  # stops what it started if it fails: close() need not know
+        self.cloud = cloud
 
     def add_node(self, i: int) -> LabNode:
         assert self.switch is not None
-        instance = None
-        if self.aws is not None:
-            assert self.aws.vpc is not None
-            if not 1 <= i <= len(self.aws.vpc.instances):
-                raise ClusterError(f"node{i} has no instance in the lab's VPC; build it with more")
-            instance = self.aws.vpc.instances[i - 1]
+        machine = None
+        if self.cloud is not None:
+            if not 1 <= i <= self.node_count:
+                raise ClusterError(
+                    f"node{i} has no instance in the lab's cloud; build it with more"
+                )
+            machine = self.cloud.machine(i - 1)
         ns = Netns(unique_name(f"crn{i}-"))
         address = node_address(i)
         self.switch.plug(ns, "eth0", f"{address}/24")
         ns.sysctl("net.ipv4.ip_forward", "1")
         run_dir = self.workdir / f"node{i}"
         run_dir.mkdir(exist_ok=True)
-        node = LabNode(f"node{i}", ns, address, run_dir, instance=instance)
+        node = LabNode(f"node{i}", ns, address, run_dir, machine=machine)
         self.nodes.append(node)
         return node
 
@@ -215,15 +472,15 @@ class LabCluster:
 
     @property
     def route_table_id(self) -> str:
-        """The VPC route table the agents of an aws-vpc cluster keep."""
-        assert self.aws is not None and self.aws.vpc is not None, "an aws-vpc cluster, built"
-        return self.aws.vpc.main_route_table_id
+        """The route table the agents of a cloud cluster keep (GCE: their network's path)."""
+        assert self.cloud is not None, "a cloud backend's cluster, built"
+        return self.cloud.table_id
 
     def backend_config(self) -> dict[str, Any]:
         """The network config's Backend object."""
         backend: dict[str, Any] = {"Type": self.backend}
-        if self.aws is not None:
-            backend.update(Mode="node", RouteTableID=self.route_table_id)
+        if self.cloud is not None:
+            backend.update(self.cloud.backend_config())
         backend.update(self.backend_options)
         return backend
 
@@ -251,13 +508,13 @@ class LabCluster:
             )
 
     def agent_env(self, node: LabNode) -> dict[str, str]:
-        """The node's agent environment: this process's, and in an aws-vpc cluster its
-        instance's endpoints instead of any AWS_* setting of the host (region and credentials
-        then come from its IMDS, as on an instance)."""
+        """The node's agent environment: this process's, and in a cloud cluster its instance's
+        endpoints instead of the host's settings for that cloud (region and credentials then
+        come from its metadata server, as on an instance)."""
         env = dict(os.environ)
-        if self.aws is None:
+        if self.cloud is None:
             return env
-        return self.aws.node_env(self.nodes.index(node), env)
+        return self.cloud.node_env(self.nodes.index(node), env)
 
     def stop_agent(self, node: LabNode, *, kill: bool = False) -> int | None:
         if node.agent is None:
@@ -321,8 +578,8 @@ class LabCluster:
             self.etcd.close()
         for host in self.etcd_hosts:
             host.delete()
-        if self.aws is not None:
-            self.aws.stop()
+        if self.cloud is not None:
+            self.cloud.stop()
         if self.cloud_host is not None:
             self.cloud_host.delete()
         if self.switch is not None:

@@ -1,8 +1,10 @@
 """`cloudroutes demo` as `make demo` runs it: a subprocess whose output a user reads.
 
-host-gw: every ping passes. aws-vpc: each node's route appears in the VPC route table
-targeting its ENI, and after a node leaves, its route is gone and the others stay. Either way
-it exits 0 and leaves no namespace or lab directory behind, also when interrupted.
+host-gw: every ping passes. aws-vpc, ali-vpc, gce: each node's route appears in the cloud's
+route table targeting its instance (its ENI on AWS), owned by cloudroutes per its ledger (and
+its marker, where the cloud has them), the cloud's own routes are shown and never claimed, and
+after a node leaves, its route is gone and the others stay. Either way it exits 0 and leaves
+no namespace or lab directory behind, also when interrupted.
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ pytestmark = [needs_root, pytest.mark.root, pytest.mark.etcd, pytest.mark.slow]
 
 CLI = str(Path(sys.executable).with_name("cloudroutes"))
 NODE = re.compile(
-    r"^==> (node\d+) \(198\.18\.0\.\d+\): instance (i-\w+), ENI (eni-\w+), "
+    r"^==> (node\d+) \(198\.18\.0\.\d+\): instance ([-\w]+)(?:, ENI (eni-\w+))?, "
     r"FLANNEL_SUBNET=(10\.5\.\d+)\.1/24$"
 )
-ROW = re.compile(r"^    (\S+)\s+(\S+)(?: \((node\d+)\))?\s+(\S+)\s+(.+)$")
+ROW = re.compile(r"^    (\S+)\s+(\S+)\s+(\S+)(?: \((node\d+)\))?\s+(\S+)\s+(.+)$")
 LOGS = re.compile(r"\(logs: (\S+)\)")
 LEAVES = re.compile(r"^==> (node\d+) leaves the cluster")
 
 
 @dataclass(frozen=True)
 class Row:
+    name: str
     destination: str
     target: str
     node: str | None
@@ -86,7 +89,7 @@ class Demo:
             match = ROW.match(line) if current is not None else None
             if match is None:
                 current = None
-            elif match[1] != "DESTINATION":
+            elif match[1] != "NAME":
                 assert current is not None
                 current.append(Row(*match.groups()))
         return tables
@@ -109,16 +112,30 @@ def test_host_gw_demo_pings_every_node_and_cleans_up() -> None:
     assert leftovers(demo) == ([], False)
 
 
-CLUSTER_MODE = [CLI, "demo", "--backend", "aws-vpc", "--mode", "cluster"]
+@dataclass(frozen=True)
+class Cloud:
+    """What a cloud's demo shows that differs from the others'."""
+
+    backend: str
+    active: str  # the state of a route that works
+    cloud_owner: str  # how the owner column names a route the cloud made itself
+    marked: bool  # cloudroutes' routes carry its marker (a name or a description)
+
+
+AWS = Cloud("aws-vpc", "active", "AWS (", marked=False)
+ALIBABA = Cloud("ali-vpc", "Available", "Alibaba (", marked=True)
+GCE = Cloud("gce", "active", "GCE (", marked=True)
 
 
 @pytest.mark.parametrize(
-    "argv", [[CLI, "demo", "--backend", "aws-vpc"], CLUSTER_MODE], ids=["node-mode", "cluster-mode"]
+    ("cloud", "mode"),
+    [(AWS, "node"), (AWS, "cluster"), (ALIBABA, "node"), (GCE, "node"), (GCE, "cluster")],
+    ids=["aws-vpc-node", "aws-vpc-cluster", "ali-vpc-node", "gce-node", "gce-cluster"],
 )
-def test_aws_vpc_demo_routes_each_node_to_its_eni_and_removes_a_leaving_nodes_route(
-    argv: list[str],
+def test_cloud_demo_routes_each_node_to_its_instance_and_removes_a_leaving_nodes_route(
+    cloud: Cloud, mode: str
 ) -> None:
-    demo = Demo(argv=argv)
+    demo = Demo("--backend", cloud.backend, "--mode", mode)
     assert demo.wait(300) == 0, demo.output
     nodes = {m[1]: m.groups()[1:] for m in map(NODE.match, demo.lines) if m}
     assert sorted(nodes) == ["node1", "node2", "node3"], demo.output
@@ -131,23 +148,26 @@ def test_aws_vpc_demo_routes_each_node_to_its_eni_and_removes_a_leaving_nodes_ro
         subnet = f"{nodes[name][2]}.0/24"
         return next((r for r in table if r.destination == subnet), None)
 
-    for name, (_, eni, _) in nodes.items():
+    for name, (instance, eni, _) in nodes.items():
         row = routed(before, name)
         assert row is not None, f"{name}'s route is missing:\n{demo.output}"
-        assert (row.target, row.node, row.state) == (eni, name, "active")
+        assert (row.target, row.node, row.state) == (eni or instance, name, cloud.active)
         assert row.owner.startswith("cloudroutes (ledger"), row
+        assert row.owner.endswith(", marked)") == cloud.marked, row
         if name != left:
             assert routed(after, name) == row, f"{name}'s route changed:\n{demo.output}"
     assert routed(after, left) is None, f"{left}'s route stayed:\n{demo.output}"
-    # The VPC's own route is shown and never claimed.
-    local = next(r for r in after if r.target == "local")
-    assert not local.owner.startswith("cloudroutes")
+    # The cloud's own routes (the VPC's local route, GCE's subnet route) are shown and never
+    # claimed.
+    own = [r for r in after if r.owner.startswith(cloud.cloud_owner)]
+    assert own and not any(r.node for r in own), demo.output
     assert "no pings here" in demo.output
     assert leftovers(demo) == ([], False)
 
 
-def test_an_interrupted_aws_vpc_demo_cleans_up() -> None:
-    demo = Demo("--backend", "aws-vpc")
+@pytest.mark.parametrize("backend", ["aws-vpc", "ali-vpc", "gce"])
+def test_an_interrupted_cloud_demo_cleans_up(backend: str) -> None:
+    demo = Demo("--backend", backend)
     wait_for(
         lambda: any(line.startswith("==> route table ") for line in demo.lines),
         120,
