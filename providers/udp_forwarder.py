@@ -191,6 +191,8 @@ UDP_GRO = 104
 MAX_UDP_PAYLOAD = 65507
 MAX_SEGMENTS = 64
 TCP_ACK = 0x10
+TCP_PSH = 0x08
+_SEQ = struct.Struct("!I")
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
@@ -203,51 +205,61 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     return value % 0xFFFF
 
 
-def coalesce(buf: memoryview, n: int, size: int, out: bytearray) -> tuple[int, bytes] | None:
+def coalesce(buf: bytearray, n: int, size: int, out: bytearray) -> tuple[int, bytes] | None:
     """Join the packets ``buf[:n]``, each ``size`` bytes but the last, into one TCP burst in
     ``out`` with its TTL decremented; (its length, its virtio_net_hdr). None unless they are
-    consecutive segments of one TCP flow that nothing but sequence and length tell apart
-    (the packets are then written one by one)."""
-    if buf[0] & 0xF0 != 0x40 or buf[9] != IPPROTO_TCP or buf[8] <= 1:
+    consecutive segments of one TCP flow, without IP options, that nothing but sequence number,
+    length, IP id and checksums tell apart (the last may add PSH): the packets are then written
+    one by one. Every packet is checked, whatever its peer sent."""
+    if buf[0] != 0x45 or buf[9] != IPPROTO_TCP or buf[8] <= 1:
         return None
-    ihl = (buf[0] & 0x0F) * 4
-    t = ihl
-    thl = (buf[t + 12] >> 4) * 4
-    h = ihl + thl
-    mss = size - h
-    if mss <= 0 or ((buf[6] << 8) | buf[7]) & 0x3FFF:
-        return None  # a fragment
-    same = (slice(6, 10), slice(12, t + 4), slice(t + 8, t + 13), slice(t + 14, t + 16),
-            slice(t + 18, h))  # fmt: skip
-    first = [bytes(buf[part]) for part in same]
-    seq = int.from_bytes(buf[t + 4 : t + 8], "big")
+    h = 20 + (buf[32] >> 4) * 4
+    if size <= h or n > len(out):
+        return None
+    flags_ttl = bytes(buf[6:10])  # no fragment, one TTL, TCP
+    flow = bytes(buf[12:24])  # addresses and ports
+    ack = bytes(buf[28:33])  # acknowledgement number, data offset
+    window = bytes(buf[34:36])
+    options = bytes(buf[38:h])  # urgent pointer and options (timestamps)
+    if flags_ttl[0] & 0x3F or flags_ttl[1]:
+        return None
+    view = memoryview(buf)
+    seq_at = _SEQ.unpack_from
+    (seq,) = seq_at(buf, 24)
     o = h
-    for start in range(0, n, size):
-        end = min(start + size, n)
-        if ((buf[start + 2] << 8) | buf[start + 3]) != end - start or end - start <= h:
+    bits = TCP_ACK
+    # startswith() at an offset compares in place: no slice per field.
+    starts = buf.startswith
+    for s in range(0, n, size):
+        e = s + size if s + size < n else n
+        bits = buf[s + 33]
+        if (
+            buf[s] != 0x45
+            or ((buf[s + 2] << 8) | buf[s + 3]) != e - s
+            or e - s <= h
+            or seq_at(buf, s + 24)[0] != seq
+            or (bits != TCP_ACK and (e != n or bits != TCP_ACK | TCP_PSH))
+            or not starts(flow, s + 12)
+            or not starts(ack, s + 28)
+            or not starts(window, s + 34)
+            or not starts(options, s + 38)
+            or not starts(flags_ttl, s + 6)
+        ):
             return None
-        if int.from_bytes(buf[start + t + 4 : start + t + 8], "big") != seq:
-            return None
-        bits = buf[start + t + 13]
-        if bits != TCP_ACK and not (end == n and (bits & ~0x08) == TCP_ACK):
-            return None
-        for part, value in zip(same, first, strict=True):
-            if buf[start + part.start : start + part.stop] != value:
-                return None
-        payload = end - start - h
-        out[o : o + payload] = buf[start + h : end]
+        payload = e - s - h
+        out[o : o + payload] = view[s + h : e]
         o += payload
         seq = (seq + payload) & 0xFFFFFFFF
     out[:h] = buf[:h]
     out[2:4] = o.to_bytes(2, "big")
     out[8] -= 1
     out[10:12] = b"\0\0"
-    out[10:12] = (~ones_sum(out[:ihl]) & 0xFFFF).to_bytes(2, "big")
-    out[t + 13] = bits
+    out[10:12] = (~ones_sum(out[:20]) & 0xFFFF).to_bytes(2, "big")
+    out[33] = bits
     # CHECKSUM_PARTIAL: the field holds the pseudo-header sum; the kernel trusts the rest.
-    pseudo = (ones_sum(out[12:20]) + IPPROTO_TCP + o - ihl) % 0xFFFF
-    out[t + 16 : t + 18] = pseudo.to_bytes(2, "big")
-    return o, VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, h, mss, ihl, 16)
+    pseudo = (ones_sum(out[12:20]) + IPPROTO_TCP + o - 20) % 0xFFFF
+    out[36:38] = pseudo.to_bytes(2, "big")
+    return o, VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, h, size - h, 20, 16)
 
 
 # --- the loops (run in the worker processes) -----------------------------------------------------
@@ -367,7 +379,7 @@ class UdpToTun:
                 if level == SOL_UDP and kind == UDP_GRO:
                     size = int.from_bytes(data[:4], sys.byteorder)
             if size < n:
-                merged = coalesce(view, n, size, out)
+                merged = coalesce(buf, n, size, out)
                 if merged is not None:
                     length, header = merged
                     try:  # noqa: SIM105 (suppress() costs a context manager per packet)
