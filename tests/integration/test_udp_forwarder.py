@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -128,3 +129,53 @@ def test_the_workers_exit_when_their_agent_goes(pair: tuple[Node, Node]) -> None
     one.process.wait()
     wait_for(lambda: not one.ns.ip("link", "show", "flannel0", check=False), 10,
              "the workers to close flannel0")  # fmt: skip
+
+
+_SINK = """
+import hashlib, socket, sys
+server = socket.create_server((sys.argv[1], 7000))
+print("listening", flush=True)
+conn, _ = server.accept()
+digest, total = hashlib.sha256(), 0
+while chunk := conn.recv(1 << 16):
+    digest.update(chunk)
+    total += len(chunk)
+print(total, digest.hexdigest(), flush=True)
+"""
+
+_SOURCE = """
+import hashlib, os, socket, sys
+data = os.urandom(int(sys.argv[3]))
+conn = socket.create_connection((sys.argv[2], 7000), source_address=(sys.argv[1], 0))
+conn.sendall(data)
+conn.close()
+print(len(data), hashlib.sha256(data).hexdigest())
+"""
+
+
+def rx_packets(node: Node) -> int:
+    stats = json.loads(node.ns.ip("-s", "-j", "link", "show", "flannel0"))[0]["stats64"]
+    return int(stats["rx"]["packets"])
+
+
+def test_a_tcp_stream_arrives_whole_through_batches(pair: tuple[Node, Node]) -> None:
+    """Bulk TCP makes runs: UDP_SEGMENT sends, UDP_GRO reads, bursts written to the TUN."""
+    one, two = pair
+    one.set_peers(two)
+    two.set_peers(one)
+    size = 16 << 20
+    sink = subprocess.Popen(
+        ["ip", "netns", "exec", two.ns.name, sys.executable, "-c", _SINK, two.gateway],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
+        before = rx_packets(two)
+        sent = one.ns.run(sys.executable, "-c", _SOURCE, one.gateway, two.gateway, str(size))
+        received, _ = sink.communicate(timeout=60)
+    finally:
+        sink.kill()
+    assert received.split() == sent.stdout.split()
+    assert received.split()[0] == str(size)
+    writes = rx_packets(two) - before
+    assert writes < size // 1420, "segments of the stream entered the TUN as bursts"

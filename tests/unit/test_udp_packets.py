@@ -1,4 +1,5 @@
-"""The udp data path's packet logic: the TTL and its checksum, ICMP errors, the peer lookup."""
+"""The udp data path's packet logic: the TTL and its checksum, ICMP errors, the peer lookup,
+coalescing TCP segments."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from providers.udp_forwarder import (
+    GSO_TCPV4,
     ICMP_DEST_UNREACH,
     ICMP_NET_UNREACH,
+    NEEDS_CSUM,
+    TCP_ACK,
+    VNET_HDR,
     Peer,
     build_lookup,
     checksum,
+    coalesce,
     decrement_ttl,
     encode_table,
     lookup,
     net_unreachable,
+    ones_sum,
     read_table,
 )
 
@@ -150,3 +157,110 @@ def test_a_truncated_table_reads_as_the_end() -> None:
 
 def read_table_bytes(data: bytes) -> list[tuple[int, int, int]] | None:
     return read_table(io.BytesIO(data))
+
+
+# --- coalescing a run of TCP segments into one burst for the TUN -----------------------------------
+
+MSS = 1400
+FLOW_SEQ = 0xFFFFF000  # wraps inside the run
+
+
+def tcp_segment(seq: int, payload: bytes, *, flags: int = TCP_ACK, ident: int = 7,
+                window: int = 500, options: bytes = b"\x01\x01\x08\x0a" + bytes(8),
+                sport: int = 40000, ip_options: bytes = b"") -> bytearray:  # fmt: skip
+    offset = (20 + len(options)) // 4
+    header = struct.pack("!HHIIBBHHH", sport, 5201, seq & 0xFFFFFFFF, 2000, offset << 4, flags,
+                         window, 0, 0) + options  # fmt: skip
+    return ipv4(protocol=6, payload=header + payload, ident=ident, options=ip_options)
+
+
+def run_of(segments: list[bytearray]) -> tuple[bytearray, int, int]:
+    """The segments back to back, as one UDP_GRO read gives them: (buffer, length, size)."""
+    data = bytearray(b"".join(segments))
+    return data, len(data), len(segments[0])
+
+
+def stream(count: int, last: int = MSS) -> list[bytes]:
+    return [bytes([i]) * (MSS if i < count - 1 else last) for i in range(count)]
+
+
+def segments_of(payloads: list[bytes], **kwargs: int) -> list[bytearray]:
+    out, seq = [], FLOW_SEQ
+    for payload in payloads:
+        out.append(tcp_segment(seq, payload, **kwargs))  # type: ignore[arg-type]
+        seq += len(payload)
+    return out
+
+
+def test_ones_sum_is_the_internet_checksum_sum() -> None:
+    for data in (b"", b"\x01", bytes(range(256)) * 6, b"\xff\xff" * 9, bytes(range(77))):
+        assert (~ones_sum(data) & 0xFFFF) in (checksum(data), checksum(data) ^ 0xFFFF)
+        if checksum(data) not in (0, 0xFFFF):
+            assert ~ones_sum(data) & 0xFFFF == checksum(data)
+
+
+def test_a_run_of_one_flow_becomes_one_burst_with_a_gso_header() -> None:
+    payloads = stream(5, last=321)
+    segments = segments_of(payloads, flags=TCP_ACK)
+    segments[-1][33] = TCP_ACK | 0x08  # PSH on the last, as the sender's TSO leaves it
+    data, n, size = run_of(segments)
+    out = bytearray(65536)
+    merged = coalesce(data, n, size, out)
+    assert merged is not None
+    length, header = merged
+    burst = out[:length]
+    assert burst[52:] == b"".join(payloads), "the payloads in order"
+    assert int.from_bytes(burst[2:4], "big") == length
+    assert burst[8] == 63, "the TTL is decremented once"
+    assert checksum(burst[:20]) == 0
+    assert burst[33] == TCP_ACK | 0x08
+    assert int.from_bytes(burst[24:28], "big") == FLOW_SEQ
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(header)
+    assert (flags, gso, hdr_len, gso_size, csum_start, csum_offset) == (
+        NEEDS_CSUM, GSO_TCPV4, 52, MSS, 20, 16,
+    )  # fmt: skip
+    # The field holds the pseudo-header sum: finishing it as the kernel does (the sum of the
+    # rest, from csum_start) gives a checksum a receiver verifies.
+    tcp = bytearray(burst[20:])
+    partial = int.from_bytes(tcp[16:18], "big")
+    tcp[16:18] = b"\0\0"
+    tcp[16:18] = (~((partial + ones_sum(tcp)) % 0xFFFF) & 0xFFFF).to_bytes(2, "big")
+    pseudo = bytes(burst[12:20]) + struct.pack("!BBH", 0, 6, len(tcp))
+    assert checksum(pseudo + tcp) == 0
+
+
+def test_runs_that_are_not_one_flow_in_order_are_left_alone() -> None:
+    out = bytearray(65536)
+
+    def refused(segments: list[bytearray]) -> bool:
+        data, n, size = run_of(segments)
+        before = bytes(data)
+        result = coalesce(data, n, size, out)
+        assert bytes(data) == before, "the packets are left as they came"
+        return result is None
+
+    good = segments_of(stream(3))
+    assert not refused(good)
+    gap = segments_of(stream(3))
+    gap[2] = tcp_segment(FLOW_SEQ + 3 * MSS, stream(3)[2])
+    assert refused(gap), "a missing segment"
+    other_flow = segments_of(stream(3))
+    other_flow[1] = segments_of(stream(3), sport=40001)[1]
+    assert refused(other_flow)
+    for flags in (0x02 | TCP_ACK, 0x01 | TCP_ACK, 0x04, TCP_ACK | 0x08):
+        middle = segments_of(stream(3))
+        middle[1][33] = flags
+        assert refused(middle), f"flags {flags:#x} before the last segment"
+    window = segments_of(stream(3))
+    window[1] = segments_of(stream(3), window=501)[1]
+    assert refused(window), "a window update is not merged away"
+    assert refused(segments_of(stream(3), ip_options=b"\x01\x01\x01\x00"))
+    fragment = segments_of(stream(3))
+    for segment in fragment:
+        segment[6] |= 0x20
+    assert refused(fragment)
+    udp = [ipv4(protocol=17, payload=bytes(MSS + 32)) for _ in range(3)]
+    assert refused(udp)
+    dying = segments_of(stream(3))
+    dying[0][8] = 1
+    assert refused(dying), "TTL 1: dropped by the per-packet path, not merged"
