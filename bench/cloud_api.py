@@ -1,37 +1,44 @@
-"""EC2 API cost of aws-vpc: calls and time, node mode and cluster mode, against flannel's way.
+"""Cloud API cost of aws-vpc, ali-vpc and gce: calls and time, node mode and cluster mode,
+against flannel v0.19's per-node way, each cloud in the same run as its baseline.
 
-Everything runs in this process: moto's EC2 behind the counting fault proxy (no fault added, so
-no route limit: moto has none, and the backend's RouteLimit is set past every size, as after a
-raised quota), a real etcd for the ledger and the elections, and for each simulated agent the
-real AwsVpcBackend bindings driven by the real Reconciler. Calls are the proxy's counts.
+Everything runs in this process: each cloud's fake (moto's EC2, the Alibaba VPC API and Compute
+API fakes of cloudroutes.lab) behind the counting fault proxy (no fault added; quotas raised
+past every size, and the backend's RouteLimit too), a real etcd for the ledger and the
+elections, and for each simulated agent the real backend's bindings driven by the real
+Reconciler. Calls are the proxy's counts. What is particular to a cloud (its fake, its
+leases, the provider's seams for many agents in one process, flanneld's start) is its driver:
+bench/_cloud_aws.py, _cloud_ali.py, _cloud_gce.py.
 
-Scenarios, for N leases (one node each, every route in one table):
+Scenarios, for N leases (one node each, every route in one table; GCE: one network):
 
 (a) full convergence from an empty table: every agent's first pass (node mode: each agent
     reads the table and creates its own route; the elected collector reads it too), or the
-    elected writer's passes until nothing is left to do (cluster mode);
+    elected writer's passes until nothing is left to do (cluster mode: one batch of creates
+    per 50 entries on Alibaba, one insert per route on GCE with at most MAX_IN_FLIGHT
+    operations in flight, waited on);
 (b) a steady resync: every reconciler reads the table again, nothing to write;
 (c) one lease change: a node joins (its agent's first pass), then a node leaves (its lease
     is deleted; the elected agent deletes its route).
 
-The baseline, measured in the same run, is flannel v0.19's aws-vpc, which on every start of a
-node describes the table (to clean blackhole routes), deletes its own route and creates it
-again, and otherwise never calls EC2: it has no resync (its only way to re-assert the table is
-restarting every node, the (b) baseline) and never removes a dead node's route.
+The baseline, measured in the same run, is flannel v0.19's backend for that cloud (each
+driver says what it does at a node's start). It has no resync (its only way to re-assert the
+table is restarting every node, the (b) baseline) and never removes a dead node's route.
 
-Shrunk: moto answers DescribeRouteTables in about 0.45 ms per route, so N agents each reading
-an N-route table cost about N^2 / 2 * 0.45 ms (4 minutes at 1,000, for each of (a) and (b)).
-Node mode and the flannel baseline are therefore run with all N agents only up to
-ALL_AGENTS leases; above that, SAMPLE agents are measured on the full table (which cluster mode
-converged): (b) is then per node, (a) is not measured for them, and cluster mode, measured
-whole at every size, is set against flannel's calls for the whole cluster as N times one node's
-start (its calls do not depend on the table: 1 read, 2 writes; its time does, so no time is
+Shrunk: reading an N-route table costs each agent time in N, so N agents each reading it cost
+N^2 (moto: about 0.45 ms per route, 4 minutes at 1,000 for each of (a) and (b)). Node mode
+and the flannel baseline are therefore run with all N agents only up to a driver's all_agents;
+above that, SAMPLE agents are measured on the full table (which cluster mode converged): (b)
+is then per node, (a) is not measured for them, and cluster mode, measured whole at every
+size, is set against flannel's calls for the whole cluster as N times one node's start (its
+calls do not depend on the table but for the pages of a list; its time does, so no time is
 extrapolated).
 
 Not counted on either side: the start-up calls both make once per node (instance metadata,
-the source/destination check), and the simulated agents share one boto3 client (1,000 clients
-would cost seconds and gigabytes; the proxy counts the calls either way). Only one agent
-campaigns in each election: the others' campaigns cost etcd calls, never EC2 ones.
+the source/destination check on AWS), and the simulated agents share one client (1,000
+clients would cost seconds and gigabytes; the proxy counts the calls either way). GCE's check
+that an instance forwards IP (instances.get, once per instance and process) is counted: it
+comes with the first route to each instance. Only one agent campaigns in each election: the
+others' campaigns cost etcd calls, never cloud ones.
 """
 
 from __future__ import annotations
@@ -42,24 +49,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
+from typing import Any, Protocol
 
 from bench import Figure
+from bench._cloud_ali import AliDriver
+from bench._cloud_aws import AwsDriver
+from bench._cloud_gce import GceDriver
 from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
 from cloudroutes.config import NetworkConfig, parse_config
 from cloudroutes.errors import CloudroutesError
-from cloudroutes.lab.aws import DEFAULT_REGION, EC2Client, LabVpc, MotoServer, ec2_client, make_vpc
 from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.fault_proxy import FaultProxy
-from cloudroutes.lease import Lease, LeaseAttrs
+from cloudroutes.lease import Lease
 from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
 from cloudroutes.routing import Routing, node_vetting
 from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
-from providers import aws_route_table, aws_vpc
 
 SIZES = (50, 500, 1000)
-SHORT_SIZES = (50,)
-ALL_AGENTS = 50
+# Short (CI): three clouds, each with every agent and flannel's baseline, well within a minute.
+SHORT_SIZES = (30,)
 SAMPLE = 10
 PREFIX = "/coreos.com/network"
 NETWORK = "10.0.0.0/8"
@@ -72,9 +81,51 @@ class BenchError(CloudroutesError):
     """The bench did not get the table it set out to measure."""
 
 
+class Driver(Protocol):
+    """One cloud as the bench drives it (bench/_cloud_*.py)."""
+
+    name: str  # the backend type
+    api: str  # how its calls are named in a figure: "EC2", "Compute"
+    all_agents: int  # up to this many leases, every agent runs
+    proxy: FaultProxy
+
+    def new_table(self) -> str: ...
+
+    def backend_options(self, table_id: str) -> dict[str, Any]:
+        """The Backend options that point the agents at ``table_id``."""
+        ...
+
+    def lease(self, i: int, subnet: IPv4Network) -> Lease:
+        """Node i's lease, as its agent publishes it."""
+        ...
+
+    def target(self, i: int) -> str:
+        """What node i's route points at, as ``routes`` shows it."""
+        ...
+
+    def routes(self, table_id: str) -> dict[str, str]:
+        """The table's routes to instances: destination -> target (not counted)."""
+        ...
+
+    def seams(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def backend(self, ctx: BackendContext, i: int, table_id: str) -> Any:
+        """Node i's backend, on the shared client, knowing who it is."""
+        ...
+
+    def flannel_start(self, table_id: str, i: int, lease: Lease) -> None:
+        """What flanneld does for one table at every start of node i."""
+        ...
+
+    def close(self) -> None: ...
+
+
+DRIVERS: tuple[Callable[[int, str], Driver], ...] = (AwsDriver, AliDriver, GceDriver)
+
+
 @dataclass(frozen=True)
 class Cost:
-    """EC2 calls (the proxy's counts) and wall time of one piece of work."""
+    """Cloud API calls (the proxy's counts) and wall time of one piece of work."""
 
     reads: float  # a mean per agent need not be whole
     writes: float
@@ -92,111 +143,54 @@ class Cost:
 
 
 class CloudLab:
-    """moto behind the counting proxy, a VPC with an ENI per node, and a real etcd."""
+    """One cloud's driver and a real etcd."""
 
-    def __init__(self, nodes: int) -> None:
-        self._stack = contextlib.ExitStack()
-        try:
-            self.moto = self._stack.enter_context(MotoServer())
-            self.proxy = self._stack.enter_context(FaultProxy(self.moto.url))
-            self.etcd = EtcdCluster().start()
-            self._stack.callback(self.etcd.close)
-            self.client = EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,)))
-            self._stack.callback(self.client.close)
-            self.admin = ec2_client(self.moto.url, DEFAULT_REGION, max_attempts=1)
-            self.vpc: LabVpc = make_vpc(self.admin, nodes=0, tables=1)
-            # The agents' client: through the proxy, SDK retries off as the backend has them,
-            # and the lab's dummy keys.
-            self.ec2: EC2Client = ec2_client(
-                self.proxy.url, DEFAULT_REGION, max_attempts=1, read_timeout=aws_vpc.READ_TIMEOUT
-            )
-            self.enis = [self._eni(i) for i in range(nodes)]
-        except BaseException:
-            self._stack.close()
-            raise
-
-    def _eni(self, i: int) -> tuple[str, IPv4Address]:
-        # An address of its own (moto would draw them at random, and two nodes sharing one
-        # would refuse each other's leases).
-        ip = IPv4Network(self.vpc.cidr).network_address + 10 + i
-        eni = self.admin.create_network_interface(
-            SubnetId=self.vpc.subnet_id, PrivateIpAddress=str(ip)
-        )["NetworkInterface"]
-        return eni["NetworkInterfaceId"], ip
-
-    def new_table(self) -> str:
-        return self.admin.create_route_table(VpcId=self.vpc.vpc_id)["RouteTable"]["RouteTableId"]
-
-    def routes(self, table_id: str) -> dict[str, str]:
-        """The table's routes to ENIs: destination -> ENI (straight to moto, not counted)."""
-        listing = self.admin.describe_route_tables(RouteTableIds=[table_id])["RouteTables"][0]
-        return {
-            r["DestinationCidrBlock"]: r["NetworkInterfaceId"]
-            for r in listing["Routes"]
-            if "NetworkInterfaceId" in r
-        }
+    def __init__(self, driver: Driver, etcd: EtcdCluster, client: EtcdClient) -> None:
+        self.driver = driver
+        self.etcd = etcd
+        self.client = client
 
     def lease(self, i: int) -> Lease:
-        """Node i's lease, as its agent publishes it."""
-        eni, ip = self.enis[i]
-        return Lease(
-            subnet=IPv4Network(f"10.{1 + i // 256}.{i % 256}.0/24"),
-            attrs=LeaseAttrs(
-                public_ip=ip,
-                backend_type=aws_vpc.BACKEND_TYPE,
-                backend_data={"NetworkInterfaceID": eni, "Region": DEFAULT_REGION},
-            ),
-            store_lease_id=1000 + i,
-        )
+        return self.driver.lease(i, IPv4Network(f"10.{1 + i // 256}.{i % 256}.0/24"))
+
+    def new_table(self) -> str:
+        return self.driver.new_table()
 
     def measure(self, work: Callable[[], object]) -> Cost:
-        self.proxy.reset_counts()
+        proxy = self.driver.proxy
+        proxy.reset_counts()
         started = time.perf_counter()
         work()
         seconds = time.perf_counter() - started
-        counts = self.proxy.counts()
+        counts = proxy.counts()
         return Cost(counts.reads, counts.writes, seconds)
 
-    def expect(self, table_id: str, leases: Sequence[Lease], what: str) -> None:
-        want = {
-            str(lease.subnet): lease.attrs.backend_data["NetworkInterfaceID"] for lease in leases
-        }
-        if self.routes(table_id) != want:
-            raise BenchError(f"{what}: the table does not hold exactly the leases' routes")
+    def expect(self, table_id: str, nodes: Sequence[int], what: str) -> None:
+        want = {str(self.lease(i).subnet): self.driver.target(i) for i in nodes}
+        if self.driver.routes(table_id) != want:
+            raise BenchError(f"{self.driver.name}, {what}: the table does not hold exactly the "
+                             "leases' routes")  # fmt: skip
 
-    def close(self) -> None:
-        self._stack.close()
-
-
-@contextlib.contextmanager
-def simulated_agents(lab: CloudLab) -> Iterator[None]:
-    """The provider's seams for many agents in one process: one shared EC2 client, each
-    agent's identity without an IMDS round trip, and no minute of grace before the collector
-    may judge a route (the bench cannot wait it out)."""
-    identities = {
-        str(ip): aws_vpc.NodeIdentity(f"i-{eni[4:]}", DEFAULT_REGION, "", eni, "", lab.vpc.vpc_id)
-        for eni, ip in lab.enis
-    }
-    saved = (aws_vpc.ec2_client, aws_vpc.discover, aws_route_table.LEDGER_GRACE)
-    aws_vpc.ec2_client = lambda region: lab.ec2  # type: ignore[assignment]
-    aws_vpc.discover = lambda imds, address: identities[str(address)]  # type: ignore[assignment]
-    aws_route_table.LEDGER_GRACE = 0.0
-    try:
-        yield
-    finally:
-        aws_vpc.ec2_client, aws_vpc.discover, aws_route_table.LEDGER_GRACE = saved
+    def flannel_start(self, table_id: str, i: int) -> None:
+        self.driver.flannel_start(table_id, i, self.lease(i))
 
 
 class Agent:
-    """One node's aws-vpc part: its backend's bindings under the real reconcilers."""
+    """One node's cloud backend: its bindings under the real reconcilers."""
 
     def __init__(
-        self, lab: CloudLab, config: NetworkConfig, leases: LeaseTable, i: int, candidate: bool
+        self,
+        lab: CloudLab,
+        config: NetworkConfig,
+        leases: LeaseTable,
+        i: int,
+        table_id: str,
+        candidate: bool,
     ) -> None:
         own = lab.lease(i)
         iface = ExternalInterface("eth0", 2, 9001, own.public_ip, own.public_ip)
         ctx = BackendContext(config, iface, Coordination(lab.client, PREFIX, f"node-{i}"))
-        self.backend = aws_vpc.AwsVpcBackend(ctx)
+        self.backend = lab.driver.backend(ctx, i, table_id)
         self.vetting = node_vetting(config, self.backend, own, iface, [lab.etcd.endpoint])
         self.routing = Routing(self.backend, self.backend.bind(own), leases, self.vetting)
         self.stop = threading.Event()
@@ -243,11 +237,11 @@ class Scenario:
                 {
                     "Network": NETWORK,
                     "Backend": {
-                        "Type": aws_vpc.BACKEND_TYPE,
+                        "Type": lab.driver.name,
                         "Mode": mode,
-                        "RouteTableID": table_id,
                         "ClusterName": cluster,
                         "RouteLimit": ROUTE_LIMIT,
+                        **lab.driver.backend_options(table_id),
                     },
                 }
             )
@@ -259,7 +253,7 @@ class Scenario:
         self.agents: dict[int, Agent] = {}
 
     def agent(self, i: int, candidate: bool = False) -> Agent:
-        self.agents[i] = Agent(self.lab, self.config, self.leases, i, candidate)
+        self.agents[i] = Agent(self.lab, self.config, self.leases, i, self.table_id, candidate)
         return self.agents[i]
 
     def join(self, i: int) -> None:
@@ -287,33 +281,11 @@ class Scenario:
             agent.passes(resync=i == newcomer)
 
     def expect(self, what: str) -> None:
-        self.lab.expect(self.table_id, [self.lab.lease(i) for i in self.live], what)
+        self.lab.expect(self.table_id, self.live, what)
 
     def close(self) -> None:
         for agent in self.agents.values():
             agent.close()
-
-
-# --- flannel v0.19's aws-vpc, per node --------------------------------------------------------
-
-
-def flannel_start(lab: CloudLab, table_id: str, i: int) -> None:
-    """What flanneld's aws-vpc does for one table at every start of node i."""
-    ec2 = lab.ec2
-    network = IPv4Network(NETWORK)
-    listing = ec2.describe_route_tables(RouteTableIds=[table_id])["RouteTables"][0]["Routes"]
-    for route in listing:  # blackhole routes inside the Network
-        cidr = route.get("DestinationCidrBlock")
-        if route.get("State") == "blackhole" and cidr and IPv4Network(cidr).subnet_of(network):
-            ec2.delete_route(RouteTableId=table_id, DestinationCidrBlock=cidr)
-    lease = lab.lease(i)
-    with contextlib.suppress(ec2.exceptions.ClientError):  # InvalidRoute.NotFound
-        ec2.delete_route(RouteTableId=table_id, DestinationCidrBlock=str(lease.subnet))
-    ec2.create_route(
-        RouteTableId=table_id,
-        DestinationCidrBlock=str(lease.subnet),
-        NetworkInterfaceId=lease.attrs.backend_data["NetworkInterfaceID"],
-    )
 
 
 # --- the measurements -------------------------------------------------------------------------
@@ -395,20 +367,18 @@ def node_mode_sampled(lab: CloudLab, n: int, table: Scenario) -> Costs:
 
 def flannel_all(lab: CloudLab, n: int) -> Costs:
     table_id = lab.new_table()
-    converge = lab.measure(lambda: [flannel_start(lab, table_id, i) for i in range(n)])
-    lab.expect(table_id, [lab.lease(i) for i in range(n)], "flannel-style, converged")
-    restart = lab.measure(lambda: [flannel_start(lab, table_id, i) for i in range(n)])
-    join = lab.measure(lambda: flannel_start(lab, table_id, n))
+    converge = lab.measure(lambda: [lab.flannel_start(table_id, i) for i in range(n)])
+    lab.expect(table_id, range(n), "flannel-style, converged")
+    restart = lab.measure(lambda: [lab.flannel_start(table_id, i) for i in range(n)])
+    join = lab.measure(lambda: lab.flannel_start(table_id, n))
     return Costs(converge, restart, join, None)
 
 
 def flannel_sampled(lab: CloudLab, n: int, table: Scenario) -> Costs:
     sample = table.live[:: max(1, len(table.live) // SAMPLE)][:SAMPLE]
-    restart = lab.measure(lambda: [flannel_start(lab, table.table_id, i) for i in sample]).per(
-        len(sample)
-    )
-    join = lab.measure(lambda: flannel_start(lab, table.table_id, n + 1))
-    return Costs(None, restart, join, None)
+    restart = lab.measure(lambda: [lab.flannel_start(table.table_id, i) for i in sample])
+    join = lab.measure(lambda: lab.flannel_start(table.table_id, n + 1))
+    return Costs(None, restart.per(len(sample)), join, None)
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -424,15 +394,27 @@ class Baseline:
     timed: bool = True
 
 
-def pair(name: str, cost: Cost, base: Baseline) -> Iterator[Figure]:
-    """Two figures: the EC2 calls and the time, each against the baseline (named in the
+@dataclass(frozen=True)
+class Heading:
+    """What every figure of one cloud at one size begins with, and how its calls are named."""
+
+    text: str  # "gce, 50 leases"
+    api: str  # "Compute"
+
+    def of(self, more: str) -> Heading:
+        return Heading(f"{self.text}, {more}", self.api)
+
+
+def pair(head: Heading, cost: Cost, base: Baseline) -> Iterator[Figure]:
+    """Two figures: the cloud API calls and the time, each against the baseline (named in the
     figure when it has no cost to set against)."""
+    name = head.text
     if base.cost is None:
         name = f"{name} [{base.name}]"
     calls = float(base.cost.calls) if base.cost else None
     shown = f"{base.name} ({base.cost.shown()})" if base.cost else base.name
     yield Figure(
-        f"{name}: EC2 calls ({cost.shown()})",
+        f"{name}: {head.api} calls ({cost.shown()})",
         float(cost.calls),
         "calls",
         baseline=calls,
@@ -447,67 +429,77 @@ def pair(name: str, cost: Cost, base: Baseline) -> Iterator[Figure]:
     )
 
 
-def changes(head: str, ours: Costs, flannel: Costs) -> Iterator[Figure]:
+def changes(head: Heading, ours: Costs, flannel: Costs) -> Iterator[Figure]:
     """(c): a node joins, then one leaves."""
-    yield from pair(f"{head}, (c) a node joins", ours.join, Baseline(flannel.join, FLANNEL))
+    yield from pair(head.of("(c) a node joins"), ours.join, Baseline(flannel.join, FLANNEL))
     if ours.leave is not None:
         stays = Baseline(None, f"{FLANNEL}: no call, and the route stays for good")
-        yield from pair(f"{head}, (c) a node leaves", ours.leave, stays)
+        yield from pair(head.of("(c) a node leaves"), ours.leave, stays)
 
 
-def whole(n: int, mode: str, ours: Costs, flannel: Costs) -> Iterator[Figure]:
+def whole(head: Heading, mode: str, ours: Costs, flannel: Costs) -> Iterator[Figure]:
     """Figures of a size where every agent ran."""
     assert ours.converge is not None and flannel.converge is not None
-    head = f"{n} leases, {mode} mode"
+    head = head.of(f"{mode} mode")
     converge = Baseline(flannel.converge, FLANNEL)
-    yield from pair(f"{head}, (a) full convergence", ours.converge, converge)
+    yield from pair(head.of("(a) full convergence"), ours.converge, converge)
     restart = Baseline(flannel.resync, f"{FLANNEL} restart of every node (it has no resync)")
-    yield from pair(f"{head}, (b) steady resync", ours.resync, restart)
+    yield from pair(head.of("(b) steady resync"), ours.resync, restart)
     yield from changes(head, ours, flannel)
 
 
-def sampled(n: int, node: Costs, cluster: Costs, flannel: Costs) -> Iterator[Figure]:
+def sampled(head: Heading, n: int, node: Costs, cluster: Costs, flannel: Costs) -> Iterator[Figure]:
     """Figures of a size where node mode and flannel ran SAMPLE agents on the full table."""
     each = f"per node (mean of {SAMPLE})"
-    head = f"{n} leases, node mode"
+    node_head = head.of("node mode")
     restart = Baseline(flannel.resync, f"{FLANNEL} restart (it has no resync), {each}")
-    yield from pair(f"{head}, (b) steady resync {each}", node.resync, restart)
-    yield from changes(head, node, flannel)
-    # flannel's whole cluster at this size: n times one node's start, whose calls do not
-    # depend on the table (1 read, 2 writes); its time does, so it is not extrapolated.
-    scaled = Cost(flannel.resync.reads * n, flannel.resync.writes * n, 0.0)
-    head = f"{n} leases, cluster mode"
+    yield from pair(node_head.of(f"(b) steady resync {each}"), node.resync, restart)
+    yield from changes(node_head, node, flannel)
+    # flannel's whole cluster at this size: n times one node's start (the join) or restart,
+    # whose calls depend on the table only through the pages of a list; their time does, so
+    # it is not extrapolated.
+    starts = Cost(flannel.join.reads * n, flannel.join.writes * n, 0.0)
+    restarts = Cost(flannel.resync.reads * n, flannel.resync.writes * n, 0.0)
+    cluster_head = head.of("cluster mode")
     assert cluster.converge is not None
-    every = Baseline(scaled, f"{FLANNEL}, {n} x one node's start", timed=False)
-    yield from pair(f"{head}, (a) full convergence", cluster.converge, every)
-    every = Baseline(scaled, f"{FLANNEL} restart of every node, {n} x one node's", timed=False)
-    yield from pair(f"{head}, (b) steady resync", cluster.resync, every)
-    yield from changes(head, cluster, flannel)
+    every = Baseline(starts, f"{FLANNEL}, {n} x one node's start", timed=False)
+    yield from pair(cluster_head.of("(a) full convergence"), cluster.converge, every)
+    every = Baseline(restarts, f"{FLANNEL} restart of every node, {n} x one node's", timed=False)
+    yield from pair(cluster_head.of("(b) steady resync"), cluster.resync, every)
+    yield from changes(cluster_head, cluster, flannel)
 
 
 def measure(lab: CloudLab, n: int) -> Iterator[Figure]:
+    every_agent = n <= lab.driver.all_agents
     cluster, table = cluster_mode(lab, n)
     try:
-        if n <= ALL_AGENTS:
+        if every_agent:
             node, flannel = node_mode_all(lab, n), flannel_all(lab, n)
         else:
             node = node_mode_sampled(lab, n, table)
             flannel = flannel_sampled(lab, n, table)
     finally:
         table.close()
-    if n <= ALL_AGENTS:
-        yield from whole(n, "node", node, flannel)
-        yield from whole(n, "cluster", cluster, flannel)
+    head = Heading(f"{lab.driver.name}, {n} leases", lab.driver.api)
+    if every_agent:
+        yield from whole(head, "node", node, flannel)
+        yield from whole(head, "cluster", cluster, flannel)
     else:
-        yield from sampled(n, node, cluster, flannel)
+        yield from sampled(head, n, node, cluster, flannel)
 
 
 def run(short: bool = False) -> Iterator[Figure]:
     sizes = SHORT_SIZES if short else SIZES
-    lab = CloudLab(max(sizes) + 2)
-    try:
-        with simulated_agents(lab):
-            for n in sizes:
-                yield from measure(lab, n)
-    finally:
-        lab.close()
+    with contextlib.ExitStack() as stack:
+        etcd = EtcdCluster().start()
+        stack.callback(etcd.close)
+        client = EtcdClient(EtcdSettings(endpoints=(etcd.endpoint,)))
+        stack.callback(client.close)
+        for make in DRIVERS:
+            with contextlib.ExitStack() as cloud:
+                driver = make(max(sizes) + 2, NETWORK)
+                cloud.callback(driver.close)
+                cloud.enter_context(driver.seams())
+                lab = CloudLab(driver, etcd, client)
+                for n in sizes:
+                    yield from measure(lab, n)
