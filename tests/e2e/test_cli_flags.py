@@ -114,10 +114,6 @@ def test_a_subnet_file_that_cannot_be_created_is_refused(tmp_path: Path) -> None
             "invalid network config ({f}): unknown backend type: no-such (this build knows ",
         ),
         (
-            '{"Network": "10.5.0.0/16"}',  # no Backend: udp, as in flannel, which we do not have
-            "invalid network config ({f}): unknown backend type: udp (this build knows ",
-        ),
-        (
             '{"Network": "0.0.0.0/0", "Backend": {"Type": "host-gw"}}',
             "invalid network config ({f}): please define a correct Network parameter in the flannel config",
         ),
