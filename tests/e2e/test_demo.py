@@ -177,3 +177,18 @@ def test_an_interrupted_cloud_demo_cleans_up(backend: str) -> None:
     assert demo.wait(60) == 130, demo.output
     assert "==> interrupted" in demo.lines and "==> cleaning up" in demo.lines, demo.output
     assert leftovers(demo) == ([], False)
+
+
+def test_mode_is_refused_for_a_backend_without_cloud_routes() -> None:
+    result = subprocess.run(
+        [CLI, "demo", "--backend", "host-gw", "--mode", "cluster"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "cloudroutes: error: --mode is an option of the cloud backends (aws-vpc, ali-vpc, gce); "
+        "leave it out for host-gw"
+    ], result.stderr
+    assert "==> building" not in result.stdout
