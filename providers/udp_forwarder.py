@@ -192,7 +192,8 @@ MAX_UDP_PAYLOAD = 65507
 MAX_SEGMENTS = 64
 TCP_ACK = 0x10
 TCP_PSH = 0x08
-_SEQ = struct.Struct("!I")
+_SEQ = _ADDRESS = struct.Struct("!I")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
@@ -205,40 +206,43 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     return value % 0xFFFF
 
 
-def coalesce(buf: bytearray, n: int, size: int, out: bytearray) -> tuple[int, bytes] | None:
-    """Join the packets ``buf[:n]``, each ``size`` bytes but the last, into one TCP burst in
-    ``out`` with its TTL decremented; (its length, its virtio_net_hdr). None unless they are
+def coalesce(
+    buf: bytearray, end: int, size: int, out: bytearray, start: int = 0
+) -> tuple[int, bytes] | None:
+    """Join the packets ``buf[start:end]``, each ``size`` bytes but the last, into one TCP burst
+    in ``out`` with its TTL decremented; (its length, its virtio_net_hdr). None unless they are
     consecutive segments of one TCP flow, without IP options, that nothing but sequence number,
     length, IP id and checksums tell apart (the last may add PSH): the packets are then written
     one by one. Every packet is checked, whatever its peer sent."""
-    if buf[0] != 0x45 or buf[9] != IPPROTO_TCP or buf[8] <= 1:
+    f = start
+    if buf[f] != 0x45 or buf[f + 9] != IPPROTO_TCP or buf[f + 8] <= 1:
         return None
-    h = 20 + (buf[32] >> 4) * 4
-    if size <= h or n > len(out):
+    h = 20 + (buf[f + 32] >> 4) * 4
+    if size <= h or end - start > len(out):
         return None
-    flags_ttl = bytes(buf[6:10])  # no fragment, one TTL, TCP
-    flow = bytes(buf[12:24])  # addresses and ports
-    ack = bytes(buf[28:33])  # acknowledgement number, data offset
-    window = bytes(buf[34:36])
-    options = bytes(buf[38:h])  # urgent pointer and options (timestamps)
+    flags_ttl = bytes(buf[f + 6 : f + 10])  # no fragment, one TTL, TCP
+    flow = bytes(buf[f + 12 : f + 24])  # addresses and ports
+    ack = bytes(buf[f + 28 : f + 33])  # acknowledgement number, data offset
+    window = bytes(buf[f + 34 : f + 36])
+    options = bytes(buf[f + 38 : f + h])  # urgent pointer and options (timestamps)
     if flags_ttl[0] & 0x3F or flags_ttl[1]:
         return None
     view = memoryview(buf)
     seq_at = _SEQ.unpack_from
-    (seq,) = seq_at(buf, 24)
+    (seq,) = seq_at(buf, f + 24)
     o = h
     bits = TCP_ACK
     # startswith() at an offset compares in place: no slice per field.
     starts = buf.startswith
-    for s in range(0, n, size):
-        e = s + size if s + size < n else n
+    for s in range(start, end, size):
+        e = s + size if s + size < end else end
         bits = buf[s + 33]
         if (
             buf[s] != 0x45
             or ((buf[s + 2] << 8) | buf[s + 3]) != e - s
             or e - s <= h
             or seq_at(buf, s + 24)[0] != seq
-            or (bits != TCP_ACK and (e != n or bits != TCP_ACK | TCP_PSH))
+            or (bits != TCP_ACK and (e != end or bits != TCP_ACK | TCP_PSH))
             or not starts(flow, s + 12)
             or not starts(ack, s + 28)
             or not starts(window, s + 34)
@@ -250,7 +254,7 @@ def coalesce(buf: bytearray, n: int, size: int, out: bytearray) -> tuple[int, by
         out[o : o + payload] = view[s + h : e]
         o += payload
         seq = (seq + payload) & 0xFFFFFFFF
-    out[:h] = buf[:h]
+    out[:h] = view[f : f + h]
     out[2:4] = o.to_bytes(2, "big")
     out[8] -= 1
     out[10:12] = b"\0\0"
@@ -296,9 +300,15 @@ class TunToUdp:
         send = self.send
         # The run in buf[:o]: its peer and the size of each of its packets.
         o, size, batch = 0, 0, None
+        # The read's buffers at each offset a run reaches, made once.
+        slots: dict[int, list[bytearray | memoryview]] = {}
+        address = _ADDRESS.unpack_from
         while True:
+            into = slots.get(o)
+            if into is None:
+                into = slots[o] = [header, view[o : o + BUFFER_SIZE]]
             try:
-                n = readv(tun, [header, view[o : o + BUFFER_SIZE]]) - VNET_HDR_SIZE
+                n = readv(tun, into) - VNET_HDR_SIZE
             except BlockingIOError:
                 if o:
                     send(view[:o], size, batch)
@@ -307,7 +317,7 @@ class TunToUdp:
                 continue
             if n < 20 or buf[o] & 0xF0 != 0x40:
                 continue  # not IPv4 (the kernel's IPv6 chatter on the device)
-            destination = int.from_bytes(view[o + 16 : o + 20], "big")
+            (destination,) = address(buf, o + 16)
             peer = None
             for mask, peers in self.table:
                 peer = peers.get(destination & mask)
@@ -353,6 +363,7 @@ class UdpToTun:
     def __init__(self, tun: int, sock: socket.socket) -> None:
         self.tun = tun
         self.sock = sock
+        self.out = bytearray(BUFFER_SIZE)
 
     @staticmethod
     def follow(stream: IO[bytes]) -> None:
@@ -361,43 +372,76 @@ class UdpToTun:
         os._exit(0)
 
     def run(self) -> None:
-        buf = bytearray(BUFFER_SIZE)
+        """Take what the socket holds, while it holds more of one run (UDP_GRO reads of one
+        segment size), and write it to the TUN as few bursts as its flows allow."""
+        buf = bytearray(2 * BUFFER_SIZE)
         view = memoryview(buf)
-        out = bytearray(BUFFER_SIZE)
-        out_view = memoryview(out)
-        buffers = [buf]
-        recvmsg_into, writev = self.sock.recvmsg_into, os.writev
-        tun, fix, no_header = self.tun, TTL_CHECKSUM, NO_VNET_HDR
-        cmsg_space = socket.CMSG_SPACE(4)
+        read, write = self.read, self.write
         while True:
-            try:
-                n, ancillary, _, _ = recvmsg_into(buffers, cmsg_space)
-            except OSError:
-                continue  # an ICMP error for an earlier send, reported on this socket
-            size = n
-            for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO:
-                    size = int.from_bytes(data[:4], sys.byteorder)
-            if size < n:
-                merged = coalesce(buf, n, size, out)
-                if merged is not None:
-                    length, header = merged
-                    try:  # noqa: SIM105 (suppress() costs a context manager per packet)
-                        writev(tun, [header, out_view[:length]])
-                    except OSError:
-                        pass
+            got = read(view, 0)
+            if got is None:
+                continue
+            n, size = got
+            while n % size == 0 and n + BUFFER_SIZE <= len(buf):
+                more = read(view[n : n + BUFFER_SIZE], socket.MSG_DONTWAIT)
+                if more is None:
+                    break
+                m, other = more
+                if other != size:
+                    write(buf, 0, n, size)
+                    buf[:m] = bytes(view[n : n + m])
+                    n, size = m, other
                     continue
-            for start in range(0, n, size):
-                end = min(start + size, n)
-                if end - start < 20 or buf[start] & 0xF0 != 0x40 or buf[start + 8] <= 1:
+                n += m
+            write(buf, 0, n, size)
+
+    def read(self, into: memoryview, flags: int) -> tuple[int, int] | None:
+        """(bytes read, size of each datagram but the last), or None when nothing came."""
+        try:
+            n, ancillary, _, _ = self.sock.recvmsg_into([into], _GRO_CMSG_SPACE, flags)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return None  # an ICMP error for an earlier send, reported on this socket
+        size = n
+        for level, kind, data in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO:
+                size = int.from_bytes(data[:4], sys.byteorder)
+        return (n, size) if n else None
+
+    def write(self, buf: bytearray, start: int, end: int, size: int) -> None:
+        """Write the packets in ``buf[start:end]``, bursts where they are one flow in order."""
+        out, tun = self.out, self.tun
+        if size < end - start:
+            # A burst is one IP packet: at most 64 KiB, headers included.
+            step = (0xFFFF // size) * size
+            for first in range(start, end, step):
+                last = min(first + step, end)
+                merged = coalesce(buf, last, size, out, first) if last - first > size else None
+                if merged is None:
+                    self.write_each(buf, first, last, size)
                     continue
-                buf[start + 8] -= 1
-                c = start + 10
-                buf[c : c + 2] = fix[(buf[c] << 8) | buf[c + 1]]
+                length, header = merged
                 try:  # noqa: SIM105 (suppress() costs a context manager per packet)
-                    writev(tun, [no_header, view[start:end]])
+                    os.writev(tun, [header, memoryview(out)[:length]])
                 except OSError:
-                    pass  # the kernel refused a malformed packet: peers' input is untrusted
+                    pass
+            return
+        self.write_each(buf, start, end, size)
+
+    def write_each(self, buf: bytearray, start: int, end: int, size: int) -> None:
+        view, tun, fix, no_header = memoryview(buf), self.tun, TTL_CHECKSUM, NO_VNET_HDR
+        for s in range(start, end, size):
+            e = min(s + size, end)
+            if e - s < 20 or buf[s] & 0xF0 != 0x40 or buf[s + 8] <= 1:
+                continue
+            buf[s + 8] -= 1
+            c = s + 10
+            buf[c : c + 2] = fix[(buf[c] << 8) | buf[c + 1]]
+            try:  # noqa: SIM105 (suppress() costs a context manager per packet)
+                os.writev(tun, [no_header, view[s:e]])
+            except OSError:
+                pass  # the kernel refused a malformed packet: peers' input is untrusted
 
 
 def worker_main(argv: Sequence[str]) -> None:

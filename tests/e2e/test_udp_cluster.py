@@ -40,6 +40,10 @@ def cluster() -> Iterator[LabCluster]:
     lab = LabCluster(3, backend="udp").build()
     try:
         lab.start(f"--healthz-port={HEALTH}", "--subnet-lease-ttl=60")
+        # Every node's workers run with every peer before a test looks.
+        for src in lab.nodes:
+            for dst in lab.nodes:
+                assert src is dst or lab.ping(src, dst), f"{src.name} -> {dst.name}"
         yield lab
     finally:
         lab.close()

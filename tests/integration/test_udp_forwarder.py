@@ -96,27 +96,32 @@ def pair(netns: Callable[[str], Netns], underlay: Underlay) -> Iterator[tuple[No
             node.process.wait(10)
 
 
-def test_a_ping_crosses_the_forwarders_both_ways(pair: tuple[Node, Node]) -> None:
-    one, two = pair
+def connect(one: Node, two: Node) -> None:
+    """Give each the other as its peer, and wait until the workers run with it."""
     one.set_peers(two)
     two.set_peers(one)
+    wait_for(lambda: one.ping(two.gateway).returncode == 0, 20, "a first ping through the workers")
+
+
+def test_a_ping_crosses_the_forwarders_both_ways(pair: tuple[Node, Node]) -> None:
+    one, two = pair
+    connect(one, two)
     assert one.ping(two.gateway).returncode == 0
     assert two.ping(one.gateway).returncode == 0
 
 
 def test_a_peer_table_change_takes_effect(pair: tuple[Node, Node]) -> None:
     one, two = pair
-    two.set_peers(one)
+    connect(one, two)
     one.set_peers()
-    assert "0 received" in one.ping(two.gateway).stdout
+    wait_for(lambda: "0 received" in one.ping(two.gateway).stdout, 10, "an empty peer table")
     one.set_peers(two)
     assert wait_for(lambda: one.ping(two.gateway).returncode == 0, 10, "the new peer table")
 
 
 def test_the_ttl_is_decremented_on_each_forwarder(pair: tuple[Node, Node]) -> None:
     one, two = pair
-    one.set_peers(two)
-    two.set_peers(one)
+    connect(one, two)
     # Sent with TTL 2: node one's forwarder makes it 1, node two's would make it 0: dropped.
     assert one.ping(two.gateway, "-t", "3").returncode == 0
     assert one.ping(two.gateway, "-t", "2").returncode != 0
@@ -161,8 +166,7 @@ def rx_packets(node: Node) -> int:
 def test_a_tcp_stream_arrives_whole_through_batches(pair: tuple[Node, Node]) -> None:
     """Bulk TCP makes runs: UDP_SEGMENT sends, UDP_GRO reads, bursts written to the TUN."""
     one, two = pair
-    one.set_peers(two)
-    two.set_peers(one)
+    connect(one, two)
     size = 16 << 20
     sink = subprocess.Popen(
         ["ip", "netns", "exec", two.ns.name, sys.executable, "-c", _SINK, two.gateway],
