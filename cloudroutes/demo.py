@@ -32,12 +32,6 @@ from cloudroutes.ledger import LedgerEntry, decode_entry, ledger_path, parse_ent
 
 PREFIX = "/coreos.com/network"
 CLOUD_MODES = ("node", "cluster")
-# The modules each cloud's demo runs on (its fake's client side and the agents' SDK).
-SDKS = {
-    "aws-vpc": ("moto", "boto3"),
-    "ali-vpc": ("aliyunsdkcore", "aliyunsdkvpc"),
-    "gce": ("google.cloud.compute_v1", "google.auth"),
-}
 # Seconds between the agents' full reads of the table; the default (300) would keep the demo
 # waiting minutes for the collector's next look.
 DEMO_RESYNC = 5
@@ -301,10 +295,10 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
     mode = mode or "node"
     if mode not in CLOUD_MODES:
         raise ConfigError(f'--mode must be "node" or "cluster", got {mode!r}')
-    missing = [m for m in SDKS.get(backend, ()) if not _installed(m)]
+    missing = [m for m in (CLOUDS[backend].modules if cloud else ()) if not _installed(m)]
     if missing:
         raise ConfigError(
-            f"the {backend} demo needs {', '.join(missing)}, which is not installed; run "
+            f"the {backend} demo needs {', '.join(missing)}, not installed here; run "
             f"`make demo BACKEND={backend}`, or pip install 'cloudroutes[all,test]'"
         )
 
@@ -317,7 +311,7 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
     options = {"Mode": mode, "ResyncPeriod": DEMO_RESYNC} if cloud else {}
     cluster = LabCluster(nodes, backend=backend, backend_options=options)
     try:
-        where = f" and {CLOUDS[backend].what} on {CLOUD_ADDRESS}" if cloud else ""
+        where = f" and {CLOUDS[backend].what} at {CLOUD_ADDRESS}" if cloud else ""
         say(f"building {nodes} nodes, an etcd machine{where} on 198.18.0.0/24 (backend {backend})")
         cluster.build()
         mode_text = f", Mode {mode}" if cloud else ""

@@ -160,6 +160,7 @@ class CloudFake(Protocol):
     backend: str
     what: str  # "a fake AWS (moto, IMDS)", for the demo
     listing: str  # the API call that lists the table, for the demo
+    modules: tuple[str, ...]  # what the fake and the agents import (the cloud's SDK)
     proxy: FaultProxy | None  # in front of the API, counting the agents' calls
 
     def start(self) -> None: ...
@@ -217,6 +218,7 @@ class AwsFake(_Started[AwsLab]):
     backend = AWS_VPC
     what = "a fake AWS (moto, IMDS)"
     listing = "DescribeRouteTables"
+    modules = ("moto", "boto3")
 
     def __init__(self, addresses: Sequence[str], host: str, netns: str) -> None:
         super().__init__(AwsLab(addresses, tables=1, host=host, netns=netns))
@@ -264,6 +266,7 @@ class AlibabaFake(_Started[AlibabaLab]):
     backend = ALI_VPC
     what = "a fake Alibaba Cloud (VPC API, ECS metadata)"
     listing = "DescribeRouteEntryList"
+    modules = ("aliyunsdkcore", "aliyunsdkvpc")
     # What may carry a host's Alibaba credentials into an agent.
     HOST_ENV = ("ACCESS_KEY_", "ALIBABA_CLOUD_", "ALICLOUD_", "CLOUDROUTES_ALIYUN_")
 
@@ -315,6 +318,7 @@ class GceFake(_Started[GceLab]):
     backend = GCE
     what = "a fake GCE (Compute API, metadata servers)"
     listing = "routes.list"
+    modules = ("google.cloud.compute_v1", "google.auth")
 
     def __init__(self, addresses: Sequence[str], host: str, netns: str) -> None:
         super().__init__(GceLab(addresses, host=host, netns=netns))
