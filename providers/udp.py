@@ -276,7 +276,7 @@ class UdpBackend:
         try:
             while not stop.wait(_WATCH_PERIOD):
                 for restarted in forwarder.check():
-                    log.error("udp forwarder worker %s died; restarted it", restarted)
+                    log.error("udp forwarder: worker %s; restarted it", restarted)
         finally:
             with self._lock:
                 self._forwarder = None

@@ -510,7 +510,7 @@ class Forwarder:
                 if process.poll() is not None:
                     os.close(pipe)
                     self._start(direction)
-                    restarted.append(f"{direction} (exit status {process.returncode})")
+                    restarted.append(f"{direction} exited with status {process.returncode}")
         return restarted
 
     def stop(self) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +154,41 @@ def test_the_forwarder_goes_with_the_agent(cluster: LabCluster) -> None:
     started = time.monotonic()
     assert cluster.ping(cluster.nodes[0], node), node.log_tail()
     assert time.monotonic() - started < 20
+
+
+def workers_of(node: LabNode) -> dict[str, int]:
+    """The forwarder workers the node's agent runs: direction -> pid."""
+    assert node.agent is not None
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if b"providers.udp_forwarder" in cmdline and parent in agent_pids(node):
+            found[cmdline[cmdline.index(b"providers.udp_forwarder") + 1].decode()] = int(entry.name)
+    return found
+
+
+def agent_pids(node: LabNode) -> set[int]:
+    """The agent's pid and its parents' up to `ip netns exec` (which may exec or fork)."""
+    assert node.agent is not None
+    pids = {node.agent.pid}
+    for entry in Path(f"/proc/{node.agent.pid}/task").iterdir():
+        children = (entry / "children").read_text().split()
+        pids.update(int(p) for p in children)
+    return pids
+
+
+def test_a_worker_that_dies_is_restarted(cluster: LabCluster) -> None:
+    node1, node2 = cluster.nodes[:2]
+    before = wait_for(lambda: len(workers_of(node2)) == 2 and workers_of(node2), 10,
+                      "node2's two workers")  # fmt: skip
+    os.kill(before["udp-to-tun"], signal.SIGKILL)
+    after = wait_for(lambda: (w := workers_of(node2)).get("udp-to-tun", before["udp-to-tun"])
+                     != before["udp-to-tun"] and w, 10, "a new udp-to-tun worker")  # fmt: skip
+    assert after["tun-to-udp"] == before["tun-to-udp"], "the other direction kept running"
+    assert cluster.ping(node1, node2)
+    assert "udp forwarder: worker udp-to-tun exited with status -9; restarted it" in node2.log()
