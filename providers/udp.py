@@ -112,8 +112,10 @@ def bind_socket(address: IPv4Address, port: int) -> socket.socket:
     for option in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-    # Runs of datagrams from one peer come in one read (the forwarder tells them apart).
-    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    # Runs of datagrams from one peer come in one read (the forwarder tells them apart);
+    # kernels before 5.0 lack it and give one datagram per read.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
     try:
         sock.bind((str(address), port))
     except OSError as exc:

@@ -21,6 +21,7 @@ exits when that pipe closes, so workers never outlive the agent.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -194,6 +195,9 @@ TCP_ACK = 0x10
 TCP_PSH = 0x08
 _SEQ = _ADDRESS = struct.Struct("!I")
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# What a UDP_SEGMENT send fails with where UDP segmentation is missing: before Linux 4.18, or
+# out of a device without checksum offload (EIO).
+_NO_UDP_SEGMENT = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO})
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
@@ -278,6 +282,7 @@ class TunToUdp:
         self.port = port
         self.source = source
         self.table: Lookup = []
+        self.segmenting = True
 
     def follow(self, stream: IO[bytes]) -> None:
         """Take every table the agent sends; exit the process when it goes away."""
@@ -347,14 +352,21 @@ class TunToUdp:
                 o = 0
 
     def send(self, run: memoryview, size: int, peer: tuple[str, int] | None) -> None:
-        try:
-            if len(run) == size:
-                self.sock.sendto(run, peer)
-            else:
-                cmsg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+        if len(run) > size and self.segmenting:
+            cmsg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+            try:
                 self.sock.sendmsg([run], cmsg, 0, peer)
-        except OSError:
-            pass  # a full queue or an unreachable peer: dropped, as a router would
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_UDP_SEGMENT:
+                    return  # a full queue or an unreachable peer: dropped, as a router would
+                # This kernel or device cannot segment UDP: one datagram per packet from now.
+                self.segmenting = False
+        for start in range(0, len(run), size):
+            try:  # noqa: SIM105 (suppress() costs a context manager per packet)
+                self.sock.sendto(run[start : start + size], peer)
+            except OSError:
+                pass
 
 
 class UdpToTun:
