@@ -61,6 +61,7 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
+from providers.cloud_ledger import TableLedger
 
 log = logging.getLogger(__name__)
 # The SDK logs every error answer at ERROR, with the string it signed (which carries an STS
@@ -400,17 +401,21 @@ class AliRouteTable:
         self.gate = gate
         self._client = client
         self._ledger = ledger
+        self._book = TableLedger(
+            ledger,
+            name=self.name,
+            table_id=table_id,
+            member=member,
+            scope=scope,
+            skip_young=skip_young,
+            fence=fence,
+        )
         self._networks = tuple(networks)
-        self._member = member
         self._policy = policy
         self._vpc_lock = vpc_lock
         self._markers = markers
-        self._scope = scope
         self._collect = collect
-        self._skip_young = skip_young
-        self._fence = fence
         self._route_limit = route_limit
-        self._seen: dict[Destination, LedgerEntry] = {}
         # The id of each owned entry as last listed: a retarget names the entry it saw.
         self._entry_ids: dict[Destination, str] = {}
 
@@ -449,17 +454,9 @@ class AliRouteTable:
                 return entries
         raise Transient(f"the entry list of {self.table_id} did not end; reading again later")
 
-    def _ledger_entries(self) -> dict[Destination, LedgerEntry]:
-        try:
-            return self._ledger.entries()
-        except Exception as exc:  # etcd unreachable or refusing: read again later
-            raise Transient(
-                f"cannot read the route ledger of {self.table_id} in etcd: {exc}"
-            ) from None
-
     def observe(self) -> Observation:
         listed = self.list_entries()
-        entries = self._ledger_entries()
+        entries = self._book.read()
         now = time.time()
         owned: dict[Destination, Observed] = {}
         foreign: dict[Destination, Foreign] = {}
@@ -477,18 +474,16 @@ class AliRouteTable:
                 entry.destination, entry.hop_id, self._networks
             )
             if ours and record is not None:
-                if self._scope is not None and entry.destination not in self._scope:
-                    continue  # another node's entry: that node's to keep
-                if self._skip_young and now - record.written < LEDGER_GRACE:
-                    continue  # maybe just made by a node whose lease we have not heard of yet
+                if self._book.hidden(entry.destination, record, now, LEDGER_GRACE):
+                    continue
                 owned[entry.destination] = Observed(Route(entry.destination, entry.hop_id), state)
                 ids[entry.destination] = entry.entry_id
             elif within(entry.destination, self._networks):
                 foreign[entry.destination] = self._foreign(entry, record)
-        self._seen = dict(entries)
+        self._book.seen(entries)
         self._entry_ids = ids
         if self._collect:
-            self._forget_stale(entries, present, now)
+            self._book.forget_stale(entries, present, now, LEDGER_GRACE)
         capacity = Capacity(self._route_limit, len(listed)) if self._route_limit else None
         return Observation(owned=owned, foreign=foreign, capacity=capacity)
 
@@ -522,38 +517,11 @@ class AliRouteTable:
             advice=advice,
         )
 
-    def _forget_stale(
-        self, entries: Mapping[Destination, LedgerEntry], present: set[Destination], now: float
-    ) -> None:
-        """Forget ledger entries whose route is gone (a delete that died before it forgot)."""
-        stale = [
-            d
-            for d, e in entries.items()
-            if d not in present
-            and now - e.written >= LEDGER_GRACE
-            and (self._scope is None or d in self._scope)
-        ]
-        if not stale:
-            return
-        fence = self._current_fence()
-        if self._fence is not None and fence is None:
-            return
-        try:
-            self._ledger.forget(stale, fence)
-        except Exception as exc:  # deposed, or etcd trouble: the next pass tries again
-            log.info("%s: stale ledger entries kept for now: %s", self.name, exc)
-            return
-        for destination in stale:
-            self._seen.pop(destination, None)
-
     # --- writing ----------------------------------------------------------------------------
 
-    def _current_fence(self) -> Fence | None:
-        return self._fence() if self._fence is not None else None
-
     def apply(self, plan: Plan, deadline: float | None = None) -> Sequence[Outcome]:
-        fence = self._current_fence()
-        if self._fence is not None and (fence is None or not fence.valid()):
+        fence = self._book.fence()
+        if self._book.not_leader(fence):
             return [
                 Outcome(c, Transient("not the leader now; not writing"), present=c.current)
                 for c in plan
@@ -568,7 +536,7 @@ class AliRouteTable:
         adopts = plan.of(Action.ADOPT)
         if adopts:
             try:
-                self._record([self._entry(c.entry) for c in adopts], fence)
+                self._book.record([self._book.confirmed(_route(c.entry)) for c in adopts], fence)
                 outcomes.update({id(c): Outcome(c) for c in adopts})
             except RouteError as exc:
                 outcomes.update({id(c): Outcome(c, exc, present=c.current) for c in adopts})
@@ -583,56 +551,18 @@ class AliRouteTable:
             self._create(plan.of(Action.ADD), fence, deadline, outcomes)
         return [outcomes[id(c)] for c in plan if id(c) in outcomes]
 
-    def _entry(self, route: Any, previous: str | None = None) -> LedgerEntry:
-        assert isinstance(route, Route)
-        return LedgerEntry(
-            route.destination,
-            route.next_hop,
-            route.lease_key,
-            self._member,
-            previous_target=previous,
-        )
-
-    def _record(self, entries: list[LedgerEntry], fence: Fence | None) -> None:
-        try:
-            self._ledger.record(entries, fence)
-        except Deposed:
-            raise
-        except Exception as exc:
-            raise Transient(f"could not write the route ledger in etcd: {exc}") from None
-        for entry in entries:
-            self._seen[entry.destination] = entry
-
-    def _forget(self, destinations: list[Destination], fence: Fence | None) -> None:
-        try:
-            self._ledger.forget(destinations, fence)
-        except Deposed:
-            raise
-        except Exception as exc:  # the next collecting pass forgets them
-            log.info("%s: ledger entries kept for now: %s", self.name, exc)
-        for destination in destinations:
-            self._seen.pop(destination, None)
-
     def _still_ours(self, changes: list[Change], outcomes: dict[int, Outcome]) -> list[Change]:
         """The deletes and replaces whose current entry the ledger (read again, once for the
         whole plan) still says is ours, unchanged since the table was read."""
-        fresh = self._ledger_entries()
+        fresh = self._book.read()
         ours: list[Change] = []
         for change in changes:
-            current = change.current
-            assert isinstance(current, Route)
-            destination = current.destination
-            record = fresh.get(destination)
-            if record != self._seen.get(destination):
-                # Rewritten since we read it: a node may have taken this subnet again.
-                why = Transient(f"{destination}: its ledger entry changed since the table was read")
-                outcomes[id(change)] = Outcome(change, why, present=UNKNOWN)
-            elif record is None or not record.owns(current.next_hop):
-                outcomes[id(change)] = Outcome(
-                    change,
-                    RouteNotFound(f"{destination}: not in the ledger; left alone"),
-                    present=None,
-                )
+            current = _route(change.current)
+            refused = self._book.refused_delete(
+                change, fresh, current.destination, current.next_hop
+            )
+            if refused is not None:
+                outcomes[id(change)] = refused
             else:
                 ours.append(change)
         return ours
@@ -658,7 +588,7 @@ class AliRouteTable:
                     present = UNKNOWN if _unknown(error) else current
                     outcomes[id(change)] = Outcome(change, error, present=present)
             if gone:
-                self._forget(gone, fence)
+                self._book.forget(gone, fence)
 
     def _retarget(
         self,
@@ -671,7 +601,8 @@ class AliRouteTable:
         destination is never without its entry. Both targets stay ours while it is under way."""
         if not changes:
             return
-        self._record([self._entry(c.entry, previous=_hop(c.current)) for c in changes], fence)
+        retargets = [self._book.entry(_route(c.entry), previous=_hop(c.current)) for c in changes]
+        self._book.record(retargets, fence)
         done: list[LedgerEntry] = []
         stop: RouteError | None = None
         for change in changes:
@@ -692,7 +623,7 @@ class AliRouteTable:
                 outcomes[id(change)] = Outcome(change, exc, present=present)
                 continue
             outcomes[id(change)] = Outcome(change, pending=True)
-            done.append(self._entry(change.entry))
+            done.append(self._book.confirmed(_route(change.entry)))
         if done:
             self._settle_ledger(done, fence)
 
@@ -735,11 +666,11 @@ class AliRouteTable:
                 why = Rejected(f"{route.next_hop!r} is not an ECS instance id (i-...)")
                 outcomes[id(change)] = Outcome(change, why, present=None)
                 continue
-            creates.append(_Create(change, route, self._ledger.get(route.destination)))
+            creates.append(_Create(change, route, self._book.get(route.destination)))
         if not creates:
             return
         try:
-            self._record([self._entry(c.route) for c in creates], fence)
+            self._book.record([self._book.entry(c.route) for c in creates], fence)
         except RouteError as exc:
             for c in creates:
                 outcomes[id(c.change)] = Outcome(c.change, exc, present=None)
@@ -749,6 +680,7 @@ class AliRouteTable:
         batches = self._batches([c.change for c in creates], "CreateRouteEntries", fence, deadline)
         for batch, failures in batches:
             undo: list[_Create] = []
+            made: list[LedgerEntry] = []
             for change in batch:
                 item = by_change[id(change)]
                 error = failures.get(id(change))
@@ -756,32 +688,30 @@ class AliRouteTable:
                     duplicates.append(item)
                 elif error is None:
                     outcomes[id(change)] = Outcome(change, pending=True)
+                    made.append(self._book.confirmed(item.route))
                 elif _unknown(error):
                     outcomes[id(change)] = Outcome(change, error, present=UNKNOWN)
                 else:
                     undo.append(item)
                     outcomes[id(change)] = Outcome(change, error, present=None)
             self._restore(undo, fence)
+            if made:
+                self._settle_ledger(made, fence)
         if duplicates:
             self._resolve_duplicates(duplicates, fence, outcomes)
 
     def _settle_ledger(self, done: list[LedgerEntry], fence: Fence | None) -> None:
+        """Record routes made as confirmed; until then the entries stay as recorded before the
+        write (both targets, or the one wanted, still ours) and are rewritten next time."""
         try:
-            self._record(done, fence)
-        except RouteError as exc:  # previous_target stays: still ours, rewritten next time
+            self._book.record(done, fence)
+        except RouteError as exc:
             log.info("%s: ledger not settled yet: %s", self.name, exc)
 
     def _restore(self, items: list[_Create], fence: Fence | None) -> None:
         """Put the ledger back as it was for creates that surely did not happen."""
-        forget = [c.route.destination for c in items if c.before is None]
-        again = [c.before for c in items if c.before is not None]
-        try:
-            if forget:
-                self._forget(forget, fence)
-            if again:
-                self._record(again, fence)
-        except Exception as exc:
-            log.info("%s: ledger entries not restored: %s", self.name, exc)
+        if items:
+            self._book.restore({c.route.destination: c.before for c in items}, fence)
 
     def _resolve_duplicates(
         self, items: list[_Create], fence: Fence | None, outcomes: dict[int, Outcome]
@@ -796,6 +726,7 @@ class AliRouteTable:
                 outcomes[id(item.change)] = Outcome(item.change, exc, present=UNKNOWN)
             return
         undo: list[_Create] = []
+        found: list[LedgerEntry] = []
         for item in items:
             change, route = item.change, item.route
             entry = existing.get(route.destination)
@@ -805,6 +736,7 @@ class AliRouteTable:
             elif entry.hop_type == "Instance" and entry.hop_id == route.next_hop:
                 pending = entry_state(entry.status) is EntryState.PENDING
                 outcomes[id(change)] = Outcome(change, pending=pending)
+                found.append(self._book.confirmed(route))
             elif (
                 item.before is not None
                 and entry.hop_type == "Instance"
@@ -812,7 +744,7 @@ class AliRouteTable:
             ):
                 old = Route(route.destination, entry.hop_id, lease_key=route.lease_key)
                 self._entry_ids[route.destination] = entry.entry_id
-                self._record([self._entry(route, previous=entry.hop_id)], fence)
+                self._book.record([self._book.entry(route, previous=entry.hop_id)], fence)
                 why = Transient(f"{route.destination} still goes to {entry.hop_id}; replacing it")
                 outcomes[id(change)] = Outcome(change, why, present=old)
             else:
@@ -824,6 +756,8 @@ class AliRouteTable:
                 )
                 outcomes[id(change)] = Outcome(change, why, present=None)
         self._restore(undo, fence)
+        if found:
+            self._settle_ledger(found, fence)
 
     def _batches(
         self,
@@ -944,6 +878,11 @@ class NoAnswer(Transient):
 
 class _Duplicate(Rejected):
     """A create found an entry at the destination (resolved by the create itself)."""
+
+
+def _route(entry: Any) -> Route:
+    assert isinstance(entry, Route)
+    return entry
 
 
 def _hop(route: Any) -> str | None:

@@ -31,7 +31,6 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
@@ -52,7 +51,16 @@ from providers.ali_route_table import (
     listed,
     vpc_error,
 )
-from providers.cloud import CloudModes, CloudOptions, lease_destinations, parse_cloud_options, shown
+from providers.cloud import (
+    CloudModes,
+    CloudOptions,
+    checked_context,
+    parse_cloud_options,
+    pod_networks,
+    route_table_ids,
+    routes_to,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +103,12 @@ def parse_options(config: NetworkConfig, coordination: Coordination | None) -> A
     """The backend's options, or one ConfigError naming the option and the fix (never a
     secret's value)."""
     backend = config.backend
-    tables = _route_tables(backend.get("RouteTableIDs", backend.get("RouteTableID")))
+    tables = route_table_ids(
+        backend.get("RouteTableIDs", backend.get("RouteTableID")),
+        "RouteTableIDs",
+        ROUTE_TABLE_ID,
+        "vtb-bp1a2b3c4d5e6f7g8h9i0",
+    )
     key_id = backend.get("AccessKeyID")
     secret = backend.get("AccessKeySecret")
     for name, value in (("AccessKeyID", key_id), ("AccessKeySecret", secret)):
@@ -110,27 +123,6 @@ def parse_options(config: NetworkConfig, coordination: Coordination | None) -> A
         config, coordination, limit_hint="Alibaba's custom entries per table quota, e.g. 200"
     )
     return AliVpcOptions(tables, common, key_id or None, secret or None)
-
-
-def _route_tables(value: Any) -> tuple[str, ...]:
-    if value is None or value == "" or value == []:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ConfigError(
-            f"Backend.RouteTableIDs must be a route table id or a list of them, got "
-            f'{shown(value)}; e.g. ["vtb-bp1a2b3c4d5e6f7g8h9i0"]'
-        )
-    for item in items:
-        if not ROUTE_TABLE_ID.fullmatch(item):
-            raise ConfigError(
-                f"Backend.RouteTableIDs: {shown(item)} is not a route table id; ids look like "
-                '"vtb-bp1a2b3c4d5e6f7g8h9i0"'
-            )
-    if len(set(items)) != len(items):
-        twice = next(i for i in items if items.count(i) > 1)
-        raise ConfigError(f"Backend.RouteTableIDs lists {twice} twice; list each table once")
-    return tuple(items)
 
 
 def vpc_endpoint(region: str) -> str:
@@ -369,11 +361,7 @@ def lease_target(lease: Lease) -> str:
 
 
 def lease_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
-    destinations = list(lease_destinations(lease, config))
-    if not destinations:
-        return []
-    target = lease_target(lease)
-    return [Route(d, target, lease_key=lease.key) for d in destinations]
+    return routes_to(lease, config, lease_target)
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -384,36 +372,17 @@ class AliVpcBackend:
 
     def __init__(self, ctx: BackendContext) -> None:
         config = ctx.config
-        if ctx.coordination is None:
-            raise ConfigError(
-                "ali-vpc keeps its record of the routes it owns in etcd, and this process has "
-                "no etcd connection; run it with --etcd-endpoints (the kube subnet manager is "
-                "not supported with ali-vpc)"
-            )
         self.options = parse_options(config, ctx.coordination)
-        if ctx.controller and self.options.mode != "cluster":
-            raise ConfigError(
-                '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
-                '"node" each agent writes its own route: set Backend.Mode to "cluster"'
-            )
-        if not ctx.controller and ctx.iface is None:
-            raise ConfigError("ali-vpc needs the node's external interface")
+        coordination = checked_context(ctx, BACKEND_TYPE, self.options.mode)
         self._ctx = ctx
         self._config = config
-        self._coordination = ctx.coordination
-        self._networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
-            n
-            for n in (
-                config.network if config.enable_ipv4 else None,
-                config.ipv6_network if config.enable_ipv6 else None,
-            )
-            if n is not None
-        )
+        self._coordination = coordination
+        self._networks = pod_networks(config)
         self._lock = threading.Lock()
         self._metadata: Metadata | None = None
         self._identity: NodeIdentity | None = None
         self._client: VpcClient | None = None
-        self._modes = CloudModes(BACKEND_TYPE, self.options.common, ctx.coordination, config)
+        self._modes = CloudModes(BACKEND_TYPE, self.options.common, coordination, config)
         self._gate = Gate()
         # Alibaba refuses concurrent route changes in a VPC: every table of this process (all
         # in this node's VPC) writes under this lock.

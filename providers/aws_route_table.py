@@ -42,7 +42,6 @@ from cloudroutes.errors import (
 from cloudroutes.ledger import Ledger, LedgerEntry, within
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import (
-    UNKNOWN,
     Action,
     Capacity,
     Change,
@@ -56,6 +55,7 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
+from providers.cloud_ledger import TableLedger
 
 log = logging.getLogger(__name__)
 
@@ -333,19 +333,21 @@ class AwsRouteTable:
         self.gate = gate
         self._ec2 = ec2
         self._ledger = ledger
+        self._book = TableLedger(
+            ledger,
+            name=self.name,
+            table_id=table_id,
+            member=member,
+            scope=scope,
+            skip_young=skip_young,
+            fence=fence,
+        )
         self._networks = tuple(networks)
-        self._member = member
         self._policy = policy
         self._resolver = resolver
-        self._scope = scope
         self._collect = collect
-        self._skip_young = skip_young
-        self._fence = fence
         self._route_limit = route_limit
         self._cluster = cluster
-        # The ledger entries as this table last saw them (observe and its own writes): a delete
-        # goes ahead only if the entry is still the one it saw.
-        self._seen: dict[Destination, LedgerEntry] = {}
         self._broken: set[Destination] = set()
 
     def __repr__(self) -> str:
@@ -356,7 +358,7 @@ class AwsRouteTable:
     def observe(self) -> Observation:
         self._resolver.resolve_wanted()
         routes = self._describe()
-        entries = self._ledger_entries()
+        entries = self._book.read()
         now = time.time()
         owned: dict[Destination, Observed] = {}
         foreign: dict[Destination, Foreign] = {}
@@ -371,10 +373,8 @@ class AwsRouteTable:
                 and self._ledger.owns(route.destination, route.target, self._networks)
             )
             if ours and entry is not None:
-                if self._scope is not None and route.destination not in self._scope:
-                    continue  # another node's route: that node's to keep
-                if self._skip_young and now - entry.written < LEDGER_GRACE:
-                    continue  # maybe just made by a node whose lease we have not heard of yet
+                if self._book.hidden(route.destination, entry, now, LEDGER_GRACE):
+                    continue
                 shown = Route(route.destination, self._shown_target(route.target))
                 state = EntryState.BROKEN if route.blackhole else EntryState.ACTIVE
                 if route.blackhole:
@@ -382,19 +382,11 @@ class AwsRouteTable:
                 owned[route.destination] = Observed(shown, state)
             elif within(route.destination, self._networks):
                 foreign[route.destination] = self._foreign(route, entry)
-        self._seen = dict(entries)
+        self._book.seen(entries)
         self._broken = broken
         if self._collect:
-            self._forget_stale(entries, present, now)
+            self._book.forget_stale(entries, present, now, LEDGER_GRACE)
         return Observation(owned=owned, foreign=foreign, capacity=self._capacity(routes))
-
-    def _ledger_entries(self) -> dict[Destination, LedgerEntry]:
-        try:
-            return self._ledger.entries()
-        except Exception as exc:  # etcd unreachable or refusing: read again later
-            raise Transient(
-                f"cannot read the route ledger of {self.table_id} in etcd: {exc}"
-            ) from None
 
     def _describe(self) -> list[AwsRoute]:
         try:
@@ -453,31 +445,6 @@ class AwsRouteTable:
         )
         return Capacity(self._route_limit, used)
 
-    def _forget_stale(
-        self, entries: Mapping[Destination, LedgerEntry], present: set[Destination], now: float
-    ) -> None:
-        """Forget entries whose route is gone (a delete that died before it forgot)."""
-        stale = [
-            d
-            for d, e in entries.items()
-            if d not in present
-            and now - e.written >= LEDGER_GRACE
-            and (self._scope is None or d in self._scope)
-        ]
-        fence = self._current_fence()
-        if not stale or (self._fence is not None and fence is None):
-            return
-        try:
-            self._ledger.forget(stale, fence)
-        except (Deposed, RouteError) as exc:
-            log.info("%s: stale ledger entries kept for now: %s", self.name, exc)
-            return
-        except Exception as exc:  # etcd trouble: the next pass tries again
-            log.info("%s: could not forget stale ledger entries: %s", self.name, exc)
-            return
-        for destination in stale:
-            self._seen.pop(destination, None)
-
     # --- apply ------------------------------------------------------------------------------
 
     def apply(self, plan: Plan, deadline: float | None = None) -> Sequence[Outcome]:
@@ -486,13 +453,13 @@ class AwsRouteTable:
         for change in plan:
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            fence = self._current_fence()
-            if self._fence is not None and (fence is None or not fence.valid()):
+            fence = self._book.fence()
+            if self._book.not_leader(fence):
                 outcomes.append(Outcome(change, Transient("not the leader now; not writing")))
                 break
             if change.action is Action.DELETE and fresh is None:
                 try:
-                    fresh = self._ledger_entries()  # one read, for every delete of this plan
+                    fresh = self._book.read()  # one read, for every delete of this plan
                 except Transient as exc:
                     outcomes.append(Outcome(change, exc))
                     break
@@ -502,9 +469,6 @@ class AwsRouteTable:
                 outcomes.append(Outcome(change, Transient(str(exc))))
                 break
         return outcomes
-
-    def _current_fence(self) -> Fence | None:
-        return self._fence() if self._fence is not None else None
 
     def _one(
         self,
@@ -520,7 +484,7 @@ class AwsRouteTable:
             if change.action is Action.REPLACE:
                 return self._replace(change, route, fence)
             if change.action is Action.ADOPT:
-                self._confirm(route, self._target(route), fence)
+                self._book.confirm(route, self._target(route), fence)
                 return Outcome(change)
             return self._delete(change, route, fence, fresh or {})
         except RouteError as exc:
@@ -543,31 +507,15 @@ class AwsRouteTable:
             return route.next_hop
         return self._resolver.resolve(route.next_hop)
 
-    def _record(self, entry: LedgerEntry, fence: Fence | None) -> None:
-        try:
-            self._ledger.record([entry], fence)
-        except Deposed:
-            raise
-        except Exception as exc:
-            raise Transient(f"could not write the route ledger in etcd: {exc}") from None
-        self._seen[entry.destination] = entry
-
-    def _confirm(self, route: Route, target: str, fence: Fence | None) -> None:
-        """The route is in the table as we made it: from now on its destination is ours."""
-        entry = LedgerEntry(
-            route.destination, target, route.lease_key, self._member, confirmed=True
-        )
-        self._record(entry, fence)
-
     def _add(self, change: Change, route: Route, fence: Fence | None) -> Outcome:
         target = self._target(route)
-        before = self._ledger.get(route.destination)
-        self._record(LedgerEntry(route.destination, target, route.lease_key, self._member), fence)
+        before = self._book.get(route.destination)
+        self._book.record([self._book.entry(route, target)], fence)
         try:
             self._write("CreateRoute", route.destination, target, fence)
         except _AlreadyExists:
             return self._already_exists(change, route, target, before, fence)
-        self._confirm(route, target, fence)
+        self._book.confirm(route, target, fence)
         return Outcome(change)
 
     def _already_exists(
@@ -584,7 +532,7 @@ class AwsRouteTable:
         if existing is None:
             raise Transient(f"{route.destination}: EC2 said it exists but it is not listed yet")
         if existing.target == target and not existing.blackhole:
-            self._confirm(route, target, fence)
+            self._book.confirm(route, target, fence)
             return Outcome(change)
         ours = (
             existing.origin == "CreateRoute"
@@ -593,7 +541,7 @@ class AwsRouteTable:
             and within(route.destination, self._networks)
         )
         if not ours:
-            self._restore(route.destination, before, fence)
+            self._book.restore({route.destination: before}, fence)
             raise RouteConflict(
                 f"{route.destination} in {self.table_id} already goes to {existing.target}, "
                 "which cloudroutes did not create; it is left alone (delete it if nothing needs "
@@ -601,18 +549,6 @@ class AwsRouteTable:
             )
         current = Route(route.destination, existing.target, lease_key=route.lease_key)
         return self._replace(Change(Action.REPLACE, route, current), route, fence, change)
-
-    def _restore(
-        self, destination: Destination, before: LedgerEntry | None, fence: Fence | None
-    ) -> None:
-        try:
-            if before is None:
-                self._ledger.forget([destination], fence)
-                self._seen.pop(destination, None)
-            else:
-                self._record(before, fence)
-        except Exception as exc:
-            log.info("%s: ledger entry for %s not restored: %s", self.name, destination, exc)
 
     def _read_back(self, destination: Destination) -> AwsRoute | None:
         return next((r for r in self._describe() if r.destination == destination), None)
@@ -626,17 +562,12 @@ class AwsRouteTable:
         if old == target and route.destination not in self._broken:
             # The same ENI in another form (an old flanneld lease and its resolved ENI): only
             # the ledger learns the new form; the route is already right.
-            self._confirm(route, target, fence)
+            self._book.confirm(route, target, fence)
             return Outcome(original or change)
-        self._record(
-            LedgerEntry(
-                route.destination, target, route.lease_key, self._member, previous_target=old
-            ),
-            fence,
-        )
+        self._book.record([self._book.entry(route, target, previous=old)], fence)
         self._write("ReplaceRoute", route.destination, target, fence)
         self._broken.discard(route.destination)
-        self._confirm(route, target, fence)
+        self._book.confirm(route, target, fence)
         return Outcome(original or change)
 
     def _delete(
@@ -647,31 +578,15 @@ class AwsRouteTable:
         fresh: Mapping[Destination, LedgerEntry],
     ) -> Outcome:
         destination = route.destination
-        if fresh.get(destination) != self._seen.get(destination):
-            # Rewritten since we read it: a node may have taken this subnet again.
-            return Outcome(
-                change,
-                Transient(f"{destination}: its ledger entry changed since the table was read"),
-                present=UNKNOWN,
-            )
-        entry = fresh.get(destination)
-        if entry is None or not entry.owns(self._current_target(route)):
-            # Nothing of ours to delete there (any more): the route, if any, is left alone.
-            return Outcome(
-                change, RouteNotFound(f"{destination}: not in the ledger; left alone"), present=None
-            )
+        refused = self._book.refused_delete(change, fresh, destination, self._current_target(route))
+        if refused is not None:
+            return refused
         error: RouteError | None = None
         try:
             self._write("DeleteRoute", destination, None, fence)
         except RouteNotFound as exc:
             error = exc
-        try:
-            self._ledger.forget([destination], fence)
-        except Deposed:
-            raise
-        except Exception as exc:
-            log.info("%s: ledger entry for %s kept for now: %s", self.name, destination, exc)
-        self._seen.pop(destination, None)
+        self._book.forget([destination], fence)
         self._broken.discard(destination)
         return Outcome(change, error, present=None)
 

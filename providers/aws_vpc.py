@@ -50,9 +50,10 @@ from providers.cloud import (
     CloudOptions,
     checked_context,
     kept_routes,
-    lease_destinations,
     parse_cloud_options,
     pod_networks,
+    route_table_ids,
+    routes_to,
     shown,
 )
 
@@ -102,32 +103,13 @@ class AwsVpcOptions:
 
 def parse_options(config: NetworkConfig, coordination: Coordination | None) -> AwsVpcOptions:
     """The backend's options, or one ConfigError naming the option and the fix."""
-    tables = _route_tables(config.backend.get("RouteTableID"))
+    tables = route_table_ids(
+        config.backend.get("RouteTableID"), "RouteTableID", ROUTE_TABLE_ID, "rtb-0a1b2c3d4e5f60708"
+    )
     common = parse_cloud_options(
         config, coordination, limit_hint="the 'Routes per route table' quota, e.g. 50"
     )
     return AwsVpcOptions(tables, common)
-
-
-def _route_tables(value: Any) -> tuple[str, ...]:
-    if value is None or value == "" or value == []:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ConfigError(
-            f"Backend.RouteTableID must be a route table id or a list of them, got "
-            f'{shown(value)}; e.g. "rtb-0a1b2c3d4e5f60708"'
-        )
-    for item in items:
-        if not ROUTE_TABLE_ID.fullmatch(item):
-            raise ConfigError(
-                f"Backend.RouteTableID: {shown(item)} is not a route table id; ids look like "
-                '"rtb-0a1b2c3d4e5f60708"'
-            )
-    if len(set(items)) != len(items):
-        twice = next(i for i in items if items.count(i) > 1)
-        raise ConfigError(f"Backend.RouteTableID lists {twice} twice; list each table once")
-    return tuple(items)
 
 
 # --- instance metadata -----------------------------------------------------------------------
@@ -282,13 +264,14 @@ def lease_routes(
     lease: Lease, config: NetworkConfig, note: Callable[[str], None] | None = None
 ) -> list[Route]:
     """The routes a lease wants in every table. ``note`` hears the addresses to resolve."""
-    destinations = list(lease_destinations(lease, config))
-    if not destinations:
-        return []
-    target = lease_target(lease)
-    if note is not None and not target.startswith("eni-"):
-        note(target)
-    return [Route(d, target, lease_key=lease.key) for d in destinations]
+
+    def target(one: Lease) -> str:
+        hop = lease_target(one)
+        if note is not None and not hop.startswith("eni-"):
+            note(hop)
+        return hop
+
+    return routes_to(lease, config, target)
 
 
 def live_routes(lease: Lease, config: NetworkConfig) -> list[Route]:

@@ -18,6 +18,7 @@ reads of each table, default 300) and ``RouteLimit`` (the table's route quota, w
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,31 @@ def parse_cloud_options(
     return CloudOptions(mode.casefold(), cluster, float(resync), limit)
 
 
+def route_table_ids(
+    value: Any, option: str, pattern: re.Pattern[str], example: str
+) -> tuple[str, ...]:
+    """The route tables ``Backend.<option>`` names (one id or a list; none: discover), or one
+    ConfigError naming the option and the fix. ``example``: an id of the cloud's form."""
+    if value is None or value == "" or value == []:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(
+            f"Backend.{option} must be a route table id or a list of them, got "
+            f'{shown(value)}; e.g. "{example}"'
+        )
+    for item in items:
+        if not pattern.fullmatch(item):
+            raise ConfigError(
+                f"Backend.{option}: {shown(item)} is not a route table id; ids look like "
+                f'"{example}"'
+            )
+    if len(set(items)) != len(items):
+        twice = next(i for i in items if items.count(i) > 1)
+        raise ConfigError(f"Backend.{option} lists {twice} twice; list each table once")
+    return tuple(items)
+
+
 def checked_context(ctx: BackendContext, backend_type: str, mode: str) -> Coordination:
     """What every cloud backend needs from its context, or one ConfigError saying what is
     missing: etcd (for the ledger and elections), Mode cluster for the controller, and the
@@ -131,6 +157,16 @@ def lease_destinations(lease: Lease, config: NetworkConfig) -> Iterator[Destinat
         yield lease.subnet
     if config.enable_ipv6 and lease.ipv6_subnet is not None:
         yield lease.ipv6_subnet
+
+
+def routes_to(lease: Lease, config: NetworkConfig, target: Callable[[Lease], str]) -> list[Route]:
+    """A lease's routes: one per destination of an enabled family, to ``target(lease)`` (which
+    raises LeaseRefused when the lease names nothing to route to)."""
+    destinations = list(lease_destinations(lease, config))
+    if not destinations:
+        return []
+    hop = target(lease)
+    return [Route(d, hop, lease_key=lease.key) for d in destinations]
 
 
 def kept_routes(

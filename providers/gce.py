@@ -41,7 +41,15 @@ from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
 from cloudroutes.ledger import Ledger
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Destination, Route
-from providers.cloud import CloudModes, CloudOptions, lease_destinations, parse_cloud_options, shown
+from providers.cloud import (
+    CloudModes,
+    CloudOptions,
+    checked_context,
+    parse_cloud_options,
+    pod_networks,
+    routes_to,
+    shown,
+)
 from providers.gce_api import NAME_RULE, Compute, ComputeClients, ForwardingCheck, instance_path
 from providers.gce_route_table import GceRouteTable
 
@@ -263,11 +271,7 @@ def lease_target(lease: Lease) -> str:
 
 def lease_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
     """The routes a lease wants: one per subnet, to its instance."""
-    destinations = list(lease_destinations(lease, config))
-    if not destinations:
-        return []
-    target = lease_target(lease)
-    return [Route(d, target, lease_key=lease.key) for d in destinations]
+    return routes_to(lease, config, lease_target)
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -278,31 +282,20 @@ class GceBackend:
 
     def __init__(self, ctx: BackendContext) -> None:
         config = ctx.config
-        if ctx.coordination is None:
-            raise ConfigError(
-                "gce keeps its record of the routes it owns in etcd, and this process has no "
-                "etcd connection; run it with --etcd-endpoints (the kube subnet manager is not "
-                "supported with gce)"
-            )
         self.options = parse_options(config, ctx.coordination)
-        if ctx.controller and self.options.mode != "cluster":
-            raise ConfigError(
-                '`cloudroutes controller` writes routes in Mode "cluster" only; with Mode '
-                '"node" each agent writes its own route: set Backend.Mode to "cluster"'
-            )
-        if not ctx.controller and ctx.iface is None:
-            raise ConfigError("gce needs the node's external interface")
+        coordination = checked_context(ctx, BACKEND_TYPE, self.options.mode)
         _endpoint_checked()
         _sdk_checked()
         self._ctx = ctx
         self._config = config
-        self._coordination = ctx.coordination
+        self._coordination = coordination
+        self._networks = pod_networks(config)
         self._policy = POLICY_FILES[self.options.mode]
         self._lock = threading.Lock()
         self._identity: NodeIdentity | None = None
         self._compute = Compute(lambda: compute_clients(self.identity().project), self._policy)
         self._check = ForwardingCheck(self._compute)
-        self._modes = CloudModes(BACKEND_TYPE, self.options, ctx.coordination, config)
+        self._modes = CloudModes(BACKEND_TYPE, self.options, coordination, config)
         self._gate = Gate()
 
     @property
@@ -374,12 +367,11 @@ class GceBackend:
     ) -> GceRouteTable:
         c = self._coordination
         assert c is not None
-        config = self._config
         return GceRouteTable(
             self._compute,
             table_id,
             ledger=Ledger(c.client, c.prefix, self.options.cluster_name, table_id),
-            networks=(config.network,) if config.network is not None else (),
+            networks=self._networks,
             cluster=self.options.cluster_name,
             member=c.member,
             gate=self._gate,

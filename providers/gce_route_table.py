@@ -38,7 +38,6 @@ from cloudroutes.errors import Rejected, RouteConflict, RouteError, RouteNotFoun
 from cloudroutes.ledger import Ledger, LedgerEntry, within
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import (
-    UNKNOWN,
     Action,
     Capacity,
     Change,
@@ -52,6 +51,7 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
+from providers.cloud_ledger import TableLedger
 from providers.gce_api import (
     CALL_TIMEOUT,
     DONE,
@@ -85,6 +85,12 @@ class _NotLeader(Transient):
 def ledger_target(hop: str, name: str, canonical: str) -> str:
     """The ledger's target for a route: its next hop, and its name when it is not ours."""
     return hop if name == canonical else f"{hop} as {name}"
+
+
+def _recorded_names(entry: LedgerEntry, canonical: str) -> set[str]:
+    """The names of the routes an entry records (its target's, and a retarget's old one)."""
+    targets = (t for t in (entry.target, entry.previous_target) if t is not None)
+    return {t.split(" as ", 1)[1] if " as " in t else canonical for t in targets}
 
 
 # --- one listed route ----------------------------------------------------------------------
@@ -181,19 +187,23 @@ class GceRouteTable:
         self.limits = TableLimits(pass_deadline=pass_deadline or PASS_DEADLINE, settle=2.0)
         self.gate = gate
         self._compute = compute
-        self._ledger = ledger
+        self._book = TableLedger(
+            ledger,
+            name=self.name,
+            table_id=self.network,
+            member=member,
+            scope=scope,
+            skip_young=skip_young,
+            fence=fence,
+        )
         self._networks = tuple(networks)
         self._cluster = cluster
         self._mark = f"cloudroutes cluster={cluster_mark(cluster)}"
-        self._member = member
         self._can_forward = can_forward
         self._scope = scope
         self._collect = collect
-        self._skip_young = skip_young
-        self._fence = fence
         self._route_limit = route_limit
-        self._lock = threading.Lock()  # the ledger, _seen and _inflight
-        self._seen: dict[Destination, LedgerEntry] = {}
+        self._lock = threading.Lock()  # _inflight and _adoptable_names
         self._inflight: dict[Destination, _InFlight] = {}
         # The name of the adoptable route at each destination, as last listed.
         self._adoptable_names: dict[Destination, str] = {}
@@ -210,7 +220,7 @@ class GceRouteTable:
 
     def observe(self) -> Observation:
         listed = self._list()
-        entries = self._ledger_entries()
+        entries = self._book.read()
         now = time.time()
         owned: dict[Destination, Observed] = {}
         foreign: dict[Destination, Foreign] = {}
@@ -224,10 +234,8 @@ class GceRouteTable:
             entry = entries.get(route.destination)
             if self._ours(route, entry):
                 assert entry is not None
-                if self._scope is not None and route.destination not in self._scope:
-                    continue  # another node's route: that node's to keep
-                if self._skip_young and now - entry.written < LEDGER_GRACE:
-                    continue  # perhaps made by a node whose lease we have not heard of yet
+                if self._book.hidden(route.destination, entry, now, LEDGER_GRACE):
+                    continue
                 state = EntryState.BROKEN if NO_INSTANCE in route.warnings else EntryState.ACTIVE
                 owned[route.destination] = Observed(Route(route.destination, route.hop), state)
             elif within(route.destination, self._networks):
@@ -235,8 +243,8 @@ class GceRouteTable:
                     foreign[route.destination] = self._foreign(route, entry)
                 if self._adoptable(route):
                     adoptable[route.destination] = route.name
+        self._book.seen(entries)
         with self._lock:
-            self._seen = dict(entries)
             self._adoptable_names = adoptable
             pending = [f for f in self._inflight.values() if f.kind == "insert"]
         for flight in pending:
@@ -247,17 +255,23 @@ class GceRouteTable:
         for destination in owned:
             foreign.pop(destination, None)
         if self._collect:
-            self._forget_stale(entries, present, now)
+            with self._lock:
+                busy = set(self._inflight)
+            self._book.forget_stale(entries, present, now, LEDGER_GRACE, busy)
         return Observation(owned=owned, foreign=foreign, capacity=self._capacity(listed))
 
     def _ours(self, route: GceRoute, entry: LedgerEntry | None) -> bool:
-        if entry is None or not route.instance:
+        if entry is None or not route.instance or not within(route.destination, self._networks):
             return False
         canonical = route_name(self._cluster, route.destination)
+        if entry.confirmed:
+            # Its route was made or adopted: the route of the name the entry records is ours
+            # whatever its hop (or description), so one someone re-created by hand pointing
+            # elsewhere is repaired. Others' routes to the destination keep other names.
+            return route.name in _recorded_names(entry, canonical)
         if route.name == canonical and self._mark not in route.description:
             return False  # our name without our mark: not made by this cluster
-        target = ledger_target(route.hop, route.name, canonical)
-        return within(route.destination, self._networks) and entry.owns(target)
+        return entry.owns(ledger_target(route.hop, route.name, canonical))
 
     def _adoptable(self, route: GceRoute) -> bool:
         if not route.instance or route.priority != PRIORITY or NO_INSTANCE in route.warnings:
@@ -329,38 +343,6 @@ class GceRouteTable:
                 deleting.add(flight.name)
         return deleting
 
-    def _ledger_entries(self) -> dict[Destination, LedgerEntry]:
-        try:
-            with self._lock:
-                return self._ledger.entries()
-        except Exception as exc:  # etcd unreachable or refusing: read again later
-            raise Transient(f"cannot read the route ledger of {self.name} in etcd: {exc}") from None
-
-    def _forget_stale(
-        self, entries: Mapping[Destination, LedgerEntry], present: set[Destination], now: float
-    ) -> None:
-        """Forget entries whose route is gone (a delete that died before it forgot)."""
-        with self._lock:
-            busy = set(self._inflight)
-        stale = [
-            d
-            for d, e in entries.items()
-            if d not in present
-            and d not in busy
-            and now - e.written >= LEDGER_GRACE
-            and (self._scope is None or d in self._scope)
-        ]
-        fence = self._current_fence()
-        if not stale or (self._fence is not None and fence is None):
-            return
-        try:
-            with self._lock:
-                self._ledger.forget(stale, fence)
-                for destination in stale:
-                    self._seen.pop(destination, None)
-        except Exception as exc:  # etcd trouble or deposed: the next pass tries again
-            log.info("%s: stale ledger entries kept for now: %s", self.name, exc)
-
     # --- apply ------------------------------------------------------------------------------
 
     def apply(self, plan: Plan, deadline: float | None = None) -> Sequence[Outcome]:
@@ -369,7 +351,7 @@ class GceRouteTable:
         fresh: dict[Destination, LedgerEntry] | None = None
         if plan.of(Action.DELETE):
             try:
-                fresh = self._ledger_entries()  # one read, for every delete of this plan
+                fresh = self._book.read()  # one read, for every delete of this plan
             except Transient as exc:
                 return [Outcome(c, exc) for c in plan.of(Action.DELETE)]
         outcomes: list[Outcome] = []
@@ -390,8 +372,8 @@ class GceRouteTable:
     def _run_group(
         self, group: list[Change], deadline: float | None, fresh: Mapping[Destination, LedgerEntry]
     ) -> tuple[list[Outcome], bool]:
-        fence = self._current_fence()
-        if self._fence is not None and (fence is None or not fence.valid()):
+        fence = self._book.fence()
+        if self._book.not_leader(fence):
             return [Outcome(group[0], _NotLeader("not the leader now; not writing"))], True
         slots = self._free_slots(deadline)
         if slots <= 0:
@@ -452,9 +434,6 @@ class GceRouteTable:
             if self._inflight.get(destination) is flight:
                 del self._inflight[destination]
 
-    def _current_fence(self) -> Fence | None:
-        return self._fence() if self._fence is not None else None
-
     def _one(
         self,
         change: Change,
@@ -480,26 +459,6 @@ class GceRouteTable:
             log.error("%s: %s failed", self.name, change, exc_info=True)
             return Outcome(change, Transient(f"{change}: {type(exc).__name__}: {exc}"))
 
-    def _record(self, entry: LedgerEntry, fence: Fence | None) -> None:
-        try:
-            with self._lock:
-                self._ledger.record([entry], fence)
-                self._seen[entry.destination] = entry
-        except Deposed:
-            raise
-        except Exception as exc:
-            raise Transient(f"could not write the route ledger in etcd: {exc}") from None
-
-    def _forget(self, destination: Destination, fence: Fence | None) -> None:
-        try:
-            with self._lock:
-                self._ledger.forget([destination], fence)
-                self._seen.pop(destination, None)
-        except Deposed:
-            raise
-        except Exception as exc:
-            log.info("%s: ledger entry for %s kept for now: %s", self.name, destination, exc)
-
     def _adopt(self, change: Change, route: Route, fence: Fence | None) -> Outcome:
         current = change.current
         with self._lock:
@@ -507,7 +466,7 @@ class GceRouteTable:
         canonical = route_name(self._cluster, route.destination)
         hop = current.next_hop if isinstance(current, Route) else route.next_hop
         target = ledger_target(hop, name, canonical)
-        self._record(LedgerEntry(route.destination, target, route.lease_key, self._member), fence)
+        self._book.confirm(route, target, fence)
         log.info("%s: adopted route %s (%s) as it is, with no write", self.name, name, route)
         return Outcome(change)
 
@@ -516,11 +475,8 @@ class GceRouteTable:
     ) -> Outcome:
         name = route_name(self._cluster, route.destination)
         self._can_forward(route.next_hop)
-        with self._lock:
-            before = self._ledger.get(route.destination)
-        self._record(
-            LedgerEntry(route.destination, route.next_hop, route.lease_key, self._member), fence
-        )
+        before = self._book.get(route.destination)
+        self._book.record([self._book.entry(route)], fence)
         try:
             return self._insert(change, route, name, fence, deadline)
         except AlreadyExists:
@@ -540,9 +496,10 @@ class GceRouteTable:
         existing = self._get_route(name)
         if existing.hop == route.next_hop and NO_INSTANCE not in existing.warnings:
             log.info("%s: %s already exists as wanted", self.name, name)
+            self._book.confirm(route, None, fence)
             return Outcome(change)
         if self._mark not in existing.description:
-            self._restore(route.destination, before, fence)
+            self._book.restore({route.destination: before}, fence)
             raise RouteConflict(
                 f"{route.destination}: route {name} exists without cloudroutes' mark for "
                 f"cluster {self._cluster}; it is left alone (delete it if nothing needs it)"
@@ -551,17 +508,6 @@ class GceRouteTable:
         replace = Change(Action.REPLACE, route, current)
         outcome = self._replace(replace, route, fence, deadline, old_name=name)
         return Outcome(change, outcome.error, outcome.pending, outcome.present)
-
-    def _restore(
-        self, destination: Destination, before: LedgerEntry | None, fence: Fence | None
-    ) -> None:
-        try:
-            if before is None:
-                self._forget(destination, fence)
-            else:
-                self._record(before, fence)
-        except Exception as exc:
-            log.info("%s: ledger entry for %s not restored: %s", self.name, destination, exc)
 
     def _replace(
         self,
@@ -575,22 +521,12 @@ class GceRouteTable:
         current = change.current
         assert isinstance(current, Route)
         name = route_name(self._cluster, route.destination)
-        with self._lock:
-            entry = self._ledger.get(route.destination)
+        entry = self._book.get(route.destination)
         if old_name is None:
             old_name = self._recorded_name(entry, current)
         self._can_forward(route.next_hop)
         old_target = ledger_target(current.next_hop, old_name, name)
-        self._record(
-            LedgerEntry(
-                route.destination,
-                route.next_hop,
-                route.lease_key,
-                self._member,
-                previous_target=old_target,
-            ),
-            fence,
-        )
+        self._book.record([self._book.entry(route, previous=old_target)], fence)
         log.info(
             "%s: replacing %s (route %s) by deleting it and inserting %s (routes cannot be "
             "changed in place)",
@@ -658,21 +594,13 @@ class GceRouteTable:
             if isinstance(error, AlreadyExists):
                 raise error
             return Outcome(change, error, present=None)
-        # Settled: the route is in the table (a read that misses it lags, see settle).
-        with self._lock:
-            self._record_clean(route)
+        # Settled: the route is in the table (a read that misses it lags, see settle). Its
+        # entry is confirmed, and a retarget's previous_target goes.
+        try:
+            self._book.confirm(route, None, fence)
+        except (Deposed, RouteError) as exc:
+            log.info("%s: ledger entry of %s kept as is: %s", self.name, route, exc)
         return Outcome(change)
-
-    def _record_clean(self, route: Route) -> None:
-        # Called with the lock held: the retarget is over, so previous_target goes.
-        entry = self._ledger.get(route.destination)
-        if entry is not None and entry.previous_target is not None:
-            clean = LedgerEntry(route.destination, entry.target, entry.lease, entry.by)
-            try:
-                self._ledger.record([clean], self._current_fence())
-                self._seen[route.destination] = clean
-            except Exception as exc:
-                log.info("%s: ledger entry of %s kept as is: %s", self.name, route, exc)
 
     def _finish(self, op: Any, deadline: float | None) -> Any:
         """The operation once DONE, or as it is when the deadline comes first."""
@@ -723,29 +651,18 @@ class GceRouteTable:
         deadline: float | None,
     ) -> Outcome:
         destination = route.destination
-        with self._lock:
-            seen = self._seen.get(destination)
-        if fresh.get(destination) != seen:
-            # Rewritten since we read it: a node may have taken this subnet again.
-            return Outcome(
-                change,
-                Transient(f"{destination}: its ledger entry changed since the routes were read"),
-                present=UNKNOWN,
-            )
-        entry = fresh.get(destination)
-        name = self._recorded_name(entry, route)
-        canonical = route_name(self._cluster, destination)
-        if entry is None or not entry.owns(ledger_target(route.next_hop, name, canonical)):
-            return Outcome(
-                change, RouteNotFound(f"{destination}: not in the ledger; left alone"), present=None
-            )
+        name = self._recorded_name(fresh.get(destination), route)
+        target = ledger_target(route.next_hop, name, route_name(self._cluster, destination))
+        refused = self._book.refused_delete(change, fresh, destination, target)
+        if refused is not None:
+            return refused
         error: RouteError | None = None
         try:
             if not self._write_delete(name, route, fence, deadline):
                 return Outcome(change, pending=True)
         except RouteNotFound as exc:
             error = exc
-        self._forget(destination, fence)
+        self._book.forget([destination], fence)
         return Outcome(change, error, present=None)
 
     # --- calls ------------------------------------------------------------------------------
