@@ -32,11 +32,12 @@ def iperf(src: LabNode, dst: LabNode, source: str, target: str, seconds: float) 
                 "iperf3", "-J", "-c", target, "-B", source, "-p", str(PORT),
                 "-t", str(seconds), check=False, timeout=seconds + 30,
             )  # fmt: skip
-            if result.returncode == 0:
-                report = json.loads(result.stdout)
-                return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+            report = json.loads(result.stdout or "{}")
+            received = report.get("end", {}).get("sum_received")
+            if result.returncode == 0 and received:
+                return float(received["bits_per_second"]) / 1e9
             time.sleep(0.1)  # the server is not listening yet
-        raise RuntimeError(f"iperf3 failed: {result.stdout[-300:]}")
+        raise RuntimeError(f"iperf3 failed: {report.get('error', result.stderr[-300:])}")
     finally:
         server.kill()
         server.wait()
