@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from cloudroutes.lab.netns import Netns, Underlay
+from providers.udp_forwarder import checksum
 from tests.conftest import needs_root
 from tests.wait import wait_for
 
@@ -183,3 +184,51 @@ def test_a_tcp_stream_arrives_whole_through_batches(pair: tuple[Node, Node]) -> 
     assert received.split()[0] == str(size)
     writes = rx_packets(two) - before
     assert writes < size // 1420, "segments of the stream entered the TUN as bursts"
+
+
+# A flanneld peer as the wire shows it: a bare IPv4 packet per datagram, from and to port 8285.
+_FLANNELD_PEER = """
+import socket, struct, sys
+
+def checksum(data):
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+me, node, source, target = sys.argv[1:]
+icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x1234, 1) + b"flanneld")
+icmp[2:4] = checksum(icmp).to_bytes(2, "big")
+ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 7, 0, 64, 1, 0,
+                           socket.inet_aton(source), socket.inet_aton(target)))
+ip[10:12] = checksum(ip).to_bytes(2, "big")
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((me, 8285))
+sock.settimeout(5)
+sock.sendto(bytes(ip + icmp), (node, 8285))
+data, (host, port) = sock.recvfrom(65536)
+print(host, port, data.hex())
+"""
+
+
+def test_a_flanneld_peer_and_the_forwarder_speak_bare_packets(pair: tuple[Node, Node]) -> None:
+    """An echo request as flanneld sends it comes back as flanneld expects the reply."""
+    one, two = pair
+    flanneld = "198.18.0.12"
+    two.ns.ip("addr", "add", f"{flanneld}/24", "dev", "eth0")
+    stranger = Node(two.ns, flanneld, "10.5.12.0/24", two.process)
+    connect(one, two)
+    one.set_peers(two, stranger)
+    result = two.ns.run(sys.executable, "-c", _FLANNELD_PEER, flanneld, one.address,
+                        stranger.gateway, one.gateway)  # fmt: skip
+    host, port, hexdata = result.stdout.split()
+    reply = bytes.fromhex(hexdata)
+    assert (host, port) == (one.address, "8285"), "from the node's own udp port"
+    assert reply[0] == 0x45 and int.from_bytes(reply[2:4], "big") == len(reply), "a bare packet"
+    assert reply[12:16] == bytes(map(int, one.gateway.split(".")))
+    assert reply[16:20] == bytes(map(int, stranger.gateway.split(".")))
+    assert reply[8] == 63, "the node's forwarder decremented the TTL"
+    assert checksum(reply[:20]) == 0
+    icmp = reply[20:]
+    assert icmp[0] == 0 and icmp[4:8] == b"\x12\x34\x00\x01" and icmp[8:] == b"flanneld"
+    assert checksum(icmp) == 0
