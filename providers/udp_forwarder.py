@@ -75,14 +75,15 @@ def _ttl_checksum(old: int) -> int:
 TTL_CHECKSUM: tuple[bytes, ...] = tuple(_ttl_checksum(c).to_bytes(2, "big") for c in range(65536))
 
 
-def decrement_ttl(packet: bytearray) -> bool:
-    """Decrement the IPv4 TTL in place and fix the checksum; False when the packet must be
-    dropped (its TTL would reach 0)."""
-    ttl = packet[8]
+def decrement_ttl(packet: bytearray, at: int = 0) -> bool:
+    """Decrement the TTL of the IPv4 packet at offset ``at`` in place and fix its checksum;
+    False when the packet must be dropped (its TTL would reach 0)."""
+    ttl = packet[at + 8]
     if ttl <= 1:
         return False
-    packet[8] = ttl - 1
-    packet[10:12] = TTL_CHECKSUM[(packet[10] << 8) | packet[11]]
+    packet[at + 8] = ttl - 1
+    c = at + 10
+    packet[c : c + 2] = TTL_CHECKSUM[(packet[c] << 8) | packet[c + 1]]
     return True
 
 
@@ -297,7 +298,7 @@ class TunToUdp:
         buf = bytearray(MAX_UDP_PAYLOAD + BUFFER_SIZE)
         view = memoryview(buf)
         header = bytearray(VNET_HDR_SIZE)
-        readv, tun, fix = os.readv, self.tun, TTL_CHECKSUM
+        readv, tun, find, decrement = os.readv, self.tun, lookup, decrement_ttl
         os.set_blocking(tun, False)
         waiter = select.poll()
         waiter.register(tun, select.POLLIN)
@@ -322,23 +323,14 @@ class TunToUdp:
                 continue
             if n < 20 or buf[o] & 0xF0 != 0x40:
                 continue  # not IPv4 (the kernel's IPv6 chatter on the device)
-            (destination,) = address(buf, o + 16)
-            peer = None
-            for mask, peers in self.table:
-                peer = peers.get(destination & mask)
-                if peer is not None:
-                    break
+            peer = find(self.table, address(buf, o + 16)[0])
             if peer is None:
                 error = net_unreachable(view[o : o + n], self.source)
                 if error is not None:
                     os.writev(tun, [NO_VNET_HDR, error])
                 continue
-            ttl = buf[o + 8]
-            if ttl <= 1:
+            if not decrement(buf, o):
                 continue
-            buf[o + 8] = ttl - 1
-            c = o + 10
-            buf[c : c + 2] = fix[(buf[c] << 8) | buf[c + 1]]
             if o and (peer != batch or n > size):
                 # It cannot join the run: send the run, and start another with it.
                 send(view[:o], size, batch)
@@ -442,14 +434,11 @@ class UdpToTun:
         self.write_each(buf, start, end, size)
 
     def write_each(self, buf: bytearray, start: int, end: int, size: int) -> None:
-        view, tun, fix, no_header = memoryview(buf), self.tun, TTL_CHECKSUM, NO_VNET_HDR
+        view, tun, no_header = memoryview(buf), self.tun, NO_VNET_HDR
         for s in range(start, end, size):
             e = min(s + size, end)
-            if e - s < 20 or buf[s] & 0xF0 != 0x40 or buf[s + 8] <= 1:
+            if e - s < 20 or buf[s] & 0xF0 != 0x40 or not decrement_ttl(buf, s):
                 continue
-            buf[s + 8] -= 1
-            c = s + 10
-            buf[c : c + 2] = fix[(buf[c] << 8) | buf[c + 1]]
             try:  # noqa: SIM105 (suppress() costs a context manager per packet)
                 os.writev(tun, [no_header, view[s:e]])
             except OSError:

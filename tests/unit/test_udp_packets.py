@@ -264,3 +264,13 @@ def test_runs_that_are_not_one_flow_in_order_are_left_alone() -> None:
     dying = segments_of(stream(3))
     dying[0][8] = 1
     assert refused(dying), "TTL 1: dropped by the per-packet path, not merged"
+
+
+def test_ttl_decrement_of_a_packet_inside_a_run() -> None:
+    first, second = ipv4(ttl=9), ipv4(ttl=1, ident=99)
+    run = bytearray(first + second)
+    assert decrement_ttl(run, len(first)) is False
+    assert run == first + second, "a packet at TTL 1 is left for the caller to drop"
+    assert decrement_ttl(run, 0)
+    assert run[8] == 8 and checksum(run[:20]) == 0
+    assert run[len(first) :] == second
