@@ -102,7 +102,16 @@ def accept_local(name: str) -> None:
     """Let the device take packets whose source is one of this host's addresses: the ICMP errors
     the forwarder sends come from the device's own address (as flanneld's do), and Linux drops
     such a packet as a martian unless accept_local is on for the interface."""
-    Path(f"/proc/sys/net/ipv4/conf/{name}/accept_local").write_text("1\n")
+    path = Path(f"/proc/sys/net/ipv4/conf/{name}/accept_local")
+    try:
+        path.write_text("1\n")
+    except OSError as exc:
+        # Forwarding works without it; only the errors for unleased destinations are lost.
+        log.warning(
+            "cannot turn on %s (%s): a connection to an unleased pod address will time out "
+            "instead of failing at once; make /proc/sys writable for the agent",
+            path, exc.strerror,
+        )  # fmt: skip
 
 
 def bind_socket(address: IPv4Address, port: int) -> socket.socket:
@@ -216,7 +225,10 @@ class UdpBackend:
                 set_link_mtu(DEVICE, self.mtu)
                 accept_local(DEVICE)
             except (OSError, PyrouteError, ValueError) as exc:
-                raise Transient(f"cannot set up {DEVICE}: {exc}") from None
+                raise Transient(
+                    f"udp backend: cannot set the MTU of {DEVICE}: {exc}; the agent needs "
+                    "CAP_NET_ADMIN"
+                ) from None
         return LeaseAttrs(public_ip=self._iface.public_ip or self._iface.ip or NO_IPV4)
 
     def bind(self, own: Lease) -> Sequence[RouteTableBinding]:
