@@ -503,6 +503,8 @@ class LabCluster:
             f"--etcd-endpoints={self.endpoints}",
             *([f"--iface={iface}"] if iface else []),
             f"--subnet-file={node.subnet_file}",
+            # Each node's state (vxlan's VtepMAC) in its own directory, as on its own disk.
+            f"--state-dir={node.run_dir}",
             *extra,
         ]  # fmt: skip
         node.agent_args = list(extra)

@@ -1,6 +1,6 @@
 """Three nodes in namespaces with real agents on the vxlan backend: what an operator would see.
 
-Each node's VtepMAC is kept in its own run directory (CLOUDROUTES_STATE_DIR), as each machine
+Each node's VtepMAC is kept in its own run directory (the lab's --state-dir), as each machine
 keeps it in its own /var/lib/cloudroutes.
 """
 
@@ -26,15 +26,6 @@ DEVICE = "flannel.1"
 STRANGER = "10.5.200.0"  # a lease written by hand, as flanneld would
 STRANGER_MAC = "be:ef:00:00:00:01"
 PROBE = "10.5.254.254"  # a neighbour entry the restart test adds and deletes itself
-
-
-class VxlanLab(LabCluster):
-    """A LabCluster whose agents each keep their VtepMAC in their node's run directory."""
-
-    def agent_env(self, node: LabNode) -> dict[str, str]:
-        env = super().agent_env(node)
-        env["CLOUDROUTES_STATE_DIR"] = str(node.run_dir)
-        return env
 
 
 def lines(text: str) -> list[str]:
@@ -86,7 +77,7 @@ def wait_for_two_passes(node: LabNode) -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LabCluster]:
-    lab = VxlanLab(3, backend="vxlan").build()
+    lab = LabCluster(3, backend="vxlan").build()
     try:
         lab.start("--subnet-lease-ttl=60", f"--healthz-port={HEALTH}")
         yield lab
@@ -250,7 +241,7 @@ def test_kill_and_restart_under_traffic_loses_nothing(cluster: LabCluster, tmp_p
 
 
 def test_changed_port_recreates_the_device_and_says_so() -> None:
-    lab = VxlanLab(1, backend="vxlan").build()
+    lab = LabCluster(1, backend="vxlan").build()
     try:
         lab.start()
         node = lab.nodes[0]
@@ -269,7 +260,7 @@ def test_changed_port_recreates_the_device_and_says_so() -> None:
 
 
 def test_direct_routing_uses_host_gw_routes_on_one_link() -> None:
-    lab = VxlanLab(2, backend="vxlan", backend_options={"DirectRouting": True}).build()
+    lab = LabCluster(2, backend="vxlan", backend_options={"DirectRouting": True}).build()
     try:
         lab.start()
         node1, node2 = lab.nodes
@@ -327,7 +318,7 @@ def flanneld_peer(node: LabNode, peer: LabNode, mac: str) -> None:
 
 
 def test_a_node_switches_from_flanneld_without_losing_an_entry(tmp_path: Path) -> None:
-    lab = VxlanLab(2, backend="vxlan").build()
+    lab = LabCluster(2, backend="vxlan").build()
     try:
         lab.set_config()
         node1, node2 = lab.nodes
