@@ -225,6 +225,7 @@ def coalesce(
     h = 20 + (buf[f + 32] >> 4) * 4
     if size <= h or end - start > len(out):
         return None
+    tos = buf[f + 1]  # ECN marks too: a congestion signal is never merged away
     flags_ttl = bytes(buf[f + 6 : f + 10])  # no fragment, one TTL, TCP
     flow = bytes(buf[f + 12 : f + 24])  # addresses and ports
     ack = bytes(buf[f + 28 : f + 33])  # acknowledgement number, data offset
@@ -244,6 +245,7 @@ def coalesce(
         bits = buf[s + 33]
         if (
             buf[s] != 0x45
+            or buf[s + 1] != tos
             or ((buf[s + 2] << 8) | buf[s + 3]) != e - s
             or e - s <= h
             or seq_at(buf, s + 24)[0] != seq

@@ -255,6 +255,11 @@ def test_runs_that_are_not_one_flow_in_order_are_left_alone() -> None:
     window[1] = segments_of(stream(3), window=501)[1]
     assert refused(window), "a window update is not merged away"
     assert refused(segments_of(stream(3), ip_options=b"\x01\x01\x01\x00"))
+    congested = segments_of(stream(3))
+    congested[1][1] = 0x03  # ECN CE
+    congested[1][10:12] = b"\0\0"
+    congested[1][10:12] = checksum(congested[1][:20]).to_bytes(2, "big")
+    assert refused(congested), "a congestion mark is not merged away"
     fragment = segments_of(stream(3))
     for segment in fragment:
         segment[6] |= 0x20
