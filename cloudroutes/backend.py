@@ -8,7 +8,8 @@ A backend says only what is particular to it:
   node publishes in its lease;
 - ``bind(own)`` returns its route tables, each with the function that maps one lease to the
   entries that table should hold for it;
-- ``tasks()`` (optional): named background tasks the agent runs while it runs (elections);
+- ``tasks()`` (optional): named background tasks the agent runs while it runs (elections, the
+  udp data path);
 - ``accepts`` (optional): the BackendTypes of the leases it can route; leases of other types
   are reported as refused, never silently dropped.
 
