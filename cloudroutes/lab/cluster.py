@@ -136,7 +136,6 @@ class LabNode:
 class CloudMachine:
     """The instance a node of a cloud cluster is."""
 
-    instance: str  # its id (EC2, ECS) or name (GCE)
     target: str  # what its lease's route points at, as the cloud lists it
     shown: str  # how the demo introduces it, e.g. "instance i-0abc, ENI eni-0def"
 
@@ -183,7 +182,9 @@ class CloudFake(Protocol):
         """The Backend options a cluster of this cloud starts with."""
         ...
 
-    def routes(self, cluster: str) -> list[CloudRoute]: ...
+    def routes(self, cluster: str) -> list[CloudRoute]:
+        """Every route of the table, and whether it carries ``cluster``'s marker."""
+        ...
 
 
 class _Lab(Protocol):
@@ -232,7 +233,7 @@ class AwsFake(_Started[AwsLab]):
         assert self.lab.vpc is not None, "started"
         instance = self.lab.vpc.instances[i]
         shown = f"instance {instance.instance_id}, ENI {instance.eni_id}"
-        return CloudMachine(instance.instance_id, instance.eni_id, shown)
+        return CloudMachine(instance.eni_id, shown)
 
     def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
         return self.lab.node_env(i, base)
@@ -281,7 +282,7 @@ class AlibabaFake(_Started[AlibabaLab]):
     def machine(self, i: int) -> CloudMachine:
         assert self.lab.vpc is not None, "started"
         instance = self.lab.vpc.instances[i].instance_id
-        return CloudMachine(instance, instance, f"instance {instance}")
+        return CloudMachine(instance, f"instance {instance}")
 
     def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
         from providers.ali_vpc import ENDPOINT_ENV, METADATA_ENV
@@ -331,7 +332,7 @@ class GceFake(_Started[GceLab]):
     def machine(self, i: int) -> CloudMachine:
         assert self.lab.project is not None, "started"
         instance = self.lab.project.instances[i]
-        return CloudMachine(instance.name, instance.path, f"instance {instance.name}")
+        return CloudMachine(instance.path, f"instance {instance.name}")
 
     def node_env(self, i: int, base: dict[str, str]) -> dict[str, str]:
         from providers.gce import API_ENDPOINT_VARIABLE
