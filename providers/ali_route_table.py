@@ -31,8 +31,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Any
+from ipaddress import ip_network
+from typing import Any, Unpack
 
 from cloudroutes.election import Deposed, Fence
 from cloudroutes.errors import (
@@ -44,8 +44,7 @@ from cloudroutes.errors import (
     Throttled,
     Transient,
 )
-from cloudroutes.ledger import Ledger, LedgerEntry, within
-from cloudroutes.reconciler import Gate
+from cloudroutes.ledger import LedgerEntry, within
 from cloudroutes.routes import (
     UNKNOWN,
     Action,
@@ -61,7 +60,8 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
-from providers.cloud_ledger import TableLedger
+from providers.cloud import TableArgs
+from providers.cloud_ledger import CloudTable
 
 log = logging.getLogger(__name__)
 # The SDK logs every error answer at ERROR, with the string it signed (which carries an STS
@@ -363,7 +363,7 @@ class _Create:
     before: LedgerEntry | None
 
 
-class AliRouteTable:
+class AliRouteTable(CloudTable):
     """One VPC route table, as one reconciler sees it.
 
     ``scope``: the destinations this table reports as owned (a node-mode agent: its own
@@ -379,48 +379,19 @@ class AliRouteTable:
         client: VpcClient,
         table_id: str,
         *,
-        ledger: Ledger,
-        networks: Sequence[IPv4Network | IPv6Network],
-        member: str,
         policy: str,
-        gate: Gate,
         vpc_lock: threading.Lock,
         markers: Markers,
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        skip_young: bool = False,
-        fence: Callable[[], Fence | None] | None = None,
-        route_limit: int | None = None,
-        resync_period: float = 300.0,
+        **args: Unpack[TableArgs],
     ) -> None:
-        self.name = name or table_id
-        self.table_id = table_id
-        self.resync_period = resync_period
+        super().__init__(table_id, **args)
         self.limits = TableLimits(max_changes=BATCH, pass_deadline=30.0, settle=SETTLE)
-        self.gate = gate
         self._client = client
-        self._ledger = ledger
-        self._book = TableLedger(
-            ledger,
-            name=self.name,
-            table_id=table_id,
-            member=member,
-            scope=scope,
-            skip_young=skip_young,
-            fence=fence,
-        )
-        self._networks = tuple(networks)
         self._policy = policy
         self._vpc_lock = vpc_lock
         self._markers = markers
-        self._collect = collect
-        self._route_limit = route_limit
         # The id of each owned entry as last listed: a retarget names the entry it saw.
         self._entry_ids: dict[Destination, str] = {}
-
-    def __repr__(self) -> str:
-        return f"AliRouteTable({self.name!r})"
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -470,7 +441,7 @@ class AliRouteTable:
                 # default route (never a lease's, whatever the Network).
                 continue
             record = entries.get(entry.destination)
-            ours = entry.hop_type == "Instance" and self._ledger.owns(
+            ours = entry.hop_type == "Instance" and self._book.owns(
                 entry.destination, entry.hop_id, self._networks
             )
             if ours and record is not None:

@@ -28,20 +28,17 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.backend import BackendContext, Coordination
 from cloudroutes.config import NetworkConfig
-from cloudroutes.election import Election
 from cloudroutes.errors import ConfigError, LeaseRefused, Rejected, RouteError, Transient
 from cloudroutes.jsonfields import FoldedObject
 from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
-from cloudroutes.ledger import Ledger
-from cloudroutes.reconciler import Gate
-from cloudroutes.routes import Destination, Route
+from cloudroutes.routes import Route
 from providers.ali_route_table import (
     INSTANCE_ID,
     AliRouteTable,
@@ -52,11 +49,10 @@ from providers.ali_route_table import (
     vpc_error,
 )
 from providers.cloud import (
-    CloudModes,
+    CloudBackend,
     CloudOptions,
-    checked_context,
+    TableArgs,
     parse_cloud_options,
-    pod_networks,
     route_table_ids,
     routes_to,
     shown,
@@ -367,38 +363,19 @@ def lease_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
 # --- the backend -----------------------------------------------------------------------------
 
 
-class AliVpcBackend:
-    accepts = frozenset({BACKEND_TYPE, ""})
+class AliVpcBackend(CloudBackend):
+    backend_type = BACKEND_TYPE
 
     def __init__(self, ctx: BackendContext) -> None:
-        config = ctx.config
-        self.options = parse_options(config, ctx.coordination)
-        coordination = checked_context(ctx, BACKEND_TYPE, self.options.mode)
-        self._ctx = ctx
-        self._config = config
-        self._coordination = coordination
-        self._networks = pod_networks(config)
-        self._lock = threading.Lock()
+        self.options = parse_options(ctx.config, ctx.coordination)
+        super().__init__(ctx, self.options.common)
         self._metadata: Metadata | None = None
         self._identity: NodeIdentity | None = None
         self._client: VpcClient | None = None
-        self._modes = CloudModes(BACKEND_TYPE, self.options.common, coordination, config)
-        self._gate = Gate()
         # Alibaba refuses concurrent route changes in a VPC: every table of this process (all
         # in this node's VPC) writes under this lock.
         self._vpc_lock = threading.Lock()
         self._markers = Markers(self.options.common.cluster_name)
-
-    @property
-    def mtu(self) -> int:
-        iface = self._ctx.iface
-        return iface.mtu if iface is not None else 1500
-
-    def __repr__(self) -> str:
-        return (
-            f"AliVpcBackend(mode={self.options.mode!r}, "
-            f"cluster={self.options.common.cluster_name!r})"
-        )
 
     # --- the node ---------------------------------------------------------------------------
 
@@ -488,46 +465,16 @@ class AliVpcBackend:
 
     # --- modes ------------------------------------------------------------------------------
 
-    def election(self) -> Election:
-        return self._modes.election()
-
-    def tasks(self) -> list[tuple[str, BackgroundTask]]:
-        return self._modes.tasks()
-
-    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+    def lease_routes(self) -> Callable[[Lease], list[Route]]:
         config = self._config
+        return lambda lease: lease_routes(lease, config)
 
-        def routes(lease: Lease) -> list[Route]:
-            return lease_routes(lease, config)
-
-        return self._modes.bindings(own, self.route_table_ids(), self._table, routes)
-
-    def _table(
-        self,
-        table_id: str,
-        *,
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        fence: Callable[[], Any] | None = None,
-    ) -> AliRouteTable:
-        c = self._coordination
-        assert c is not None
+    def cloud_table(self, table_id: str, args: TableArgs) -> AliRouteTable:
         return AliRouteTable(
             self.client(),
             table_id,
-            ledger=Ledger(c.client, c.prefix, self.options.common.cluster_name, table_id),
-            networks=self._networks,
-            member=c.member,
             policy=self.options.policy,
-            gate=self._gate,
             vpc_lock=self._vpc_lock,
             markers=self._markers,
-            name=name,
-            scope=scope,
-            collect=collect,
-            skip_young=collect and self.options.mode == "node",
-            fence=fence,
-            route_limit=self.options.common.route_limit,
-            resync_period=self.options.common.resync_period,
+            **args,
         )

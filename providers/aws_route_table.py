@@ -24,10 +24,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import Any
+from ipaddress import ip_address, ip_network
+from typing import Any, Unpack
 
 from cloudroutes.election import Deposed, Fence
 from cloudroutes.errors import (
@@ -39,8 +39,7 @@ from cloudroutes.errors import (
     Throttled,
     Transient,
 )
-from cloudroutes.ledger import Ledger, LedgerEntry, within
-from cloudroutes.reconciler import Gate
+from cloudroutes.ledger import LedgerEntry, within
 from cloudroutes.routes import (
     Action,
     Capacity,
@@ -55,7 +54,8 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
-from providers.cloud_ledger import TableLedger
+from providers.cloud import TableArgs
+from providers.cloud_ledger import CloudTable
 
 log = logging.getLogger(__name__)
 
@@ -294,64 +294,28 @@ class EniResolver:
         return found
 
 
-class AwsRouteTable:
-    """One EC2 route table, as one reconciler sees it.
-
-    ``scope``: the destinations this table reports as owned (a node-mode agent: its own
-    subnets); None: every owned route. ``collect``: this table deletes routes of leases that
-    are gone (the garbage collector, cluster mode), so it also forgets ledger entries left
-    without a route for LEDGER_GRACE. ``skip_young``: leave out routes recorded within
-    LEDGER_GRACE (the node-mode collector: the node that made one may hold a lease it has not
-    heard of yet). ``fence``: for a table driven by an election winner, its
-    fence, checked before every write and passed to ledger writes.
-    """
+class AwsRouteTable(CloudTable):
+    """One EC2 route table, as one reconciler sees it (the grace of its ledger entries is
+    LEDGER_GRACE). ``policy``: the policy file a denial names; ``resolver``: the ENIs of old
+    flanneld leases' addresses; ``cluster``: the cluster's name, in messages."""
 
     def __init__(
         self,
         ec2: EC2Client,
         table_id: str,
         *,
-        ledger: Ledger,
-        networks: Sequence[IPv4Network | IPv6Network],
-        member: str,
         policy: str,
         resolver: EniResolver,
-        gate: Gate,
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        skip_young: bool = False,
-        fence: Callable[[], Fence | None] | None = None,
-        route_limit: int | None = None,
-        resync_period: float = 300.0,
         cluster: str = "",
+        **args: Unpack[TableArgs],
     ) -> None:
-        self.name = name or table_id
-        self.table_id = table_id
-        self.resync_period = resync_period
+        super().__init__(table_id, **args)
         self.limits = TableLimits(pass_deadline=30.0, settle=2.0, read_lag=READ_LAG)
-        self.gate = gate
         self._ec2 = ec2
-        self._ledger = ledger
-        self._book = TableLedger(
-            ledger,
-            name=self.name,
-            table_id=table_id,
-            member=member,
-            scope=scope,
-            skip_young=skip_young,
-            fence=fence,
-        )
-        self._networks = tuple(networks)
         self._policy = policy
         self._resolver = resolver
-        self._collect = collect
-        self._route_limit = route_limit
         self._cluster = cluster
         self._broken: set[Destination] = set()
-
-    def __repr__(self) -> str:
-        return f"AwsRouteTable({self.name!r})"
 
     # --- observe ----------------------------------------------------------------------------
 
@@ -370,7 +334,7 @@ class AwsRouteTable:
             ours = (
                 route.origin == "CreateRoute"
                 and entry is not None
-                and self._ledger.owns(route.destination, route.target, self._networks)
+                and self._book.owns(route.destination, route.target, self._networks)
             )
             if ours and entry is not None:
                 if self._book.hidden(route.destination, entry, now, LEDGER_GRACE):

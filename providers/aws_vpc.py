@@ -22,22 +22,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.backend import BackendContext, Coordination
 from cloudroutes.config import NetworkConfig
-from cloudroutes.election import Election
 from cloudroutes.errors import ConfigError, LeaseRefused, RouteError
 from cloudroutes.jsonfields import FoldedObject
 from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
-from cloudroutes.ledger import Ledger
-from cloudroutes.reconciler import Gate
-from cloudroutes.routes import Destination, Route
+from cloudroutes.routes import Route
 from providers.aws_route_table import (
     ENI_ID,
     AwsRouteTable,
@@ -46,12 +41,11 @@ from providers.aws_route_table import (
     ec2_error,
 )
 from providers.cloud import (
-    CloudModes,
+    CloudBackend,
     CloudOptions,
-    checked_context,
+    TableArgs,
     kept_routes,
     parse_cloud_options,
-    pod_networks,
     route_table_ids,
     routes_to,
     shown,
@@ -282,31 +276,15 @@ def live_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
 # --- the backend -----------------------------------------------------------------------------
 
 
-class AwsVpcBackend:
-    accepts = frozenset({BACKEND_TYPE, ""})
+class AwsVpcBackend(CloudBackend):
+    backend_type = BACKEND_TYPE
 
     def __init__(self, ctx: BackendContext) -> None:
-        config = ctx.config
-        self.options = parse_options(config, ctx.coordination)
-        coordination = checked_context(ctx, BACKEND_TYPE, self.options.mode)
-        self._ctx = ctx
-        self._config = config
-        self._coordination = coordination
-        self._networks = pod_networks(config)
-        self._lock = threading.Lock()
+        self.options = parse_options(ctx.config, ctx.coordination)
+        super().__init__(ctx, self.options.common)
         self._identity: NodeIdentity | None = None
         self._ec2: EC2Client | None = None
         self._resolver: EniResolver | None = None
-        self._modes = CloudModes(BACKEND_TYPE, self.options.common, coordination, config)
-        self._gate = Gate()
-
-    @property
-    def mtu(self) -> int:
-        iface = self._ctx.iface
-        return iface.mtu if iface is not None else 1500
-
-    def __repr__(self) -> str:
-        return f"AwsVpcBackend(mode={self.options.mode!r}, cluster={self.options.cluster_name!r})"
 
     # --- the node ---------------------------------------------------------------------------
 
@@ -314,9 +292,7 @@ class AwsVpcBackend:
         """This instance as IMDS describes it (asked once)."""
         with self._lock:
             if self._identity is None:
-                iface = self._ctx.iface
-                address = str(iface.ip) if iface is not None and iface.ip is not None else None
-                self._identity = discover(Imds(), address)
+                self._identity = discover(Imds(), self.address())
             return self._identity
 
     def prepare(self) -> LeaseAttrs:
@@ -429,52 +405,19 @@ class AwsVpcBackend:
 
     # --- modes ------------------------------------------------------------------------------
 
-    def election(self) -> Election:
-        return self._modes.election()
-
-    def tasks(self) -> list[tuple[str, BackgroundTask]]:
-        return self._modes.tasks()
-
-    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+    def lease_routes(self) -> Callable[[Lease], list[Route]]:
         resolver = self.resolver()
         config = self._config
+        return lambda lease: lease_routes(lease, config, resolver.want)
 
-        def routes(lease: Lease) -> list[Route]:
-            return lease_routes(lease, config, resolver.want)
-
-        return self._modes.bindings(own, self.route_table_ids(), self._table, routes)
-
-    def _table(
-        self,
-        table_id: str,
-        *,
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        fence: Callable[[], Any] | None = None,
-    ) -> AwsRouteTable:
-        c = self._coordination
-        assert c is not None
-        # The node-mode garbage collector leaves routes alone that are too young for their
-        # lease to have reached it yet.
-        extra: dict[str, Any] = {"name": name} if name else {}
+    def cloud_table(self, table_id: str, args: TableArgs) -> AwsRouteTable:
         return AwsRouteTable(
             self.ec2(),
             table_id,
-            ledger=Ledger(c.client, c.prefix, self.options.cluster_name, table_id),
-            networks=self._networks,
-            member=c.member,
             policy=self.options.policy,
             resolver=self.resolver(),
-            gate=self._gate,
-            route_limit=self.options.route_limit,
-            resync_period=self.options.resync_period,
             cluster=self.options.cluster_name,
-            scope=scope,
-            collect=collect,
-            fence=fence,
-            skip_young=collect and self.options.mode == "node",
-            **extra,
+            **args,
         )
 
 

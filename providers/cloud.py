@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Required, TypedDict
 
 from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
 from cloudroutes.config import NetworkConfig
-from cloudroutes.election import Election, election_key
+from cloudroutes.election import Election, Fence, election_key
 from cloudroutes.errors import ConfigError, LeaseRefused
 from cloudroutes.lease import Lease
+from cloudroutes.ledger import Ledger
+from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Destination, Route, RouteTable
 
 MODES = ("node", "cluster")
@@ -182,43 +184,64 @@ def kept_routes(
         ]
 
 
-class TableFactory(Protocol):
-    """Builds a cloud's route table. ``scope``: the destinations a node-mode table owns (its
-    own); ``collect``: the table sees every route the cluster owns (garbage collector,
-    cluster writer); ``fence``: the election's fence its writes carry; ``name``: the table's
-    name in /status and metrics."""
+class TableArgs(TypedDict, total=False):
+    """What every cloud's route table is built with, besides its cloud client and table id
+    (``providers.cloud_ledger.CloudTable`` says what each means)."""
 
-    def __call__(
-        self,
-        table_id: str,
-        *,
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        fence: Callable[[], Any] | None = None,
-    ) -> RouteTable: ...
+    ledger: Required[Ledger]
+    networks: Required[Sequence[Destination]]
+    member: Required[str]
+    gate: Required[Gate]
+    name: str | None
+    scope: frozenset[Destination] | None
+    collect: bool
+    skip_young: bool
+    fence: Callable[[], Fence | None] | None
+    route_limit: int | None
+    resync_period: float
 
 
-class CloudModes:
-    """The bindings and the election of one cloud backend, for its mode."""
+class CloudBackend:
+    """What every cloud backend object does alike: it checks its context, holds its modes
+    and elections, and binds its route tables. A cloud's backend adds how the node finds out
+    who it is (``prepare``), which tables it keeps (``route_table_ids``), what a lease wants
+    (``lease_routes``), and how one table is built (``cloud_table``)."""
 
-    def __init__(
-        self,
-        backend_type: str,
-        options: CloudOptions,
-        coordination: Coordination,
-        config: NetworkConfig,
-    ) -> None:
-        self.backend_type = backend_type
-        self.options = options
-        self._coordination = coordination
-        self._config = config
+    backend_type: ClassVar[str]
+    default_mtu: ClassVar[int] = 1500
+
+    def __init__(self, ctx: BackendContext, common: CloudOptions) -> None:
+        self._coordination = checked_context(ctx, self.backend_type, common.mode)
+        self._ctx = ctx
+        self._config = ctx.config
+        self._common = common
+        self._networks = pod_networks(ctx.config)
         self._lock = threading.Lock()
+        self._gate = Gate()
         self._election: Election | None = None
 
     @property
+    def accepts(self) -> frozenset[str]:
+        return frozenset({self.backend_type, ""})
+
+    @property
+    def mtu(self) -> int:
+        iface = self._ctx.iface
+        return iface.mtu if iface is not None else self.default_mtu
+
+    def __repr__(self) -> str:
+        common = self._common
+        return f"{type(self).__name__}(mode={common.mode!r}, cluster={common.cluster_name!r})"
+
+    def address(self) -> str | None:
+        """The agent's interface address (None for the controller): which of the instance's
+        interfaces is this node's."""
+        iface = self._ctx.iface
+        return str(iface.ip) if iface is not None and iface.ip is not None else None
+
+    @property
     def cluster(self) -> bool:
-        return self.options.mode == "cluster"
+        return self._common.mode == "cluster"
 
     def election(self) -> Election:
         """The election this mode needs: the garbage collector's (node) or the writer's
@@ -227,7 +250,7 @@ class CloudModes:
             if self._election is None:
                 c = self._coordination
                 duty = f"{self.backend_type}-{'controller' if self.cluster else 'gc'}"
-                key = election_key(c.prefix, self.options.cluster_name, duty)
+                key = election_key(c.prefix, self._common.cluster_name, duty)
                 client = c.connect() if c.connect is not None else c.client
                 self._election = Election(client, key, c.member, ttl=ELECTION_TTL)
             return self._election
@@ -236,26 +259,30 @@ class CloudModes:
         election = self.election()
         return [(f"election-{election.key.rsplit('/', 1)[-1]}", election.run)]
 
-    def bindings(
-        self,
-        own: Lease | None,
-        table_ids: Iterable[str],
-        make_table: TableFactory,
-        routes: Callable[[Lease], list[Route]],
-    ) -> Sequence[RouteTableBinding]:
-        """``routes(lease)``: the routes a lease wants in every table (raising LeaseRefused
-        when it cannot be routed)."""
+    def route_table_ids(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def lease_routes(self) -> Callable[[Lease], list[Route]]:
+        """The routes a lease wants in every table (LeaseRefused when it cannot be routed)."""
+        raise NotImplementedError
+
+    def cloud_table(self, table_id: str, args: TableArgs) -> RouteTable:
+        raise NotImplementedError
+
+    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+        """The bindings of this mode, per route table (the module's docstring says which)."""
         if own is None and not self.cluster:
             raise ConfigError(
                 f"{self.backend_type} in Mode node binds a node's own lease only; "
                 'the controller serves Mode "cluster"'
             )
+        routes = self.lease_routes()
         config = self._config
         election = self.election()
         bindings: list[RouteTableBinding] = []
-        for table_id in table_ids:
+        for table_id in self.route_table_ids():
             if self.cluster:
-                table = make_table(table_id, collect=True, fence=election.fence)
+                table = self._table(table_id, collect=True, fence=election.fence)
                 bindings.append(RouteTableBinding(table, routes, active=election.is_leader))
                 continue
             assert own is not None
@@ -267,8 +294,8 @@ class CloudModes:
             def live(lease: Lease) -> list[Route]:
                 return kept_routes(lease, config, routes)
 
-            node_table = make_table(table_id, scope=mine)
-            gc_table = make_table(
+            node_table = self._table(table_id, scope=mine)
+            gc_table = self._table(
                 table_id, name=f"{table_id}/gc", collect=True, fence=election.fence
             )
             bindings.append(RouteTableBinding(node_table, own_routes))
@@ -278,3 +305,35 @@ class CloudModes:
                 )
             )
         return bindings
+
+    def _table(
+        self,
+        table_id: str,
+        *,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        fence: Callable[[], Fence | None] | None = None,
+    ) -> RouteTable:
+        """A cloud's route table. ``scope``: the destinations a node-mode table owns (its
+        own); ``collect``: the table sees every route the cluster owns (garbage collector,
+        cluster writer); ``fence``: the election's fence its writes carry; ``name``: the
+        table's name in /status and metrics."""
+        c = self._coordination
+        common = self._common
+        args = TableArgs(
+            ledger=Ledger(c.client, c.prefix, common.cluster_name, table_id),
+            networks=self._networks,
+            member=c.member,
+            gate=self._gate,
+            name=name,
+            scope=scope,
+            collect=collect,
+            # The node-mode garbage collector leaves alone routes too young for their lease
+            # to have reached it yet.
+            skip_young=collect and common.mode == "node",
+            fence=fence,
+            route_limit=common.route_limit,
+            resync_period=common.resync_period,
+        )
+        return self.cloud_table(table_id, args)

@@ -1,7 +1,8 @@
-"""The ledger steps every cloud route table takes, whatever its cloud's calls.
+"""What every cloud route table holds, and the ledger steps it takes, whatever its cloud's calls.
 
 ``cloudroutes.ledger`` holds the rule; a table (aws_route_table, ali_route_table,
-gce_route_table) keeps its cloud's reads and writes and asks a ``TableLedger`` to:
+gce_route_table) is a ``CloudTable``, keeps its cloud's reads and writes, and asks its
+``TableLedger`` to:
 
 - read the ledger next to each listing of the table, and remember what it read: a delete goes
   ahead only while the entry is the one the table last saw (a node may have taken the subnet
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from cloudroutes.election import Deposed, Fence
 from cloudroutes.errors import RouteNotFound, Transient
 from cloudroutes.ledger import Ledger, LedgerEntry
+from cloudroutes.reconciler import Gate
 from cloudroutes.routes import UNKNOWN, Change, Destination, Outcome, Route
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,13 @@ class TableLedger:
         """The entry as last read or written."""
         with self._lock:
             return self._ledger.get(destination)
+
+    def owns(
+        self, destination: Destination, observed_target: str, networks: Iterable[Destination]
+    ) -> bool:
+        """The ownership rule, from the last read, for a route observed in the table."""
+        with self._lock:
+            return self._ledger.owns(destination, observed_target, networks)
 
     def hidden(
         self, destination: Destination, entry: LedgerEntry, now: float, grace: float
@@ -212,3 +221,54 @@ class TableLedger:
             why = RouteNotFound(f"{destination}: not in the ledger; left alone")
             return Outcome(change, why, present=None)
         return None
+
+
+class CloudTable:
+    """What every cloud route table holds besides its cloud client.
+
+    ``networks``: the cluster's Network (and IPv6Network); routes outside are never ours.
+    ``scope``: the destinations this table reports as owned (a node-mode agent: its own
+    subnets); None: every owned route. ``collect``: this table deletes routes of leases that
+    are gone (the garbage collector, cluster mode), so it also forgets ledger entries left
+    without a route for the table's grace. ``skip_young``: leave out routes recorded within
+    the grace (the node-mode collector: the node that made one may hold a lease it has not
+    heard of yet). ``fence``: for a table driven by an election winner, its fence, checked
+    before every write and passed to ledger writes. ``route_limit``: the table's route quota,
+    when known. ``name``: the table's name in /status and metrics (default its id).
+    """
+
+    def __init__(
+        self,
+        table_id: str,
+        *,
+        ledger: Ledger,
+        networks: Sequence[Destination],
+        member: str,
+        gate: Gate,
+        name: str | None = None,
+        scope: frozenset[Destination] | None = None,
+        collect: bool = False,
+        skip_young: bool = False,
+        fence: Callable[[], Fence | None] | None = None,
+        route_limit: int | None = None,
+        resync_period: float = 300.0,
+    ) -> None:
+        self.name = name or table_id
+        self.table_id = table_id
+        self.resync_period = resync_period
+        self.gate = gate
+        self._book = TableLedger(
+            ledger,
+            name=self.name,
+            table_id=table_id,
+            member=member,
+            scope=scope,
+            skip_young=skip_young,
+            fence=fence,
+        )
+        self._networks = tuple(networks)
+        self._collect = collect
+        self._route_limit = route_limit
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"

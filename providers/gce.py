@@ -25,28 +25,23 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, RouteTableBinding
+from cloudroutes.backend import BackendContext, Coordination
 from cloudroutes.config import NetworkConfig
-from cloudroutes.election import Election
 from cloudroutes.errors import ConfigError, LeaseRefused
 from cloudroutes.jsonfields import FoldedObject
 from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
-from cloudroutes.ledger import Ledger
-from cloudroutes.reconciler import Gate
-from cloudroutes.routes import Destination, Route
+from cloudroutes.routes import Route
 from providers.cloud import (
-    CloudModes,
+    CloudBackend,
     CloudOptions,
-    checked_context,
+    TableArgs,
     parse_cloud_options,
-    pod_networks,
     routes_to,
     shown,
 )
@@ -277,34 +272,19 @@ def lease_routes(lease: Lease, config: NetworkConfig) -> list[Route]:
 # --- the backend -----------------------------------------------------------------------------
 
 
-class GceBackend:
-    accepts = frozenset({BACKEND_TYPE, ""})
+class GceBackend(CloudBackend):
+    backend_type = BACKEND_TYPE
+    default_mtu = 1460  # GCE's
 
     def __init__(self, ctx: BackendContext) -> None:
-        config = ctx.config
-        self.options = parse_options(config, ctx.coordination)
-        coordination = checked_context(ctx, BACKEND_TYPE, self.options.mode)
+        self.options = parse_options(ctx.config, ctx.coordination)
+        super().__init__(ctx, self.options)
         _endpoint_checked()
         _sdk_checked()
-        self._ctx = ctx
-        self._config = config
-        self._coordination = coordination
-        self._networks = pod_networks(config)
         self._policy = POLICY_FILES[self.options.mode]
-        self._lock = threading.Lock()
         self._identity: NodeIdentity | None = None
         self._compute = Compute(lambda: compute_clients(self.identity().project), self._policy)
         self._check = ForwardingCheck(self._compute)
-        self._modes = CloudModes(BACKEND_TYPE, self.options, coordination, config)
-        self._gate = Gate()
-
-    @property
-    def mtu(self) -> int:
-        iface = self._ctx.iface
-        return iface.mtu if iface is not None else 1460  # GCE's default MTU
-
-    def __repr__(self) -> str:
-        return f"GceBackend(mode={self.options.mode!r}, cluster={self.options.cluster_name!r})"
 
     # --- the node ---------------------------------------------------------------------------
 
@@ -312,9 +292,7 @@ class GceBackend:
         """This instance as the metadata server describes it (asked once)."""
         with self._lock:
             if self._identity is None:
-                iface = self._ctx.iface
-                address = str(iface.ip) if iface is not None and iface.ip is not None else None
-                self._identity = discover(Metadata(), address)
+                self._identity = discover(Metadata(), self.address())
             return self._identity
 
     def prepare(self) -> LeaseAttrs:
@@ -341,48 +319,19 @@ class GceBackend:
 
     # --- modes ------------------------------------------------------------------------------
 
-    def election(self) -> Election:
-        return self._modes.election()
+    def route_table_ids(self) -> tuple[str, ...]:
+        """The network of this node's interface: GCE routes belong to a network."""
+        return (self.identity().network,)
 
-    def tasks(self) -> list[tuple[str, BackgroundTask]]:
-        return self._modes.tasks()
-
-    def bind(self, own: Lease | None) -> Sequence[RouteTableBinding]:
+    def lease_routes(self) -> Callable[[Lease], list[Route]]:
         config = self._config
+        return lambda lease: lease_routes(lease, config)
 
-        def routes(lease: Lease) -> list[Route]:
-            return lease_routes(lease, config)
-
-        network = self.identity().network
-        return self._modes.bindings(own, (network,), self._table, routes)
-
-    def _table(
-        self,
-        table_id: str,
-        *,
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        fence: Callable[[], Any] | None = None,
-    ) -> GceRouteTable:
-        c = self._coordination
-        assert c is not None
+    def cloud_table(self, table_id: str, args: TableArgs) -> GceRouteTable:
         return GceRouteTable(
             self._compute,
             table_id,
-            ledger=Ledger(c.client, c.prefix, self.options.cluster_name, table_id),
-            networks=self._networks,
             cluster=self.options.cluster_name,
-            member=c.member,
-            gate=self._gate,
             can_forward=self._check,
-            name=name,
-            scope=scope,
-            collect=collect,
-            # The node-mode collector leaves alone routes too young for their lease to have
-            # reached it yet.
-            skip_young=collect and self.options.mode == "node",
-            fence=fence,
-            route_limit=self.options.route_limit,
-            resync_period=self.options.resync_period,
+            **args,
         )

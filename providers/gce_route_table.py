@@ -30,13 +30,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Any
+from ipaddress import ip_network
+from typing import Any, Unpack
 
 from cloudroutes.election import Deposed, Fence
 from cloudroutes.errors import Rejected, RouteConflict, RouteError, RouteNotFound, Transient
-from cloudroutes.ledger import Ledger, LedgerEntry, within
-from cloudroutes.reconciler import Gate
+from cloudroutes.ledger import LedgerEntry, within
 from cloudroutes.routes import (
     Action,
     Capacity,
@@ -51,7 +50,8 @@ from cloudroutes.routes import (
     Route,
     TableLimits,
 )
-from providers.cloud_ledger import TableLedger
+from providers.cloud import TableArgs
+from providers.cloud_ledger import CloudTable
 from providers.gce_api import (
     CALL_TIMEOUT,
     DONE,
@@ -149,7 +149,7 @@ class _InFlight:
     name: str
 
 
-class GceRouteTable:
+class GceRouteTable(CloudTable):
     """The routes of one network, as one reconciler sees them.
 
     ``scope``: the destinations reported as owned (a node-mode agent: its own); None: all.
@@ -166,51 +166,23 @@ class GceRouteTable:
         compute: Compute,
         network: str,
         *,
-        ledger: Ledger,
-        networks: Sequence[IPv4Network | IPv6Network],
         cluster: str,
-        member: str,
-        gate: Gate,
         can_forward: Callable[[str], None],
-        name: str | None = None,
-        scope: frozenset[Destination] | None = None,
-        collect: bool = False,
-        skip_young: bool = False,
-        fence: Callable[[], Fence | None] | None = None,
-        route_limit: int | None = None,
-        resync_period: float = 300.0,
         pass_deadline: float | None = None,
+        **args: Unpack[TableArgs],
     ) -> None:
-        self.network = resource_path(network)  # projects/ID/global/networks/NET
-        self.name = name or self.network
-        self.resync_period = resync_period
+        super().__init__(resource_path(network), **args)
+        self.network = self.table_id  # projects/ID/global/networks/NET
         self.limits = TableLimits(pass_deadline=pass_deadline or PASS_DEADLINE, settle=2.0)
-        self.gate = gate
         self._compute = compute
-        self._book = TableLedger(
-            ledger,
-            name=self.name,
-            table_id=self.network,
-            member=member,
-            scope=scope,
-            skip_young=skip_young,
-            fence=fence,
-        )
-        self._networks = tuple(networks)
         self._cluster = cluster
         self._mark = f"cloudroutes cluster={cluster_mark(cluster)}"
         self._can_forward = can_forward
-        self._scope = scope
-        self._collect = collect
-        self._route_limit = route_limit
         self._lock = threading.Lock()  # _inflight and _adoptable_names
         self._inflight: dict[Destination, _InFlight] = {}
         # The name of the adoptable route at each destination, as last listed.
         self._adoptable_names: dict[Destination, str] = {}
         self._pool: ThreadPoolExecutor | None = None
-
-    def __repr__(self) -> str:
-        return f"GceRouteTable({self.name!r})"
 
     def in_flight(self) -> int:
         with self._lock:
@@ -249,7 +221,8 @@ class GceRouteTable:
             pending = [f for f in self._inflight.values() if f.kind == "insert"]
         for flight in pending:
             destination = flight.route.destination
-            if self._scope is None or destination in self._scope:
+            scope = self._book.scope
+            if scope is None or destination in scope:
                 owned[destination] = Observed(flight.route, EntryState.PENDING)
                 foreign.pop(destination, None)
         for destination in owned:
