@@ -72,7 +72,13 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from cloudroutes.lab.fault_proxy import ALIBABA, FaultProxy
-from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
+from cloudroutes.lab.http_service import (
+    LOOPBACK,
+    HttpService,
+    LabCloud,
+    LabHandler,
+    TokenMetadataService,
+)
 
 # AcsClient is built at run time; the SDK ships no type information.
 AcsClient = Any
@@ -1237,7 +1243,7 @@ TTL_HEADER = "X-aliyun-ecs-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600
 
 
-class EcsMetadata(HttpService):
+class EcsMetadata(TokenMetadataService):
     """The metadata server of one instance, on its own port (one per node).
 
     Serves ``/latest/meta-data/{region-id,zone-id,instance-id,vpc-id,vswitch-id,private-ipv4,
@@ -1247,6 +1253,11 @@ class EcsMetadata(HttpService):
     hardened mode: a GET needs a token from ``PUT /latest/api/token`` or gets 403.
     ``hits`` counts GETs per path; ``rotate_credentials()`` issues new credentials.
     """
+
+    token_header = TOKEN_HEADER
+    ttl_header = TTL_HEADER
+    max_token_ttl = MAX_TOKEN_TTL
+    refusal = (403, "Forbidden")
 
     def __init__(
         self,
@@ -1261,18 +1272,14 @@ class EcsMetadata(HttpService):
         host: str = LOOPBACK,
         netns: str | None = None,
     ) -> None:
-        super().__init__(host, netns)
+        super().__init__(host, netns, require_token=require_token)
         self.instance = instance
         self.api = api
         self.role = role
         self.vpc_cidr = vpc_cidr
         self.vswitch_cidr = vswitch_cidr
-        self.require_token = require_token
         self.credential_lifetime = credential_lifetime
         self.credentials = api.issue_sts_credentials(credential_lifetime) if role else None
-        self.hits: Counter[str] = Counter()
-        self._tokens: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def rotate_credentials(self) -> AccessKey:
         """New STS credentials for the role; the old ones stay valid until they expire."""
@@ -1313,81 +1320,6 @@ class EcsMetadata(HttpService):
         names = {p[len(md) :].partition("/")[0] + ("/" if "/" in p[len(md) :] else "") for p in out}
         out[md] = "\n".join(sorted(names))
         return out
-
-    def issue_token(self, ttl: int) -> str:
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._tokens[token] = time.monotonic() + ttl
-        return token
-
-    def token_valid(self, token: str | None) -> bool:
-        with self._lock:
-            expiry = self._tokens.get(token or "")
-        return expiry is not None and time.monotonic() < expiry
-
-    def count(self, path: str) -> None:
-        with self._lock:
-            self.hits[path] += 1
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        return _metadata_handler(self)
-
-
-def _metadata_handler(server: EcsMetadata) -> type[BaseHTTPRequestHandler]:
-    class Handler(LabHandler):
-        def _answer(self, status: int, body: str = "") -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _drain(self) -> None:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                # Without a usable length the body cannot be skipped: close after answering.
-                self.close_connection = True
-            elif length:
-                self.rfile.read(length)
-
-        def do_PUT(self) -> None:
-            self._drain()
-            if self.path.split("?")[0] != "/latest/api/token":
-                self._answer(404, "Not Found")
-                return
-            try:
-                ttl = int(self.headers.get(TTL_HEADER, ""))
-            except ValueError:
-                ttl = 0
-            if not 1 <= ttl <= MAX_TOKEN_TTL:
-                self._answer(400, "Bad Request")
-                return
-            self._answer(200, server.issue_token(ttl))
-
-        def do_GET(self) -> None:
-            if server.require_token and not server.token_valid(self.headers.get(TOKEN_HEADER)):
-                self._answer(403, "Forbidden")
-                return
-            path = self.path.split("?")[0].lstrip("/")
-            server.count(path)
-            paths = server.paths()
-            body = paths.get(path, paths.get(path.rstrip("/")))
-            if body is None:
-                self._answer(404, "Not Found")
-            else:
-                self._answer(200, body)
-
-        def _refuse(self) -> None:
-            self._drain()
-            self._answer(405, "Method Not Allowed")
-
-        do_POST = do_DELETE = do_PATCH = _refuse
-
-    return Handler
 
 
 # -- the scenario -----------------------------------------------------------------------------
@@ -1510,7 +1442,7 @@ class AlibabaNodeEndpoints:
 
 
 @dataclass(eq=False)
-class AlibabaLab:
+class AlibabaLab(LabCloud):
     """A whole fake Alibaba Cloud for a cluster of agents: what the demo and benchmarks start.
 
     The fake API listens on loopback, for the lab's own set-up and checks (``admin``). The
@@ -1531,38 +1463,32 @@ class AlibabaLab:
     proxy: FaultProxy | None = field(default=None, init=False)
     metadata: list[EcsMetadata] = field(default_factory=list, init=False)
     vpc: LabAlibabaVpc | None = field(default=None, init=False)
-    _started: ExitStack = field(default_factory=ExitStack, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.api = AlibabaVpcApi(pending_seconds=self.pending_seconds, seed=self.seed)
 
-    def start(self) -> AlibabaLab:
-        # Everything started is stopped in reverse order, also when a later start fails.
-        with ExitStack() as started:
-            self.api.start()
-            started.callback(self.api.stop)
-            self.vpc = make_alibaba_vpc(
+    def _start(self, started: ExitStack) -> None:
+        started.enter_context(self.api)
+        self.vpc = make_alibaba_vpc(
+            self.api,
+            nodes=len(self.node_ips),
+            tables=self.tables,
+            region=self.region,
+            private_ips=self.node_ips,
+        )
+        proxy = FaultProxy(
+            self.api.url, dialect=ALIBABA, seed=self.seed, host=self.host, netns=self.netns
+        )
+        self.proxy = started.enter_context(proxy)
+        for instance in self.vpc.instances:
+            server = EcsMetadata(
+                instance,
                 self.api,
-                nodes=len(self.node_ips),
-                tables=self.tables,
-                region=self.region,
-                private_ips=self.node_ips,
+                vswitch_cidr=self.vpc.vswitch_cidr,
+                host=self.host,
+                netns=self.netns,
             )
-            proxy = FaultProxy(
-                self.api.url, dialect=ALIBABA, seed=self.seed, host=self.host, netns=self.netns
-            )
-            self.proxy = started.enter_context(proxy)
-            for instance in self.vpc.instances:
-                server = EcsMetadata(
-                    instance,
-                    self.api,
-                    vswitch_cidr=self.vpc.vswitch_cidr,
-                    host=self.host,
-                    netns=self.netns,
-                )
-                self.metadata.append(started.enter_context(server))
-            self._started = started.pop_all()
-        return self
+            self.metadata.append(started.enter_context(server))
 
     def admin(self) -> AcsClient:
         """A client straight to the fake (not counted by the proxy, no faults), for set-up
@@ -1574,13 +1500,6 @@ class AlibabaLab:
         assert self.proxy is not None, "AlibabaLab.start() first"
         return AlibabaNodeEndpoints(self.proxy.url, self.metadata[i].url, self.region)
 
-    def stop(self) -> None:
-        self._started.close()
+    def _forget(self) -> None:
         self.metadata.clear()
         self.proxy = None
-
-    def __enter__(self) -> AlibabaLab:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

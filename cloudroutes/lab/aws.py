@@ -25,18 +25,15 @@ import os
 import secrets
 import socket
 import socketserver
-import threading
-import time
 import urllib.request
-from collections import Counter
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from cloudroutes.lab.fault_proxy import FaultProxy
-from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
+from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabCloud, TokenMetadataService
 
 # boto3 clients are built at run time; there is no static type to name without extra stubs.
 EC2Client = Any
@@ -347,7 +344,7 @@ TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600
 
 
-class ImdsStub(HttpService):
+class ImdsStub(TokenMetadataService):
     """IMDSv2 for one instance, on its own port (one stub per node).
 
     Only IMDSv2: a GET must carry a token from ``PUT /latest/api/token``, or it gets 401, as
@@ -357,6 +354,10 @@ class ImdsStub(HttpService):
     ``credential_lifetime``; ``rotate_credentials()`` issues new ones, as IMDS does before the
     old ones expire.
     """
+
+    token_header = TOKEN_HEADER
+    ttl_header = TTL_HEADER
+    max_token_ttl = MAX_TOKEN_TTL
 
     def __init__(
         self,
@@ -372,9 +373,6 @@ class ImdsStub(HttpService):
         self.credential_lifetime = credential_lifetime
         self.credentials = RoleCredentials.fresh(role, credential_lifetime)
         self.account_id = account_id
-        self.hits: Counter[str] = Counter()
-        self._tokens: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     # -- what the stub serves -------------------------------------------------------------
 
@@ -423,88 +421,8 @@ class ImdsStub(HttpService):
         self.credentials = RoleCredentials.fresh(self.credentials.role, self.credential_lifetime)
         return self.credentials
 
-    # -- tokens ---------------------------------------------------------------------------
 
-    def issue_token(self, ttl: int) -> str:
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._tokens[token] = time.monotonic() + ttl
-        return token
-
-    def token_valid(self, token: str | None) -> bool:
-        with self._lock:
-            expiry = self._tokens.get(token or "")
-        return expiry is not None and time.monotonic() < expiry
-
-    def expire_tokens(self) -> None:
-        with self._lock:
-            self._tokens.clear()
-
-    def count(self, path: str) -> None:
-        with self._lock:
-            self.hits[path] += 1
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        return _imds_handler(self)
-
-
-def _imds_handler(stub: ImdsStub) -> type[BaseHTTPRequestHandler]:
-    class Handler(LabHandler):
-        def _answer(self, status: int, body: str = "", headers: dict[str, str] | None = None):
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_PUT(self) -> None:
-            self._drain()
-            if self.path.split("?")[0] != "/latest/api/token":
-                self._answer(404, "Not Found")
-                return
-            try:
-                ttl = int(self.headers.get(TTL_HEADER, ""))
-            except ValueError:
-                ttl = 0
-            if not 1 <= ttl <= MAX_TOKEN_TTL:
-                self._answer(400, "Bad Request")
-                return
-            stub.count("latest/api/token")
-            self._answer(200, stub.issue_token(ttl), {TTL_HEADER: str(ttl)})
-
-        def do_GET(self) -> None:
-            if not stub.token_valid(self.headers.get(TOKEN_HEADER)):
-                self._answer(401, "Unauthorized")
-                return
-            path = self.path.split("?")[0].lstrip("/")
-            stub.count(path)
-            paths = stub.paths()
-            # Clients ask for leaves with and without a trailing slash (botocore's region
-            # lookup adds one); IMDS answers both.
-            body = paths.get(path, paths.get(path.rstrip("/")))
-            if body is None:
-                self._answer(404, "Not Found")
-            else:
-                self._answer(200, body)
-
-        def _drain(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-
-        def _refuse(self) -> None:
-            self._drain()
-            self._answer(405, "Method Not Allowed")
-
-        do_POST = do_DELETE = do_PATCH = _refuse
-
-    return Handler
-
-
-class AwsLab:
+class AwsLab(LabCloud):
     """A whole fake AWS for a cluster of agents: what the demo and the benchmarks start.
 
     moto listens on loopback, for the lab's own set-up calls (``admin``). The agents reach
@@ -535,23 +453,16 @@ class AwsLab:
         self.stubs: list[ImdsStub] = []
         self.vpc: LabVpc | None = None
 
-    def start(self) -> AwsLab:
-        try:
-            self.moto.start()
-            self.vpc = make_vpc(
-                self.admin(),
-                nodes=len(self.node_ips),
-                tables=self.tables,
-                private_ips=self.node_ips,
-            )
-            self.proxy = FaultProxy(self.moto.url, seed=self.seed, host=self.host, netns=self.netns)
-            self.proxy.start()
-            for instance in self.vpc.instances:
-                self.stubs.append(ImdsStub(instance, host=self.host, netns=self.netns).start())
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _start(self, started: ExitStack) -> None:
+        started.enter_context(self.moto)
+        self.vpc = make_vpc(
+            self.admin(), nodes=len(self.node_ips), tables=self.tables, private_ips=self.node_ips
+        )
+        proxy = FaultProxy(self.moto.url, seed=self.seed, host=self.host, netns=self.netns)
+        self.proxy = started.enter_context(proxy)
+        for instance in self.vpc.instances:
+            stub = ImdsStub(instance, host=self.host, netns=self.netns)
+            self.stubs.append(started.enter_context(stub))
 
     def admin(self) -> EC2Client:
         """A client straight to moto (not counted, no faults): for set-up and for checks."""
@@ -569,17 +480,6 @@ class AwsLab:
         env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         return env
 
-    def stop(self) -> None:
-        for stub in self.stubs:
-            stub.stop()
+    def _forget(self) -> None:
         self.stubs.clear()
-        if self.proxy is not None:
-            self.proxy.stop()
-            self.proxy = None
-        self.moto.stop()
-
-    def __enter__(self) -> AwsLab:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.proxy = None

@@ -41,7 +41,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
@@ -49,7 +49,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cloudroutes.lab.fault_proxy import GCE, Call, FaultProxy, gce_action, gce_error
-from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabHandler
+from cloudroutes.lab.http_service import LOOPBACK, HttpService, LabCloud, LabHandler
 
 LINK_BASE = "https://www.googleapis.com/compute/v1"
 API_PREFIX = "/compute/v1/projects/"
@@ -1252,7 +1252,7 @@ def metadata_servers(
 _HOST_GOOGLE_ENV = ("GCE_METADATA_", "GOOGLE_", "CLOUDSDK_")
 
 
-class GceLab:
+class GceLab(LabCloud):
     """A whole fake GCE for a cluster of agents: what the demo and the benchmarks start.
 
     The fake API listens on loopback, for the lab's own set-up and checks (``api``). The
@@ -1283,27 +1283,23 @@ class GceLab:
         self.metadata: list[FakeMetadataServer] = []
         self.project: LabGceProject | None = None
 
-    def start(self) -> GceLab:
-        try:
-            self.api.start()
-            self.project = make_gce_project(
-                self.api,
-                nodes=len(self.node_ips),
-                can_ip_forward=self.can_ip_forward,
-                private_ips=self.node_ips,
+    def _start(self, started: ExitStack) -> None:
+        started.enter_context(self.api)
+        self.project = make_gce_project(
+            self.api,
+            nodes=len(self.node_ips),
+            can_ip_forward=self.can_ip_forward,
+            private_ips=self.node_ips,
+        )
+        proxy = FaultProxy(
+            self.api.url, dialect=GCE, seed=self.seed, host=self.host, netns=self.netns
+        )
+        self.proxy = started.enter_context(proxy)
+        for instance in self.project.instances:
+            server = FakeMetadataServer(
+                self.project, instance, self.api.tokens, self.host, self.netns
             )
-            self.proxy = FaultProxy(
-                self.api.url, dialect=GCE, seed=self.seed, host=self.host, netns=self.netns
-            ).start()
-            for instance in self.project.instances:
-                server = FakeMetadataServer(
-                    self.project, instance, self.api.tokens, self.host, self.netns
-                )
-                self.metadata.append(server.start())
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            self.metadata.append(started.enter_context(server))
 
     @property
     def api_url(self) -> str:
@@ -1322,17 +1318,6 @@ class GceLab:
         env["CLOUDSDK_CONFIG"] = os.devnull
         return env
 
-    def stop(self) -> None:
-        for server in self.metadata:
-            server.stop()
+    def _forget(self) -> None:
         self.metadata.clear()
-        if self.proxy is not None:
-            self.proxy.stop()
-            self.proxy = None
-        self.api.stop()
-
-    def __enter__(self) -> GceLab:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.proxy = None
