@@ -49,9 +49,6 @@ from providers.ali_route_table import (
     NoAnswer,
     VpcClient,
 )
-from tests.integration.test_aws_route_table import etcd_client
-
-__all__ = ["etcd_client"]  # a fixture, used by name
 
 pytestmark = pytest.mark.etcd
 

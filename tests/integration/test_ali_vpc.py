@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
 
 import pytest
 
-from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
-from cloudroutes.config import parse_config
+from cloudroutes.backend import BackendContext, ExternalInterface
 from cloudroutes.errors import ConfigError, Rejected
 from cloudroutes.lab.alibaba import (
     AlibabaVpcApi,
@@ -35,27 +32,24 @@ from cloudroutes.lab.alibaba import (
     make_alibaba_vpc,
 )
 from cloudroutes.lab.etcd import EtcdCluster, free_port
-from cloudroutes.lab.fault_proxy import Call, Fault, FaultProxy, Proceed, Reply, Throttle
+from cloudroutes.lab.fault_proxy import FaultProxy, Throttle
 from cloudroutes.lease import Lease, LeaseAttrs
-from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
-from cloudroutes.ledger import Ledger
-from cloudroutes.routing import Routing, node_vetting
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from cloudroutes.subnet.etcd_client import EtcdClient
 from providers import ali_route_table
 from providers.ali_vpc import AliVpcBackend, Metadata, RamRoleCredentials
+from tests import cloud_harness
+from tests.cloud_harness import CloudLab
 from tests.integration.test_ali_route_table import api, clean_ali_env, proxy
-from tests.integration.test_aws_vpc import Node
 from tests.wait import wait_for
 
 __all__ = ["api", "clean_ali_env", "proxy"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
-PREFIX = "/coreos.com/network"
-CLUSTER = "lab"
+Node = cloud_harness.Node[AliVpcBackend]
 
 
-class Lab:
+class Lab(CloudLab[AliVpcBackend]):
     """A VPC in the fake API, its nodes' metadata servers, and the network config."""
 
     def __init__(
@@ -68,106 +62,47 @@ class Lab:
         tables: int = 2,
     ) -> None:
         self.api = api
-        self.proxy = proxy
-        self.etcd = etcd
-        self.monkeypatch = monkeypatch
         self.vpc: LabAlibabaVpc = make_alibaba_vpc(api, nodes=nodes, tables=tables)
         self.metadata = [
             EcsMetadata(i, api, vswitch_cidr=self.vpc.vswitch_cidr).start()
             for i in self.vpc.instances
         ]
-        self.leases = LeaseTable()
-        self.leases.replace_all([], revision=1)
-        self.nodes: list[Node] = []
-        self.backend_options: dict[str, Any] = {
-            "RouteTableIDs": list(self.vpc.route_table_ids),
-            "ClusterName": CLUSTER,
-            "ResyncPeriod": 60,
-        }
-        self._revision = 1
-        self._reader: EtcdClient | None = None
+        super().__init__("ali-vpc", proxy, etcd, monkeypatch, servers=self.metadata)
+        self.backend_options["RouteTableIDs"] = list(self.vpc.route_table_ids)
         monkeypatch.setenv("CLOUDROUTES_ALIYUN_VPC_ENDPOINT", proxy.url)
 
     @property
     def tables(self) -> tuple[str, ...]:
         return self.vpc.route_table_ids
 
-    def config(self) -> Any:
-        doc = {"Network": "10.5.0.0/16", "Backend": {"Type": "ali-vpc", **self.backend_options}}
-        return parse_config(json.dumps(doc))
-
-    def etcd_client(self) -> EtcdClient:
-        return EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,), request_timeout=3))
-
-    def backend(self, i: int, client: EtcdClient, controller: bool = False) -> AliVpcBackend:
+    def context_of(self, i: int, client: EtcdClient, controller: bool = False) -> BackendContext:
         self.monkeypatch.setenv("CLOUDROUTES_ALIYUN_METADATA_ENDPOINT", self.metadata[i].url)
         ip = IPv4Address(self.vpc.instances[i].private_ip)
         iface = None if controller else ExternalInterface("eth0", 2, 1500, ip, ip)
-        name = "controller-1" if controller else f"node-{i}"
-        ctx = BackendContext(self.config(), iface, Coordination(client, PREFIX, name), controller)
-        return AliVpcBackend(ctx)
+        return self.context("controller-1" if controller else f"node-{i}", iface, client)
+
+    def backend(self, i: int, client: EtcdClient, controller: bool = False) -> AliVpcBackend:
+        return AliVpcBackend(self.context_of(i, client, controller))
 
     def node(self, i: int) -> Node:
         client = self.etcd_client()
-        backend = self.backend(i, client)
+        ctx = self.context_of(i, client)
+        backend = AliVpcBackend(ctx)
         attrs = backend.prepare()
         lease = Lease(IPv4Network(f"10.5.{i + 1}.0/24"), attrs, store_lease_id=100 + i)
         self.put_lease(lease)
-        return self._bind(f"node-{i}", backend, lease, client)
+        return self.bind(f"node-{i}", None, backend, lease, client, ctx)
 
     def controller(self) -> Node:
         client = self.etcd_client()
-        return self._bind("controller-1", self.backend(0, client, True), None, client)
-
-    def _bind(
-        self, name: str, backend: AliVpcBackend, lease: Lease | None, client: EtcdClient
-    ) -> Node:
-        iface = backend._ctx.iface
-        vetting = node_vetting(backend._config, backend, lease, iface, [self.etcd.endpoint])
-        routing = Routing(backend, backend.bind(lease), self.leases, vetting)
-        node = Node(name, None, backend, lease, routing, client)  # type: ignore[arg-type]
-        node.start_tasks()
-        self.nodes.append(node)
-        return node
-
-    def ledger(self, table_id: str) -> dict[Any, Any]:
-        if self._reader is None:
-            self._reader = self.etcd_client()
-        return Ledger(self._reader, PREFIX, CLUSTER, table_id).entries()
-
-    def put_lease(self, lease: Lease) -> None:
-        self._revision += 1
-        self.leases.apply([LeaseEvent(EventType.ADDED, lease)], revision=self._revision)
-
-    def drop_lease(self, lease: Lease) -> None:
-        self._revision += 1
-        self.leases.apply([LeaseEvent(EventType.REMOVED, lease)], revision=self._revision)
+        ctx = self.context_of(0, client, True)
+        return self.bind("controller-1", None, AliVpcBackend(ctx), None, client, ctx)
 
     def routes(self, table_id: str) -> dict[str, str]:
         return {e.destination: e.next_hop_id for e in self.api.entries(table_id)}
 
-    def all_routes(self) -> dict[str, dict[str, str]]:
-        return {t: self.routes(t) for t in self.tables}
-
-    def passes(self, resync: bool = True) -> None:
-        for node in self.nodes:
-            node.passes(resync)
-
-    def leader(self) -> Node:
-        return wait_for(
-            lambda: next((n for n in self.nodes if n.leads()), None), 30, "an elected leader"
-        )
-
     def instance(self, i: int) -> LabEcsInstance:
         return self.vpc.instances[i]
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.shutdown()
-        for server in self.metadata:
-            server.stop()
-        if self._reader is not None:
-            self._reader.close()
 
 
 @pytest.fixture
@@ -179,11 +114,8 @@ def lab(
     # at the next pass rather than 5 s later.
     monkeypatch.setattr(ali_route_table, "LEDGER_GRACE", 0.0)
     monkeypatch.setattr(ali_route_table, "SETTLE", 0.0)
-    made = Lab(api, proxy, etcd, monkeypatch)
-    try:
+    with Lab(api, proxy, etcd, monkeypatch) as made:
         yield made
-    finally:
-        made.close()
 
 
 def expected(lab: Lab, nodes: list[int]) -> dict[str, str]:
@@ -253,17 +185,8 @@ def test_the_elected_collector_removes_a_dead_nodes_entry(lab: Lab) -> None:
 
 
 def test_entries_of_leases_that_expired_while_no_agent_ran_are_collected(lab: Lab) -> None:
-    first = [lab.node(i) for i in range(3)]
-    lab.leader()
-    lab.passes()
-    for node in first:
-        node.shutdown()
-    lab.nodes.clear()
-    lab.leases.replace_all([n.lease for n in first[:2] if n.lease], revision=50)
-    lab.proxy.reset_counts()
-    [lab.node(i) for i in range(2)]  # the agents restart
-    lab.leader()
-    lab.passes()
+    first = lab.converged(3)
+    lab.restart(2, leases=[n.lease for n in first[:2] if n.lease])
     assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
     # The restart wrote nothing of its own: only the deletes of the expired lease.
     assert lab.proxy.counts()["DeleteRouteEntries"] == 2
@@ -271,24 +194,14 @@ def test_entries_of_leases_that_expired_while_no_agent_ran_are_collected(lab: La
 
 
 def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
-    nodes = [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
-    for node in nodes:
-        node.shutdown()
-    lab.nodes.clear()
-    lab.proxy.reset_counts()
-    [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    lab.converged(2)
+    lab.restart(2)
     assert lab.proxy.counts().writes == 0
     assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
 
 
 def test_drift_is_repaired_at_resync(lab: Lab) -> None:
-    nodes = [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    nodes = lab.converged(2)
     table_id = lab.tables[0]
     from aliyunsdkvpc.request.v20160428.DeleteRouteEntryRequest import DeleteRouteEntryRequest
 
@@ -303,6 +216,31 @@ def test_drift_is_repaired_at_resync(lab: Lab) -> None:
     assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
     assert lab.proxy.counts().writes == 1
     assert len(nodes) == 2
+
+
+def test_an_entry_of_ours_retargeted_by_hand_is_repaired_at_the_next_resync(lab: Lab) -> None:
+    nodes = lab.converged(2)
+    lab.passes(resync=False)  # the settle reads
+    table_id = lab.tables[0]
+    from aliyunsdkvpc.request.v20160428.ModifyRouteEntryRequest import ModifyRouteEntryRequest
+
+    [moved] = [e for e in lab.api.entries(table_id) if e.destination == "10.5.2.0/24"]
+    request = ModifyRouteEntryRequest()
+    request.set_RouteEntryId(moved.entry_id)
+    request.set_NewNextHopType("Instance")
+    request.set_NewNextHopId(lab.instance(2).instance_id)
+    admin = alibaba_client(lab.api.url, lab.vpc.credentials, lab.vpc.region)
+    admin.do_action_with_exception(at(request, lab.api.url, lab.vpc.region))
+    assert lab.routes(table_id)["10.5.2.0/24"] == lab.instance(2).instance_id
+    lab.proxy.reset_counts()
+    lab.passes(resync=True)
+    # The entry cloudroutes made is still ours (its ledger entry is confirmed): pointed back
+    # in place, not deleted and created again.
+    assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.tables}
+    counts = lab.proxy.counts()
+    assert counts["ModifyRouteEntry"] == 1 and counts.writes == 1
+    lab.passes(resync=False)  # the settle read
+    assert nodes[1].status()[f"{table_id} 10.5.2.0/24"]["state"] == "programmed"
 
 
 def test_a_missing_permission_keeps_the_node_up_and_recovers_once_granted(lab: Lab) -> None:
@@ -378,33 +316,8 @@ def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> Non
     for i in range(3):
         lab.node(i)
     controller = lab.controller()
-    leader = lab.leader()
-    created = threading.Semaphore(0)
-
-    class Slow(Fault):
-        """Each batch is applied, then answered 0.3 s later: time to kill the leader."""
-
-        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
-            reply = proceed()
-            created.release()
-            time.sleep(0.3)
-            return reply
-
-    slow = lab.proxy.add(Slow(actions={"CreateRouteEntries"}))
-    lab.proxy.reset_counts()
-    worker = threading.Thread(target=leader.passes, daemon=True)
-    worker.start()
-    assert created.acquire(timeout=20)
-    leader.backend.election().resign()  # killed: its fence ends at once
-    worker.join(timeout=30)
-    assert not worker.is_alive()
-    lab.proxy.remove(slow)
+    _, successor = lab.kill_leader_mid_write("CreateRouteEntries")
     assert lab.proxy.counts()["CreateRouteEntries"] == 1  # one table's batch, not the other
-    successor = wait_for(
-        lambda: next((n for n in lab.nodes if n is not leader and n.leads()), None),
-        30,
-        "a new leader",
-    )
     successor.passes()
     want = expected(lab, [0, 1, 2])
     assert lab.all_routes() == {t: want for t in lab.tables}

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,7 +38,7 @@ from cloudroutes.lab.alibaba import (
     string_to_sign,
 )
 from cloudroutes.lab.fault_proxy import ALIBABA, FaultProxy, Throttle
-from cloudroutes.lab.netns import Netns, Underlay
+from tests.cloud_harness import CLOUD_HOST, NODE_IP, CloudNetwork
 from tests.conftest import needs_root
 from tests.wait import wait_for
 
@@ -958,16 +958,13 @@ print(json.loads(client.do_action_with_exception(at(request, api_url, region)))[
 @needs_root
 @pytest.mark.root
 def test_a_node_namespace_reaches_the_alibaba_lab_in_a_cloud_namespace(
-    netns: Callable[[str], Netns], underlay: Underlay
+    cloud_network: CloudNetwork,
 ) -> None:
-    cloud, node = netns("crali"), netns("crnode")
-    underlay.plug(cloud, "eth0", "198.18.0.253/24")
-    underlay.plug(node, "eth0", "198.18.0.1/24")
-
-    with AlibabaLab(["198.18.0.1"], host="198.18.0.253", netns=cloud.name) as whole:
+    node = cloud_network.node
+    with AlibabaLab([NODE_IP], host=CLOUD_HOST, netns=cloud_network.cloud.name) as whole:
         assert whole.vpc is not None and whole.proxy is not None
         endpoints = whole.node(0)
-        assert endpoints.api_url.startswith("http://198.18.0.253:")
+        assert endpoints.api_url.startswith(f"http://{CLOUD_HOST}:")
         table = whole.vpc.route_table_id
         agent = [sys.executable, "-c", _NODE_AGENT, endpoints.api_url, endpoints.metadata_url]
         result = subprocess.run(

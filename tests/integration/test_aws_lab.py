@@ -29,7 +29,7 @@ from cloudroutes.lab.aws import (
     MotoServer,
     make_vpc,
 )
-from cloudroutes.lab.netns import Netns, Underlay
+from tests.cloud_harness import CLOUD_HOST, NODE_IP, CloudNetwork
 from tests.conftest import needs_root
 
 
@@ -319,15 +319,12 @@ def test_aws_lab_gives_each_node_its_identity_and_counts_its_calls() -> None:
 @needs_root
 @pytest.mark.root
 def test_a_node_namespace_reaches_the_aws_lab_in_a_cloud_namespace(
-    netns: Callable[[str], Netns], underlay: Underlay
+    cloud_network: CloudNetwork,
 ) -> None:
-    cloud, node = netns("craws"), netns("crnode")
-    underlay.plug(cloud, "eth0", "198.18.0.253/24")
-    underlay.plug(node, "eth0", "198.18.0.1/24")
-
-    with AwsLab(["198.18.0.1"], host="198.18.0.253", netns=cloud.name) as lab:
+    node = cloud_network.node
+    with AwsLab([NODE_IP], host=CLOUD_HOST, netns=cloud_network.cloud.name) as lab:
         assert lab.vpc is not None and lab.proxy is not None
-        assert lab.proxy.url.startswith("http://198.18.0.253:")
+        assert lab.proxy.url.startswith(f"http://{CLOUD_HOST}:")
 
         def run(*cmd: str) -> subprocess.CompletedProcess[str]:
             env = lab.node_env(0, dict(os.environ))
@@ -335,7 +332,7 @@ def test_a_node_namespace_reaches_the_aws_lab_in_a_cloud_namespace(
                 ["ip", "netns", "exec", node.name, *cmd], env=env, capture_output=True, text=True
             )
 
-        seen = _node_sees(run, "198.18.0.1")
+        seen = _node_sees(run, NODE_IP)
         assert seen["id"] == lab.vpc.instances[0].instance_id
         assert seen["creds"] == "iam-role"
         assert lab.proxy.counts()["DescribeInstances"] == 1

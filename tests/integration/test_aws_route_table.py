@@ -15,7 +15,6 @@ import pytest
 
 from cloudroutes.errors import QuotaExceeded, Rejected, RouteConflict, Throttled, Transient
 from cloudroutes.lab.aws import EC2Client, LabVpc, MotoServer, ec2_client, make_vpc
-from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.fault_proxy import (
     Blackhole,
     CannedError,
@@ -27,7 +26,7 @@ from cloudroutes.lab.fault_proxy import (
 from cloudroutes.ledger import Ledger, LedgerEntry
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Change, EntryState, Plan, Route
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from cloudroutes.subnet.etcd_client import EtcdClient
 from providers.aws_route_table import AwsRouteTable, EniResolver
 
 pytestmark = pytest.mark.etcd
@@ -62,15 +61,6 @@ def proxy(moto: MotoServer, clean_aws_env: None) -> Iterator[FaultProxy]:
 def admin(proxy: FaultProxy) -> EC2Client:
     """The test's own EC2 client, straight to the API (not counted, no faults)."""
     return ec2_client(proxy.upstream_url, REGION, max_attempts=1)
-
-
-@pytest.fixture
-def etcd_client(etcd: EtcdCluster) -> Iterator[EtcdClient]:
-    client = EtcdClient(EtcdSettings(endpoints=(etcd.endpoint,), request_timeout=3))
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 # -- helpers --------------------------------------------------------------------------------

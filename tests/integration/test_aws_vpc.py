@@ -7,40 +7,32 @@ lease); the test drives the reconcilers' passes itself, so every EC2 call can be
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
-from typing import Any
 
 import pytest
 
-from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
-from cloudroutes.config import parse_config
-from cloudroutes.errors import CloudroutesError, ConfigError
-from cloudroutes.lab.aws import EC2Client, ImdsStub, LabInstance, LabVpc, make_vpc
+from cloudroutes.backend import ExternalInterface
+from cloudroutes.errors import ConfigError
+from cloudroutes.lab.aws import EC2Client, ImdsStub, LabVpc, make_vpc
 from cloudroutes.lab.etcd import EtcdCluster, free_port
 from cloudroutes.lab.fault_proxy import (
     Call,
     CannedError,
-    Fault,
     FaultProxy,
-    Proceed,
-    Reply,
     RouteLimit,
     Throttle,
 )
 from cloudroutes.lease import Lease, LeaseAttrs
-from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
 from cloudroutes.ledger import Ledger, LedgerEntry
-from cloudroutes.reconciler import Reconciler, RouteState
-from cloudroutes.routing import Routing, node_vetting
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from cloudroutes.reconciler import RouteState
+from cloudroutes.subnet.etcd_client import EtcdSettings
 from providers import aws_route_table
 from providers.aws_vpc import AwsVpcBackend, Imds
+from tests import cloud_harness
+from tests.cloud_harness import CLUSTER, PREFIX, CloudLab
 from tests.integration.test_aws_route_table import REGION, admin, proxy
 from tests.wait import wait_for
 
@@ -48,54 +40,10 @@ __all__ = ["admin", "proxy"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
-PREFIX = "/coreos.com/network"
-CLUSTER = "lab"
+Node = cloud_harness.Node[AwsVpcBackend]
 
 
-@dataclass
-class Node:
-    """One agent's aws-vpc part: its backend, lease and reconcilers, and its election task."""
-
-    name: str
-    instance: LabInstance | None
-    backend: AwsVpcBackend
-    lease: Lease | None
-    routing: Routing
-    client: EtcdClient
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    @property
-    def reconcilers(self) -> list[Reconciler]:
-        return self.routing.reconcilers
-
-    def start_tasks(self) -> None:
-        for name, task in self.backend.tasks():
-            thread = threading.Thread(target=task, args=(self.stop,), name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def leads(self) -> bool:
-        return self.backend.election().is_leader()
-
-    def shutdown(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=10)
-        self.client.close()
-
-    def passes(self, resync: bool = True) -> None:
-        """One pass of each reconciler (those not leading do nothing)."""
-        for reconciler in self.reconcilers:
-            # A failed read (throttled) is dropped: the next pass reads again, as run() does.
-            with contextlib.suppress(CloudroutesError):
-                reconciler.reconcile(resync=resync)
-
-    def status(self) -> dict[str, Any]:
-        return self.routing.status()["routes"]
-
-
-class Lab:
+class Lab(CloudLab[AwsVpcBackend]):
     """A VPC in moto, its nodes' IMDS stubs, and the network config every node reads."""
 
     def __init__(
@@ -108,30 +56,11 @@ class Lab:
         enis_per_node: int = 1,
     ) -> None:
         self.admin = admin
-        self.proxy = proxy
-        self.etcd = etcd
-        self.monkeypatch = monkeypatch
         self.vpc: LabVpc = make_vpc(admin, nodes=nodes, tables=2, enis_per_node=enis_per_node)
         self.stubs = [ImdsStub(i).start() for i in self.vpc.instances]
-        self.leases = LeaseTable()
-        self.leases.replace_all([], revision=1)
-        self.nodes: list[Node] = []
-        self.backend_options: dict[str, Any] = {
-            "RouteTableID": list(self.vpc.route_table_ids),
-            "ClusterName": CLUSTER,
-            "ResyncPeriod": 60,
-        }
-        self.extra: dict[str, Any] = {}
-        self._revision = 1
-        self._reader: EtcdClient | None = None
+        super().__init__("aws-vpc", proxy, etcd, monkeypatch, servers=self.stubs)
+        self.backend_options["RouteTableID"] = list(self.vpc.route_table_ids)
         monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", proxy.url)
-
-    def config(self) -> Any:
-        doc = {"Network": "10.5.0.0/16", "Backend": {"Type": "aws-vpc", **self.backend_options}}
-        return parse_config(json.dumps({**doc, **self.extra}))
-
-    def etcd_client(self) -> EtcdClient:
-        return EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,), request_timeout=3))
 
     def node(self, i: int, *, six: bool = False, eni: int = 0) -> Node:
         """Node i as its agent starts: IMDS discovery, source/dest check, its lease, bind.
@@ -141,7 +70,7 @@ class Lab:
         ip = IPv4Address(instance.enis[eni].private_ip)
         iface = ExternalInterface("eth0", 2, 9001, ip, ip)
         client = self.etcd_client()
-        ctx = BackendContext(self.config(), iface, Coordination(client, PREFIX, f"node-{i}"))
+        ctx = self.context(f"node-{i}", iface, client)
         backend = AwsVpcBackend(ctx)
         attrs = backend.prepare()
         lease = Lease(
@@ -151,45 +80,15 @@ class Lab:
             store_lease_id=100 + i,
         )
         self.put_lease(lease)
-        return self._bind(f"node-{i}", instance, backend, lease, client, ctx)
+        return self.bind(f"node-{i}", instance, backend, lease, client, ctx)
 
     def controller(self, name: str = "controller-1") -> Node:
         self.monkeypatch.setenv("AWS_REGION", REGION)
         # It runs on an instance of its own, whose role the SDK finds through IMDS.
         self.monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", self.stubs[0].url)
         client = self.etcd_client()
-        ctx = BackendContext(self.config(), None, Coordination(client, PREFIX, name), True)
-        return self._bind(name, None, AwsVpcBackend(ctx), None, client, ctx)
-
-    def _bind(
-        self,
-        name: str,
-        instance: LabInstance | None,
-        backend: AwsVpcBackend,
-        lease: Lease | None,
-        client: EtcdClient,
-        ctx: BackendContext,
-    ) -> Node:
-        vetting = node_vetting(ctx.config, backend, lease, ctx.iface, [self.etcd.endpoint])
-        routing = Routing(backend, backend.bind(lease), self.leases, vetting)
-        node = Node(name, instance, backend, lease, routing, client)
-        node.start_tasks()
-        self.nodes.append(node)
-        return node
-
-    def ledger(self, table_id: str) -> dict[Any, Any]:
-        """The table's ledger as another process reads it from etcd."""
-        if self._reader is None:
-            self._reader = self.etcd_client()
-        return Ledger(self._reader, PREFIX, CLUSTER, table_id).entries()
-
-    def put_lease(self, lease: Lease) -> None:
-        self._revision += 1
-        self.leases.apply([LeaseEvent(EventType.ADDED, lease)], revision=self._revision)
-
-    def drop_lease(self, lease: Lease) -> None:
-        self._revision += 1
-        self.leases.apply([LeaseEvent(EventType.REMOVED, lease)], revision=self._revision)
+        ctx = self.context(name, None, client)
+        return self.bind(name, None, AwsVpcBackend(ctx), None, client, ctx)
 
     def routes(self, table_id: str) -> dict[str, str]:
         listing = self.admin.describe_route_tables(RouteTableIds=[table_id])["RouteTables"][0]
@@ -201,25 +100,9 @@ class Lab:
             if r.get("Origin") == "CreateRoute"
         }
 
-    def all_routes(self) -> dict[str, dict[str, str]]:
-        return {t: self.routes(t) for t in self.vpc.route_table_ids}
-
-    def passes(self, resync: bool = True) -> None:
-        for node in self.nodes:
-            node.passes(resync)
-
-    def leader(self) -> Node:
-        return wait_for(
-            lambda: next((n for n in self.nodes if n.leads()), None), 30, "an elected leader"
-        )
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.shutdown()
-        for stub in self.stubs:
-            stub.stop()
-        if self._reader is not None:
-            self._reader.close()
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return self.vpc.route_table_ids
 
 
 @pytest.fixture
@@ -229,11 +112,8 @@ def lab(
     # Routes made seconds ago by a node count as the collector's to judge (in production it
     # waits a minute, in case their lease has not reached it yet).
     monkeypatch.setattr(aws_route_table, "LEDGER_GRACE", 0.0)
-    made = Lab(admin, proxy, etcd, monkeypatch)
-    try:
+    with Lab(admin, proxy, etcd, monkeypatch) as made:
         yield made
-    finally:
-        made.close()
 
 
 def expected(lab: Lab, nodes: list[int]) -> dict[str, str]:
@@ -300,9 +180,7 @@ def test_the_elected_collector_removes_a_dead_nodes_route(lab: Lab) -> None:
 
 
 def test_routes_of_leases_that_expired_while_no_agent_ran_are_collected(lab: Lab) -> None:
-    first = [lab.node(i) for i in range(3)]
-    lab.leader()
-    lab.passes()
+    first = lab.converged(3)
     gone = first[2].lease
     assert gone is not None
     for node in first:
@@ -324,16 +202,8 @@ def test_routes_of_leases_that_expired_while_no_agent_ran_are_collected(lab: Lab
 
 
 def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
-    nodes = [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
-    for node in nodes:
-        node.shutdown()
-    lab.nodes.clear()
-    lab.proxy.reset_counts()
-    [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    lab.converged(2)
+    lab.restart(2)
     # prepare() finds the source/dest check already off; no route is written.
     assert lab.proxy.counts().writes == 0
     assert lab.all_routes() == {t: expected(lab, [0, 1]) for t in lab.vpc.route_table_ids}
@@ -342,9 +212,7 @@ def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
 def test_routes_deleted_or_retargeted_by_hand_are_repaired_at_the_next_resync(
     lab: Lab,
 ) -> None:
-    nodes = [lab.node(i) for i in range(3)]
-    lab.leader()
-    lab.passes()
+    nodes = lab.converged(3)
     table_id = lab.vpc.main_route_table_id
     lab.admin.delete_route(RouteTableId=table_id, DestinationCidrBlock="10.5.1.0/24")
     other = lab.vpc.instances[2].eni_id
@@ -391,9 +259,7 @@ def test_an_unconfirmed_ledger_entry_does_not_claim_someone_elses_route(lab: Lab
 
 
 def test_one_lease_change_is_one_write_per_table(lab: Lab) -> None:
-    nodes = [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    nodes = lab.converged(2)
     lab.proxy.reset_counts()
     lab.node(2)
     lab.passes(resync=False)
@@ -480,36 +346,9 @@ def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> Non
     for i in range(3):
         lab.node(i)
     controller = lab.controller()
-    leader = lab.leader()
-    created = threading.Semaphore(0)
-
-    class Slow(Fault):
-        """A slow EC2: each CreateRoute is applied, then answered 0.3 s later, so the test can
-        kill the leader between two of them."""
-
-        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
-            reply = proceed()
-            created.release()
-            time.sleep(0.3)
-            return reply
-
-    slow = lab.proxy.add(Slow(actions={"CreateRoute"}))
-    lab.proxy.reset_counts()
-    worker = threading.Thread(target=leader.passes, daemon=True)
-    worker.start()
-    assert created.acquire(timeout=20)
-    leader.backend.election().resign()  # killed: its fence ends at once
-    worker.join(timeout=30)
-    assert not worker.is_alive()
-    lab.proxy.remove(slow)
+    _, successor = lab.kill_leader_mid_write("CreateRoute")
     written_by_old = lab.proxy.counts()["CreateRoute"]
     assert 1 <= written_by_old < 6
-
-    successor = wait_for(
-        lambda: next((n for n in lab.nodes if n is not leader and n.leads()), None),
-        30,
-        "a new leader",
-    )
     successor.passes()
     want = expected(lab, [0, 1, 2])
     assert lab.all_routes() == {t: want for t in lab.vpc.route_table_ids}
@@ -653,13 +492,8 @@ def test_unreachable_metadata_service_is_one_clear_error(
     ip = IPv4Address(lab.vpc.instances[0].private_ip)
     client = lab.etcd_client()
     try:
-        backend = AwsVpcBackend(
-            BackendContext(
-                lab.config(),
-                ExternalInterface("eth0", 2, 9001, ip, ip),
-                Coordination(client, PREFIX, "node-0"),
-            )
-        )
+        iface = ExternalInterface("eth0", 2, 9001, ip, ip)
+        backend = AwsVpcBackend(lab.context("node-0", iface, client))
         with pytest.raises(ConfigError) as err:
             backend.prepare()
     finally:

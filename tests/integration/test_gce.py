@@ -10,40 +10,29 @@ can be counted.
 from __future__ import annotations
 
 import contextlib
-import json
-import threading
-import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 
-from cloudroutes.backend import BackendContext, Coordination, ExternalInterface
-from cloudroutes.config import parse_config
+from cloudroutes.backend import ExternalInterface
 from cloudroutes.errors import CloudroutesError, ConfigError
 from cloudroutes.lab.etcd import EtcdCluster, free_port
 from cloudroutes.lab.fault_proxy import (
     HTTP,
-    Call,
     CannedError,
-    Fault,
     FaultProxy,
-    Proceed,
-    Reply,
     Throttle,
 )
-from cloudroutes.lab.gce import FakeMetadataServer, LabGceInstance, LabGceProject
+from cloudroutes.lab.gce import FakeMetadataServer, LabGceProject
 from cloudroutes.lab.gce import GceLab as Cloud
 from cloudroutes.lease import Lease, LeaseAttrs
-from cloudroutes.lease_table import EventType, LeaseEvent, LeaseTable
-from cloudroutes.ledger import Ledger
-from cloudroutes.routing import Routing, node_vetting
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
 from providers import gce_route_table
 from providers.gce import API_ENDPOINT_VARIABLE, GceBackend, Metadata, discover
 from providers.gce_api import flannel_name, route_name
-from tests.integration.test_aws_vpc import Node
+from tests import cloud_harness
+from tests.cloud_harness import CLUSTER, CloudLab
 from tests.integration.test_gce_route_table import (
     NODE_IPS,
     admin_delete,
@@ -57,11 +46,10 @@ __all__ = ["clean_gce_env"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
-PREFIX = "/coreos.com/network"
-CLUSTER = "lab"
+Node = cloud_harness.Node[GceBackend]
 
 
-class Lab:
+class Lab(CloudLab[GceBackend]):
     """A GCE project of the lab, its nodes' metadata servers, and the network config."""
 
     def __init__(
@@ -70,31 +58,16 @@ class Lab:
         etcd: EtcdCluster,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        self.cloud = cloud
         assert cloud.project is not None and cloud.proxy is not None
+        super().__init__("gce", cloud.proxy, etcd, monkeypatch)
+        self.cloud = cloud
         self.project: LabGceProject = cloud.project
-        self.proxy: FaultProxy = cloud.proxy
-        self.etcd = etcd
-        self.monkeypatch = monkeypatch
-        self.leases = LeaseTable()
-        self.leases.replace_all([], revision=1)
-        self.nodes: list[Node] = []
-        self.backend_options: dict[str, Any] = {"ClusterName": CLUSTER, "ResyncPeriod": 60}
-        self._revision = 1
-        self._reader: EtcdClient | None = None
         monkeypatch.setenv(API_ENDPOINT_VARIABLE, cloud.api_url)
         point_google_auth_at(monkeypatch, cloud.metadata[0].host_port)
 
     @property
     def network(self) -> str:
         return self.project.network_path
-
-    def config(self) -> Any:
-        doc = {"Network": "10.5.0.0/16", "Backend": {"Type": "gce", **self.backend_options}}
-        return parse_config(json.dumps(doc))
-
-    def etcd_client(self) -> EtcdClient:
-        return EtcdClient(EtcdSettings(endpoints=(self.etcd.endpoint,), request_timeout=3))
 
     def node(self, i: int) -> Node:
         """Node i as its agent starts: metadata discovery, its lease, bind."""
@@ -104,51 +77,28 @@ class Lab:
         ip = IPv4Address(instance.ip)
         iface = ExternalInterface("eth0", 2, 1460, ip, ip)
         client = self.etcd_client()
-        ctx = BackendContext(self.config(), iface, Coordination(client, PREFIX, f"node-{i}"))
+        ctx = self.context(f"node-{i}", iface, client)
         backend = GceBackend(ctx)
         attrs = backend.prepare()
         lease = Lease(subnet=IPv4Network(f"10.5.{i + 1}.0/24"), attrs=attrs, store_lease_id=100 + i)
         self.put_lease(lease)
-        return self._bind(f"node-{i}", instance, backend, lease, client, ctx)
+        return self.bind(f"node-{i}", instance, backend, lease, client, ctx)
 
     def controller(self, name: str = "controller-1") -> Node:
         # It runs on an instance of its own, whose metadata server says where it is.
         self.monkeypatch.setenv("GCE_METADATA_HOST", self.cloud.metadata[0].host_port)
         client = self.etcd_client()
-        ctx = BackendContext(self.config(), None, Coordination(client, PREFIX, name), True)
-        return self._bind(name, None, GceBackend(ctx), None, client, ctx)
+        ctx = self.context(name, None, client)
+        return self.bind(name, None, GceBackend(ctx), None, client, ctx)
 
-    def _bind(
-        self,
-        name: str,
-        instance: LabGceInstance | None,
-        backend: GceBackend,
-        lease: Lease | None,
-        client: EtcdClient,
-        ctx: BackendContext,
-    ) -> Node:
-        vetting = node_vetting(ctx.config, backend, lease, ctx.iface, [self.etcd.endpoint])
-        routing = Routing(backend, backend.bind(lease), self.leases, vetting)
-        # The aws-vpc tests' Node drives any cloud backend alike.
-        node = Node(name, instance, backend, lease, routing, client)  # type: ignore[arg-type]
-        node.start_tasks()
-        self.nodes.append(node)
-        return node
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return (self.network,)
 
-    def ledger(self) -> dict[Any, Any]:
-        if self._reader is None:
-            self._reader = self.etcd_client()
-        return Ledger(self._reader, PREFIX, CLUSTER, self.network).entries()
+    def ledger(self, table_id: str | None = None) -> dict[Any, Any]:
+        return super().ledger(table_id or self.network)
 
-    def put_lease(self, lease: Lease) -> None:
-        self._revision += 1
-        self.leases.apply([LeaseEvent(EventType.ADDED, lease)], revision=self._revision)
-
-    def drop_lease(self, lease: Lease) -> None:
-        self._revision += 1
-        self.leases.apply([LeaseEvent(EventType.REMOVED, lease)], revision=self._revision)
-
-    def routes(self) -> dict[str, str]:
+    def routes(self, table_id: str | None = None) -> dict[str, str]:
         """destRange -> next-hop instance name, of every route but the network's own."""
         return {
             r["destRange"]: r.get("nextHopInstance", r.get("nextHopIp", "")).rsplit("/", 1)[-1]
@@ -163,24 +113,9 @@ class Lab:
             if not r["name"].startswith("default-route-")
         }
 
-    def passes(self, resync: bool = True) -> None:
-        for node in self.nodes:
-            node.passes(resync)
-
-    def leader(self) -> Node:
-        return wait_for(
-            lambda: next((n for n in self.nodes if n.leads()), None), 30, "an elected leader"
-        )
-
     def writes(self) -> int:
         counts = self.proxy.counts()
         return counts["routes.insert"] + counts["routes.delete"]
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.shutdown()
-        if self._reader is not None:
-            self._reader.close()
 
 
 @contextlib.contextmanager
@@ -262,43 +197,23 @@ def test_the_elected_collector_removes_a_dead_nodes_route(lab: Lab) -> None:
 
 
 def test_routes_of_leases_that_expired_while_no_agent_ran_are_collected(lab: Lab) -> None:
-    first = [lab.node(i) for i in range(3)]
-    lab.leader()
-    lab.passes()
-    for node in first:
-        node.shutdown()
-    lab.nodes.clear()
+    first = lab.converged(3)
     # While nothing ran, node 2's lease expired.
-    lab.leases.replace_all([n.lease for n in first[:2] if n.lease], revision=50)
-
-    lab.proxy.reset_counts()
-    [lab.node(i) for i in range(2)]  # the agents restart
-    lab.leader()
-    lab.passes()
+    lab.restart(2, leases=[n.lease for n in first[:2] if n.lease])
     assert lab.routes() == expected(lab, [0, 1])
     # The restart made no write of its own: only the delete of the expired lease's route.
     assert lab.proxy.counts()["routes.delete"] == 1 and lab.writes() == 1
 
 
 def test_an_agent_restart_writes_nothing(lab: Lab) -> None:
-    nodes = [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
-    for node in nodes:
-        node.shutdown()
-    lab.nodes.clear()
-    lab.proxy.reset_counts()
-    [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    lab.converged(2)
+    lab.restart(2)
     assert lab.writes() == 0
     assert lab.routes() == expected(lab, [0, 1])
 
 
 def test_a_route_deleted_by_hand_comes_back_at_the_resync(lab: Lab) -> None:
-    nodes = [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    nodes = lab.converged(2)
     name = route_name(CLUSTER, IPv4Network("10.5.1.0/24"))
     gone = {r["name"]: r for r in lab.cloud.api.routes(lab.project.project_id)}[name]
     assert gone["nextHopInstance"].endswith(lab.project.instances[0].name)
@@ -314,10 +229,25 @@ def test_a_route_deleted_by_hand_comes_back_at_the_resync(lab: Lab) -> None:
     assert len(nodes) == 2
 
 
+def test_a_route_of_ours_re_created_by_hand_elsewhere_is_repaired_at_the_resync(lab: Lab) -> None:
+    nodes = lab.converged(3)
+    name = route_name(CLUSTER, IPv4Network("10.5.2.0/24"))
+    # GCE routes cannot change: pointed elsewhere by hand is deleted and inserted again under
+    # its name, as `gcloud compute routes create` would (without cloudroutes' description).
+    admin_delete(lab.cloud, name)
+    admin_insert(lab.cloud, name, "10.5.2.0/24", 2)
+    assert lab.routes()["10.5.2.0/24"] == lab.project.instances[2].name
+    lab.proxy.reset_counts()
+    lab.passes(resync=True)
+    # Still ours (its ledger entry is confirmed): replaced by a delete and an insert.
+    assert lab.routes() == expected(lab, [0, 1, 2])
+    counts = lab.proxy.counts()
+    assert counts["routes.delete"] == 1 and counts["routes.insert"] == 1 and lab.writes() == 2
+    assert nodes[1].status()[f"{lab.network} 10.5.2.0/24"]["state"] == "programmed"
+
+
 def test_one_lease_change_is_one_insert(lab: Lab) -> None:
-    [lab.node(i) for i in range(2)]
-    lab.leader()
-    lab.passes()
+    lab.converged(2)
     lab.proxy.reset_counts()
     lab.node(2)
     lab.passes(resync=False)
@@ -406,37 +336,11 @@ def test_a_leader_killed_mid_pass_hands_over_without_duplicates(lab: Lab) -> Non
     for i in range(3):
         lab.node(i)
     controller = lab.controller()
-    leader = lab.leader()
-    inserted = threading.Semaphore(0)
-
-    class Slow(Fault):
-        """A slow API: each insert is applied, then answered 0.3 s later."""
-
-        def apply(self, call: Call, proceed: Proceed, proxy: FaultProxy) -> Reply:
-            reply = proceed()
-            inserted.release()
-            time.sleep(0.3)
-            return reply
-
     # One insert at a time, so the leader is killed between two of them.
     lab.monkeypatch.setattr(gce_route_table, "MAX_IN_FLIGHT", 1)
-    slow = lab.proxy.add(Slow(actions={"routes.insert"}))
-    lab.proxy.reset_counts()
-    worker = threading.Thread(target=leader.passes, daemon=True)
-    worker.start()
-    assert inserted.acquire(timeout=20)
-    leader.backend.election().resign()
-    worker.join(timeout=30)
-    assert not worker.is_alive()
-    lab.proxy.remove(slow)
+    _, successor = lab.kill_leader_mid_write("routes.insert")
     by_old = lab.proxy.counts()["routes.insert"]
     assert 1 <= by_old < 3
-
-    successor = wait_for(
-        lambda: next((n for n in lab.nodes if n is not leader and n.leads()), None),
-        30,
-        "a new leader",
-    )
     successor.passes()
     assert lab.routes() == expected(lab, [0, 1, 2])
     assert lab.proxy.counts()["routes.insert"] == 3 and lab.proxy.counts()["routes.delete"] == 0
@@ -503,13 +407,8 @@ def test_unreachable_metadata_server_is_one_clear_error(
     ip = IPv4Address(NODE_IPS[0])
     client = lab.etcd_client()
     try:
-        backend = GceBackend(
-            BackendContext(
-                lab.config(),
-                ExternalInterface("eth0", 2, 1460, ip, ip),
-                Coordination(client, PREFIX, "node-0"),
-            )
-        )
+        iface = ExternalInterface("eth0", 2, 1460, ip, ip)
+        backend = GceBackend(lab.context("node-0", iface, client))
         with pytest.raises(ConfigError) as err:
             backend.prepare()
     finally:

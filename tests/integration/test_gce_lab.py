@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,7 +57,7 @@ from cloudroutes.lab.gce import (
     metadata_servers,
     route_filter,
 )
-from cloudroutes.lab.netns import Netns, Underlay
+from tests.cloud_harness import CLOUD_HOST, NODE_IP, CloudNetwork
 from tests.conftest import needs_root
 from tests.wait import wait_for
 
@@ -894,13 +894,11 @@ def test_gce_lab_gives_each_agent_its_vm_through_the_environment_alone() -> None
 @needs_root
 @pytest.mark.root
 def test_a_node_namespace_reaches_the_gce_lab_in_a_cloud_namespace(
-    netns: Callable[[str], Netns], underlay: Underlay
+    cloud_network: CloudNetwork,
 ) -> None:
-    cloud, node = netns("crgce"), netns("crnode")
-    underlay.plug(cloud, "eth0", "198.18.0.253/24")
-    underlay.plug(node, "eth0", "198.18.0.1/24")
-    with GceLab(["198.18.0.1"], host="198.18.0.253", netns=cloud.name) as gce_lab:
-        assert gce_lab.api_url.startswith("http://198.18.0.253:")
-        assert gce_lab.metadata[0].host_port.startswith("198.18.0.253:")
-        seen = _agent_on_node(gce_lab, 0, wrap=["ip", "netns", "exec", node.name])
+    with GceLab([NODE_IP], host=CLOUD_HOST, netns=cloud_network.cloud.name) as gce_lab:
+        assert gce_lab.api_url.startswith(f"http://{CLOUD_HOST}:")
+        assert gce_lab.metadata[0].host_port.startswith(f"{CLOUD_HOST}:")
+        wrap = ["ip", "netns", "exec", cloud_network.node.name]
+        seen = _agent_on_node(gce_lab, 0, wrap=wrap)
         _check_agent_seen(gce_lab, 0, seen)

@@ -17,13 +17,12 @@ from typing import Any
 import pytest
 
 from cloudroutes.errors import QuotaExceeded, Rejected, RouteNotFound, Throttled, Transient
-from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.fault_proxy import CannedError, FaultProxy, Throttle
 from cloudroutes.lab.gce import GceLab, LabGceProject
 from cloudroutes.ledger import Ledger
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Change, EntryState, Plan, Route
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from cloudroutes.subnet.etcd_client import EtcdClient
 from providers import gce_api, gce_route_table
 from providers.gce import API_ENDPOINT_VARIABLE, compute_clients
 from providers.gce_api import Compute, ComputeClients, ForwardingCheck, flannel_name, route_name
@@ -70,15 +69,6 @@ def gce_lab(clean_gce_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gc
         point_google_auth_at(monkeypatch, lab.metadata[0].host_port)
         monkeypatch.setenv(API_ENDPOINT_VARIABLE, lab.api_url)
         yield lab
-
-
-@pytest.fixture
-def etcd_client(etcd: EtcdCluster) -> Iterator[EtcdClient]:
-    client = EtcdClient(EtcdSettings(endpoints=(etcd.endpoint,), request_timeout=3))
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 # -- helpers --------------------------------------------------------------------------------

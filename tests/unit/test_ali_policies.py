@@ -10,19 +10,18 @@ import ast
 import json
 from pathlib import Path
 
-from tests.unit.test_aws_policies import granted
+from tests.policy_scan import POLICIES, PROVIDERS, allowed_actions, calls_in, syntax
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = [REPO / "providers" / "ali_vpc.py", REPO / "providers" / "ali_route_table.py"]
-NODE = REPO / "providers" / "policies" / "ali-vpc-node.json"
-CONTROLLER = REPO / "providers" / "policies" / "ali-vpc-controller.json"
+SOURCES = [PROVIDERS / "ali_vpc.py", PROVIDERS / "ali_route_table.py"]
+NODE = POLICIES / "ali-vpc-node.json"
+CONTROLLER = POLICIES / "ali-vpc-controller.json"
 REQUESTS = "aliyunsdkvpc.request.v20160428."
 
 
 def called_actions(path: Path) -> set[str]:
     """``vpc:<Action>`` for each request class imported from aliyunsdkvpc."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in syntax(path):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aliyunsdkvpc"):
             assert (node.module or "").startswith(REQUESTS), f"{path.name}: {node.module}"
             for alias in node.names:
@@ -35,7 +34,7 @@ def called_actions(path: Path) -> set[str]:
 
 
 def test_the_source_calls_the_vpc_actions_it_should() -> None:
-    calls = set().union(*(called_actions(p) for p in SOURCES))
+    calls = calls_in(SOURCES, called_actions)
     assert calls == {
         "vpc:DescribeRouteEntryList",
         "vpc:CreateRouteEntries",
@@ -49,7 +48,7 @@ def test_the_source_calls_the_vpc_actions_it_should() -> None:
 def test_the_request_classes_exist_in_the_sdk() -> None:
     import importlib
 
-    for action in set().union(*(called_actions(p) for p in SOURCES)):
+    for action in calls_in(SOURCES, called_actions):
         name = action.removeprefix("vpc:") + "Request"
         module = importlib.import_module(REQUESTS + name)
         assert getattr(module, name)().get_action_name() == action.removeprefix("vpc:")
@@ -60,6 +59,6 @@ def test_both_policies_grant_exactly_what_the_code_calls() -> None:
         assert json.loads(path.read_text())["Version"] == "1"  # RAM's policy language
     # A controller finds the table as a node does (from its own instance's VPC), and writes
     # every route: both need the same actions.
-    calls = set().union(*(called_actions(p) for p in SOURCES))
-    assert granted(NODE) == calls
-    assert granted(CONTROLLER) == calls
+    calls = calls_in(SOURCES, called_actions)
+    assert allowed_actions(NODE) == calls
+    assert allowed_actions(CONTROLLER) == calls

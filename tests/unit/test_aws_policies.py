@@ -13,10 +13,11 @@ from pathlib import Path
 from botocore import xform_name
 from botocore.session import get_session
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = [REPO / "providers" / "aws_vpc.py", REPO / "providers" / "aws_route_table.py"]
-NODE = REPO / "providers" / "policies" / "aws-vpc-node.json"
-CONTROLLER = REPO / "providers" / "policies" / "aws-vpc-controller.json"
+from tests.policy_scan import POLICIES, PROVIDERS, allowed_actions, calls_in, syntax
+
+SOURCES = [PROVIDERS / "aws_vpc.py", PROVIDERS / "aws_route_table.py"]
+NODE = POLICIES / "aws-vpc-node.json"
+CONTROLLER = POLICIES / "aws-vpc-controller.json"
 # Called only by an agent on its own instance, never by a cluster-mode controller.
 NODE_ONLY = {"ec2:ModifyNetworkInterfaceAttribute"}
 
@@ -43,7 +44,7 @@ def _is_ec2_client(node: ast.expr) -> bool:
 def called_actions(path: Path) -> set[str]:
     operations = _operations()
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in syntax(path):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -55,19 +56,8 @@ def called_actions(path: Path) -> set[str]:
     return found
 
 
-def granted(path: Path) -> set[str]:
-    document = json.loads(path.read_text())
-    actions: set[str] = set()
-    for statement in document["Statement"]:
-        assert statement["Effect"] == "Allow"
-        listed = statement["Action"]
-        actions.update([listed] if isinstance(listed, str) else listed)
-    assert not any("*" in a for a in actions), f"{path.name}: no wildcard actions"
-    return actions
-
-
 def test_the_source_calls_the_ec2_actions_it_should() -> None:
-    calls = set().union(*(called_actions(p) for p in SOURCES))
+    calls = calls_in(SOURCES, called_actions)
     assert calls == {
         "ec2:DescribeRouteTables",
         "ec2:CreateRoute",
@@ -79,15 +69,15 @@ def test_the_source_calls_the_ec2_actions_it_should() -> None:
 
 
 def test_node_policy_grants_exactly_what_the_code_calls() -> None:
-    calls = set().union(*(called_actions(p) for p in SOURCES))
-    assert granted(NODE) == calls
+    calls = calls_in(SOURCES, called_actions)
+    assert allowed_actions(NODE) == calls
 
 
 def test_controller_policy_grants_what_cluster_mode_calls_and_nothing_more() -> None:
-    calls = set().union(*(called_actions(p) for p in SOURCES))
-    assert granted(CONTROLLER) == calls - NODE_ONLY
+    calls = calls_in(SOURCES, called_actions)
+    assert allowed_actions(CONTROLLER) == calls - NODE_ONLY
     # Only the agent's prepare() touches an interface attribute.
-    assert called_actions(REPO / "providers" / "aws_route_table.py").isdisjoint(NODE_ONLY)
+    assert called_actions(PROVIDERS / "aws_route_table.py").isdisjoint(NODE_ONLY)
 
 
 def test_route_writes_are_limited_to_route_tables() -> None:

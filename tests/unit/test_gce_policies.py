@@ -13,11 +13,11 @@ from pathlib import Path
 from google.cloud import compute_v1
 
 from providers.gce_api import PERMISSIONS
+from tests.policy_scan import POLICIES, PROVIDERS, calls_in, syntax
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = [REPO / "providers" / name for name in ("gce.py", "gce_api.py", "gce_route_table.py")]
-NODE = REPO / "providers" / "policies" / "gce-node.json"
-CONTROLLER = REPO / "providers" / "policies" / "gce-controller.json"
+SOURCES = [PROVIDERS / name for name in ("gce.py", "gce_api.py", "gce_route_table.py")]
+NODE = POLICIES / "gce-node.json"
+CONTROLLER = POLICIES / "gce-controller.json"
 # ComputeClients' fields, the client class behind each, and the API's name for its resource.
 CLIENTS = {
     "routes": (compute_v1.RoutesClient, "routes"),
@@ -29,7 +29,7 @@ CLIENTS = {
 def called_methods(path: Path) -> set[str]:
     """``x.routes.insert_unary(...)`` and the like, as API methods (``routes.insert``)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in syntax(path):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         owner = node.func.value
@@ -43,7 +43,7 @@ def called_methods(path: Path) -> set[str]:
 
 
 def needed() -> set[str]:
-    calls = set().union(*(called_methods(p) for p in SOURCES))
+    calls = calls_in(SOURCES, called_methods)
     missing = calls - PERMISSIONS.keys()
     assert not missing, f"no permission known for {sorted(missing)}"
     return {permission for call in calls for permission in PERMISSIONS[call]}
@@ -58,7 +58,7 @@ def granted(path: Path) -> list[str]:
 
 
 def test_the_source_calls_the_compute_methods_it_should() -> None:
-    calls = set().union(*(called_methods(p) for p in SOURCES))
+    calls = calls_in(SOURCES, called_methods)
     assert calls == {
         "routes.list",
         "routes.get",
