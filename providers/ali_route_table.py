@@ -2,7 +2,9 @@
 
 Ownership follows the ledger rule (``cloudroutes.ledger``): an entry is ours only if it is a
 Custom entry to an instance, lies inside the Network, and the ledger of this table records
-its destination with that instance. Entries we create also carry markers for people reading
+its destination with that instance, or records it confirmed (the entry was made or adopted:
+then one someone pointed at another instance by hand is still ours, and is repaired in
+place). Entries we create also carry markers for people reading
 the console: the name ``cloudroutes-<hash of the cluster name>`` and the description
 ``cloudroutes cluster=<hash> lease=<lease key>``. System entries are never listed (the list asks
 for Custom entries only) and ``0.0.0.0/0`` lies inside no Network, so neither is ever touched.

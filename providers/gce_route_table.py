@@ -7,9 +7,13 @@ routes carry a name and a description, two more marks:
 
 - a route cloudroutes made is named ``cloudroutes-<hash of cluster and CIDR>`` and its
   description carries ``cloudroutes cluster=<hash of cluster>``; one of that name without the
-  marker is not ours;
+  marker is not ours, unless its ledger entry is confirmed (then it is ours re-created by
+  hand, and is repaired);
 - a route adopted from flanneld keeps its name (``flannel-10-5-1-0-24``: names cannot change);
   its ledger entry records that name with the next hop, so only that very route is ours.
+
+A confirmed entry (the route was made or adopted) owns the route of the name it records
+whatever its next hop; other routes to the destination are never ours.
 
 The ledger's ``target`` is the next-hop instance as a resource path
 (``projects/P/zones/Z/instances/N``), followed by `` as <name>`` for an adopted route.
