@@ -1,10 +1,14 @@
 """``cloudroutes demo``: a small cluster on this machine, in network namespaces.
 
 It builds a lab cluster (a switch, an etcd machine and N nodes on 198.18.0.0/24) and runs a real
-agent on every node. Everything is removed at the end, also on Ctrl-C.
+agent on every node. Everything is removed at the end, also on Ctrl-C: pods (through the CNI
+plugin's DEL), namespaces, and the lab directory with every node's subnet.env and CNI data.
 
-- host-gw: every node's subnet gateway pings every other node's through the routes the agents
-  programmed; then the leases and each node's routes are printed.
+- vxlan (the default), host-gw, udp: two pods join every node through the flannel CNI plugin
+  (installed with cloudroutes; run inside the node with Debian's bridge and host-local, as a
+  runtime would, reading the node's subnet.env); every pod pings one pod on each other node
+  through the routes the agents programmed, a pod on node1 sends to one on node2 for two
+  seconds with iperf3, then the leases and each node's routes are printed.
 - aws-vpc, ali-vpc, gce: the nodes are instances of that cloud's fake on this machine (moto
   for EC2, the Alibaba VPC and Compute API fakes of cloudroutes.lab, each behind a counting
   proxy, and one metadata server per node, all in a "cloud" namespace on the switch). The
@@ -27,7 +31,16 @@ from ipaddress import ip_network
 from types import FrameType
 
 from cloudroutes.errors import ConfigError
-from cloudroutes.lab.cluster import CLOUD_ADDRESS, CLOUDS, CloudRoute, LabCluster, LabNode
+from cloudroutes.lab.cluster import (
+    CLOUD_ADDRESS,
+    CLOUDS,
+    CloudRoute,
+    ClusterError,
+    LabCluster,
+    LabNode,
+    LabPod,
+    iperf,
+)
 from cloudroutes.ledger import LedgerEntry, decode_entry, ledger_path, parse_entry_key, within
 
 PREFIX = "/coreos.com/network"
@@ -37,6 +50,8 @@ CLOUD_MODES = ("node", "cluster")
 DEMO_RESYNC = 5
 POLL = 0.5
 CONVERGE_TIMEOUT = 90.0
+PODS_PER_NODE = 2
+IPERF_SECONDS = 2
 # A node-mode collector leaves routes alone for their first minute (the node that made one may
 # hold a lease it has not heard of yet), then notices at its next read.
 LEAVE_TIMEOUT = 60 + 3 * DEMO_RESYNC + 30.0
@@ -53,26 +68,65 @@ def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def _show_cluster(cluster: LabCluster) -> bool:
+def _attach_pods(cluster: LabCluster) -> list[list[LabPod]]:
+    """Every node's pods, attached by the CNI plugin once the node's agent wrote subnet.env."""
+    say(f"attaching {PODS_PER_NODE} pods per node: CNI ADD of the flannel plugin inside the node "
+        f"(CNI_PATH={cluster.cni_path})")  # fmt: skip
+    pods = []
     for node in cluster.nodes:
+        cluster.wait_ready(node)
         env = node.subnet_env()
         say(f"{node.name} ({node.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']} "
             f"FLANNEL_MTU={env['FLANNEL_MTU']}")  # fmt: skip
-    say("pinging every node's subnet gateway from every other node's")
+        mine = [cluster.add_pod(node, f"{node.name}-pod{k}") for k in range(1, PODS_PER_NODE + 1)]
+        for pod in mine:
+            say(f"  {pod.name} {pod.address} (netns {pod.ns.name})")
+        pods.append(mine)
+    return pods
+
+
+def _ping_pods(cluster: LabCluster, pods: list[list[LabPod]]) -> bool:
+    """Every pod pings the pod of the same rank on each other node."""
+    say("pinging from every pod one pod on each other node")
     ok = True
-    for src in cluster.nodes:
-        for dst in cluster.nodes:
-            if src is not dst:
-                passed = cluster.ping(src, dst)
+    for here in pods:
+        for there in pods:
+            if there is here:
+                continue
+            for src, dst in zip(here, there, strict=True):
+                passed = cluster.ping_pod(src, dst)
                 ok &= passed
                 mark = "ok  " if passed else "FAIL"
-                say(f"  {mark} {src.name} {src.gateway} -> {dst.name} {dst.gateway}")
+                say(f"  {mark} {src.name} {src.address} -> {dst.name} {dst.address}")
+    return ok
+
+
+def _throughput(src: LabPod, dst: LabPod) -> bool:
+    what = f"iperf3 TCP {src.name} {src.address} -> {dst.name} {dst.address}"
+    try:
+        rate = iperf(src.ns, dst.ns, src.address, dst.address, IPERF_SECONDS)
+    except ClusterError as exc:
+        say(f"{what}: FAIL ({exc})")
+        return False
+    say(f"{what}: {rate / 1e9:.2f} Gbit/s over {IPERF_SECONDS} s")
+    return True
+
+
+def _kernel(cluster: LabCluster) -> tuple[bool, bool]:
+    """Start the agents, attach pods and show them reaching each other; (pings passed,
+    everything passed)."""
+    cluster.set_config()
+    for node in cluster.nodes:
+        cluster.start_agent(node, "--ip-masq")
+    pods = _attach_pods(cluster)
+    pinged = _ping_pods(cluster, pods)
+    measured = pinged and _throughput(pods[0][0], pods[1][0])
     say("leases in etcd (cloudroutes leases):")
     print(cluster.cli_in_etcd_host("leases").stdout, end="")
     for node in cluster.nodes:
         say(f"{node.name}: kernel routes (the agent's carry its own proto number)")
         print(cluster.routes(node), end="")
-    return ok
+    return pinged, measured
 
 
 # --- the cloud backends (aws-vpc, ali-vpc, gce) -------------------------------------------------
@@ -319,16 +373,16 @@ def run_demo(*, backend: str, nodes: int, keep: bool, mode: str | None = None) -
             f"writing the network config{mode_text}; starting one agent per node "
             f"(logs: {cluster.workdir})"
         )
+        pinged = True
         if cloud:
             ok = _cloud(cluster, mode)
         else:
-            cluster.start("--ip-masq")
-            ok = _show_cluster(cluster)
+            pinged, ok = _kernel(cluster)
         if keep:
             say("cluster is up; press Ctrl-C to tear it down")
             signal.pause()
         if not cloud:
-            say("all pings passed" if ok else "some pings failed")
+            say("all pings passed" if pinged else "some pings failed")
         return 0 if ok else 1
     except KeyboardInterrupt:
         say("interrupted")

@@ -1,9 +1,11 @@
 """A cluster of nodes on one machine: a switch, an etcd machine and N nodes, each a namespace.
 
 Every node is plugged into the switch on 198.18.0.0/24 (a documentation range: nothing leaves
-the machine) and runs a real ``cloudroutes agent``. Once a node has written subnet.env, its
-FLANNEL_SUBNET gateway address goes on a ``cni0`` bridge, as Docker or the CNI bridge plugin
-would put it. The demo and the end-to-end tests both build their clusters with this.
+the machine) and runs a real ``cloudroutes agent``. Once a node has written subnet.env, either
+its FLANNEL_SUBNET gateway address goes on a ``cni0`` bridge, as Docker would put it
+(``attach_gateway``), or pods join it: namespaces given their eth0 by the installed ``flannel``
+CNI plugin, run inside the node as a runtime would (``add_pod``). The demo and the end-to-end
+tests both build their clusters with this.
 
 With a cloud backend (aws-vpc, ali-vpc, gce) the cluster also gets that cloud's fake: a "cloud"
 namespace on the switch holds the API endpoint (a counting proxy in front of the fake) and one
@@ -39,6 +41,11 @@ from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
 ETCD_ADDRESS = "198.18.0.254"
+# Where Debian's containernetworking-plugins (bridge, host-local) are.
+SYSTEM_CNI_PLUGINS = "/usr/lib/cni"
+# A pod's CNI calls wait this long at most: a plugin never takes seconds.
+CNI_TIMEOUT = 30.0
+IPERF_PORT = 5201
 # A fake cloud's endpoints (its API and every node's metadata server), as a cloud's sit on the
 # instance's network.
 CLOUD_ADDRESS = "198.18.0.253"
@@ -93,6 +100,20 @@ class LabNode:
         return read_subnet_env(self.subnet_file)
 
     @property
+    def cni_conf(self) -> dict[str, Any]:
+        """The node's CNI network config: flannel's plugin reading this node's subnet.env, its
+        data (the saved delegate configs, host-local's leases) in the node's run directory, as
+        on the node's own disk, so the lab leaves nothing in /var/lib/cni."""
+        return {
+            "cniVersion": "0.3.1",
+            "name": "cloudroutes-lab",
+            "type": "flannel",
+            "subnetFile": str(self.subnet_file),
+            "dataDir": str(self.run_dir / "cni" / "flannel"),
+            "ipam": {"dataDir": str(self.run_dir / "cni" / "networks")},
+        }
+
+    @property
     def gateway(self) -> str:
         """This node's FLANNEL_SUBNET address, without the prefix length."""
         return self.subnet_env()["FLANNEL_SUBNET"].split("/")[0]
@@ -127,6 +148,46 @@ class LabNode:
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
+
+
+@dataclass(frozen=True)
+class LabPod:
+    """A pod: a namespace whose eth0 the flannel CNI plugin made, on its node's cni0."""
+
+    name: str  # how the demo calls it, e.g. "node1-pod2"
+    node: LabNode
+    ns: Netns  # its name is the pod's CNI container id
+    address: str  # its IPv4 address, without the prefix length
+
+
+def iperf(src: Netns, dst: Netns, source: str, target: str, seconds: float) -> float:
+    """Bits per second received in one iperf3 TCP run from ``source`` in src to ``target`` in
+    dst; raises ClusterError when iperf3 gives no figure."""
+    server = dst.popen(
+        ["iperf3", "-s", "-1", "-B", target, "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        report: dict[str, Any] = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            result = src.run(
+                "iperf3", "-J", "-c", target, "-B", source, "-p", str(IPERF_PORT),
+                "-t", str(seconds), check=False, timeout=seconds + 30,
+            )  # fmt: skip
+            try:
+                report = json.loads(result.stdout or "{}")
+            except ValueError:
+                report = {}
+            received = report.get("end", {}).get("sum_received")
+            if result.returncode == 0 and received:
+                return float(received["bits_per_second"])
+            time.sleep(0.1)  # the server is not listening yet
+        error = report.get("error") or "no report"
+        raise ClusterError(f"iperf3 from {source} to {target} failed: {error}")
+    finally:
+        server.kill()
+        server.wait()
 
 
 # --- the clouds --------------------------------------------------------------------------------
@@ -398,7 +459,10 @@ class LabCluster:
         self.etcd_hosts: list[Netns] = []
         self.etcd: EtcdCluster | None = None
         self.nodes: list[LabNode] = []
+        self.pods: list[LabPod] = []
         self.cli = str(Path(sys.executable).with_name("cloudroutes"))
+        # The runtime's plugin path: the system's plugins, then this venv's flannel.
+        self.cni_path = f"{SYSTEM_CNI_PLUGINS}:{Path(self.cli).parent}"
         self.cloud_host: Netns | None = None
         self.cloud: CloudFake | None = None
 
@@ -560,16 +624,66 @@ class LabCluster:
 
     def ping(self, src: LabNode, dst: LabNode, timeout: float = 20) -> bool:
         """Ping dst's gateway from src's gateway address, retrying until routes converge."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = src.ns.run(
-                "ping", "-c", "1", "-W", "1", "-I", src.gateway, dst.gateway, check=False
+        return _ping_until(src.ns, ("-I", src.gateway, dst.gateway), timeout)
+
+    def ping_pod(self, src: LabPod, dst: LabPod, timeout: float = 20) -> bool:
+        """Ping dst pod from src pod, retrying until routes converge."""
+        return _ping_until(src.ns, (dst.address,), timeout)
+
+    # --- pods -----------------------------------------------------------------------------
+
+    def cni(self, node: LabNode, command: str, container: str) -> subprocess.CompletedProcess[str]:
+        """Run the flannel plugin inside ``node`` for the pod namespace ``container``, as a
+        runtime would: found in CNI_PATH, the node's config on stdin."""
+        plugin = shutil.which("flannel", path=self.cni_path)
+        if plugin is None:
+            raise ClusterError(
+                f"no flannel CNI plugin in {self.cni_path}; pip install cloudroutes into this venv"
             )
-            if result.returncode == 0:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
+        env = (
+            f"CNI_COMMAND={command}", f"CNI_CONTAINERID={container}",
+            f"CNI_NETNS=/var/run/netns/{container}", "CNI_IFNAME=eth0",
+            f"CNI_PATH={self.cni_path}",
+        )  # fmt: skip
+        return node.ns.run(
+            "env", *env, plugin, input=json.dumps(node.cni_conf), check=False, timeout=CNI_TIMEOUT
+        )
+
+    def add_pod(self, node: LabNode, name: str) -> LabPod:
+        """A new pod on ``node`` (it must be ready), attached by the CNI plugin's ADD."""
+        ns = Netns(unique_name(f"crp{self.nodes.index(node) + 1}-"))
+        try:
+            result = self.cni(node, "ADD", ns.name)
+            try:
+                answer = json.loads(result.stdout)
+                address = str(answer["ips"][0]["address"]).split("/")[0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                answer, address = {}, ""
+            if result.returncode != 0 or not address:
+                why = answer.get("msg") if isinstance(answer, dict) else None
+                raise ClusterError(
+                    f"CNI ADD of {name} on {node.name} failed: "
+                    f"{why or result.stderr.strip() or result.stdout.strip()}"
+                )
+        except BaseException:
+            self._release(node, ns)
+            raise
+        pod = LabPod(name, node, ns, address)
+        self.pods.append(pod)
+        return pod
+
+    def remove_pod(self, pod: LabPod) -> None:
+        """The CNI plugin's DEL (the bridge port and host-local's lease go), then the pod."""
+        self.pods.remove(pod)
+        self._release(pod.node, pod.ns)
+
+    def _release(self, node: LabNode, ns: Netns) -> None:
+        try:
+            self.cni(node, "DEL", ns.name)
+        except (subprocess.TimeoutExpired, ClusterError):
+            pass  # the namespace goes anyway, and the node's directory with the lab
+        finally:
+            ns.delete()
 
     def routes(self, node: LabNode) -> str:
         return node.ns.ip("route", "show")
@@ -577,6 +691,8 @@ class LabCluster:
     # --- teardown -----------------------------------------------------------------------
 
     def close(self) -> None:
+        for pod in reversed(self.pods):
+            self.remove_pod(pod)
         for node in self.nodes:
             self.stop_agent(node)
         for node in self.nodes:
@@ -592,3 +708,14 @@ class LabCluster:
         if self.switch is not None:
             self.switch.delete()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _ping_until(ns: Netns, args: Sequence[str], timeout: float) -> bool:
+    """One-packet pings inside ``ns`` until one is answered or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if ns.run("ping", "-c", "1", "-W", "1", *args, check=False).returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
