@@ -543,8 +543,6 @@ class GceRouteTable(CloudTable):
     ) -> Outcome:
         from google.cloud import compute_v1
 
-        if fence is not None:
-            fence.check()
         resource = compute_v1.Route(
             name=name,
             network=self.network,
@@ -553,20 +551,19 @@ class GceRouteTable(CloudTable):
             priority=PRIORITY,
             description=description(self._cluster, route.lease_key),
         )
-        where = f"{self.network} ({route.destination})"
-        op = self._compute.call(
-            "routes.insert",
-            where,
+        done, error = self._operation(
+            "insert",
+            f"{self.network} ({route.destination})",
             lambda c: c.routes.insert_unary(
                 project=c.project, route_resource=resource, retry=None, timeout=CALL_TIMEOUT
             ),
+            route,
+            name,
+            fence,
+            deadline,
         )
-        with self._lock:
-            self._inflight[route.destination] = _InFlight(op.name, "insert", route, name)
-        op = self._finish(op, deadline)
-        if op.status.name != DONE:
+        if not done:
             return Outcome(change, pending=True)
-        error = operation_error(op, "routes.insert", where, self._compute.policy)
         if error is not None:
             if isinstance(error, AlreadyExists):
                 raise error
@@ -599,25 +596,44 @@ class GceRouteTable(CloudTable):
         self, name: str, route: Route, fence: Fence | None, deadline: float | None
     ) -> bool:
         """Delete route ``name``; True once it is gone, False while its operation runs."""
-        if fence is not None:
-            fence.check()
-        where = f"route {name} ({route.destination})"
-        op = self._compute.call(
-            "routes.delete",
-            where,
+        done, error = self._operation(
+            "delete",
+            f"route {name} ({route.destination})",
             lambda c: c.routes.delete_unary(
                 project=c.project, route=name, retry=None, timeout=CALL_TIMEOUT
             ),
+            route,
+            name,
+            fence,
+            deadline,
         )
-        with self._lock:
-            self._inflight[route.destination] = _InFlight(op.name, "delete", route, name)
-        op = self._finish(op, deadline)
-        if op.status.name != DONE:
-            return False
-        error = operation_error(op, "routes.delete", where, self._compute.policy)
         if error is not None:
             raise error
-        return True
+        return done
+
+    def _operation(
+        self,
+        kind: str,
+        where: str,
+        call: Callable[[Any], Any],
+        route: Route,
+        name: str,
+        fence: Fence | None,
+        deadline: float | None,
+    ) -> tuple[bool, RouteError | None]:
+        """Start ``routes.<kind>`` of route ``name`` (once the fence says this process may
+        still write), keep it in flight, and wait for it until ``deadline``: whether it is
+        done, and the error it ended with."""
+        if fence is not None:
+            fence.check()
+        method = f"routes.{kind}"
+        op = self._compute.call(method, where, call)
+        with self._lock:
+            self._inflight[route.destination] = _InFlight(op.name, kind, route, name)
+        op = self._finish(op, deadline)
+        if op.status.name != DONE:
+            return False, None
+        return True, operation_error(op, method, where, self._compute.policy)
 
     def _delete(
         self,
