@@ -7,7 +7,7 @@ APT_PACKAGES := etcd-server etcd-client containernetworking-plugins iptables nft
 	iproute2 iputils-ping iperf3 ethtool
 # Commands and files whose presence proves the apt packages are in.
 SYSTEM_PROBES := etcd etcdctl ip iptables iptables-restore nft ping iperf3 ethtool
-BACKEND ?= host-gw
+BACKEND ?= vxlan
 LINT_DIRS := $(wildcard cloudroutes providers tests bench)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=

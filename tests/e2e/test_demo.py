@@ -1,6 +1,8 @@
 """`cloudroutes demo` as `make demo` runs it: a subprocess whose output a user reads.
 
-host-gw: every ping passes. aws-vpc, ali-vpc, gce: each node's route appears in the cloud's
+vxlan (the default), udp, host-gw: two pods per node, attached by the flannel CNI plugin with
+addresses from their node's subnet, every pod reaches one pod on each other node, and an iperf3
+figure is printed. aws-vpc, ali-vpc, gce: each node's route appears in the cloud's
 route table targeting its instance (its ENI on AWS), owned by cloudroutes per its ledger (and
 its marker, where the cloud has them), the cloud's own routes are shown and never claimed, and
 after a node leaves, its route is gone and the others stay. Either way it exits 0 and leaves
@@ -25,6 +27,7 @@ from tests.wait import wait_for
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.etcd, pytest.mark.slow]
 
 CLI = str(Path(sys.executable).with_name("cloudroutes"))
+CLI_IN_MAKE = ".venv/bin/cloudroutes"
 NODE = re.compile(
     r"^==> (node\d+) \(198\.18\.0\.\d+\): instance ([-\w]+)(?:, ENI (eni-\w+))?, "
     r"FLANNEL_SUBNET=(10\.5\.\d+)\.1/24$"
@@ -32,6 +35,11 @@ NODE = re.compile(
 ROW = re.compile(r"^    (\S+)\s+(\S+)\s+(\S+)(?: \((node\d+)\))?\s+(\S+)\s+(.+)$")
 LOGS = re.compile(r"\(logs: (\S+)\)")
 LEAVES = re.compile(r"^==> (node\d+) leaves the cluster")
+SUBNET = re.compile(r"^==> (node\d+) \(198\.18\.0\.\d+\): FLANNEL_SUBNET=(10\.5\.\d+)\.1/24 ")
+POD = re.compile(r"^==>   ((node\d+)-pod\d) (10\.5\.\d+)\.(\d+) \(netns (\S+)\)$")
+PING = re.compile(r"^==>   (ok  |FAIL) (node\d+-pod\d) \S+ -> (node\d+-pod\d) \S+$")
+IPERF = re.compile(r"^==> iperf3 TCP node1-pod1 \S+ -> node2-pod1 \S+: (\d+\.\d+) Gbit/s over 2 s$")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,54 @@ def leftovers(demo: Demo) -> tuple[list[str], bool]:
     return ours, bool(logs and Path(logs[1]).exists())
 
 
-def test_host_gw_demo_pings_every_node_and_cleans_up() -> None:
-    demo = Demo()
-    assert demo.wait(180) == 0, demo.output
+def test_make_demo_runs_the_vxlan_demo_by_default() -> None:
+    result = subprocess.run(
+        ["make", "-s", "-n", "-C", str(REPO), "demo"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{CLI_IN_MAKE} demo --backend vxlan" in result.stdout.splitlines(), result.stdout
+
+
+def test_vxlan_demo_pods_ping_across_nodes_and_measure_throughput() -> None:
+    demo = Demo("--backend", "vxlan")
+    assert demo.wait(120) == 0, demo.output
+    subnets = dict(m.groups() for m in map(SUBNET.match, demo.lines) if m)
+    assert sorted(subnets) == ["node1", "node2", "node3"], demo.output
+    pods = [m.groups() for m in map(POD.match, demo.lines) if m]
+    assert len(pods) == 6 and len({p[4] for p in pods}) == 6, demo.output
+    for _, node, prefix, host, _ in pods:
+        # Addresses from the node's own subnet, never its gateway (.1: cni0's).
+        assert prefix == subnets[node] and int(host) > 1, demo.output
+    pings = [m.groups() for m in map(PING.match, demo.lines) if m]
+    node_of = {p[0]: p[1] for p in pods}
+    assert {mark for mark, _, _ in pings} == {"ok  "}, demo.output
+    for pod, node in node_of.items():
+        reached = sorted(node_of[dst] for _, src, dst in pings if src == pod)
+        assert reached == sorted(set(subnets) - {node}), f"{pod}:\n{demo.output}"
+    rate = next((float(m[1]) for m in map(IPERF.match, demo.lines) if m), None)
+    assert rate is not None and rate > 0, demo.output
+    assert "flannel.1 proto 157 onlink" in demo.output
     assert "==> all pings passed" in demo.lines, demo.output
-    assert not any("FAIL" in line for line in demo.lines), demo.output
+    assert leftovers(demo) == ([], False)
+
+
+@pytest.mark.parametrize("backend", ["udp", "host-gw"])
+def test_udp_and_host_gw_demos_pods_ping_across_nodes(backend: str) -> None:
+    demo = Demo("--backend", backend)
+    assert demo.wait(120) == 0, demo.output
+    pings = [m[1] for m in map(PING.match, demo.lines) if m]
+    assert pings == ["ok  "] * 12, demo.output
+    assert any(IPERF.match(line) for line in demo.lines), demo.output
+    assert "==> all pings passed" in demo.lines, demo.output
+    assert leftovers(demo) == ([], False)
+
+
+def test_an_interrupted_vxlan_demo_removes_its_pods() -> None:
+    demo = Demo("--backend", "vxlan")
+    wait_for(lambda: any(POD.match(line) for line in demo.lines), 60, "the demo's first pod")
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.wait(60) == 130, demo.output
+    assert "==> interrupted" in demo.lines and "==> cleaning up" in demo.lines, demo.output
     assert leftovers(demo) == ([], False)
 
 
