@@ -30,11 +30,10 @@ class Figure:
     def __str__(self) -> str:
         text = f"{self.name}: {self.value:.4g} {self.unit}"
         ratio = self.ratio
-        if ratio is not None:
-            text += (
-                f" vs {self.baseline_name} {self.baseline:.4g} {self.unit}"
-                f" = {ratio:.2f}x the baseline"
-            )
+        if self.baseline_name and self.baseline is not None:
+            text += f" vs {self.baseline_name} {self.baseline:.4g} {self.unit}"
+            if ratio is not None:
+                text += f" = {ratio:.2f}x the baseline"
         return text
 
 

@@ -43,15 +43,8 @@ def iperf(src: LabNode, dst: LabNode, source: str, target: str, seconds: float) 
         server.wait()
 
 
-class Lab(LabCluster):
-    """Each agent keeps its state (vxlan's VtepMAC) in its node's run directory."""
-
-    def agent_env(self, node: LabNode) -> dict[str, str]:
-        return {**super().agent_env(node), "CLOUDROUTES_STATE_DIR": str(node.run_dir)}
-
-
 def cluster(backend: str) -> LabCluster:
-    lab = Lab(2, backend=backend).build()
+    lab = LabCluster(2, backend=backend).build()
     try:
         lab.start()
         if not lab.ping(*lab.nodes):
