@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,27 @@ def best_of(
         work()
         best = min(best, time.perf_counter() - started)
     return best
+
+
+class _Deletable(Protocol):
+    def delete(self) -> None: ...
+
+
+N = TypeVar("N", bound=_Deletable)
+
+
+class Rounds(Generic[N]):
+    """Fresh nodes (namespaces) for timed rounds; every node made is deleted at the end."""
+
+    def __init__(self, make: Callable[[], N]) -> None:
+        self._make = make
+        self.made: list[N] = []
+        self.node: N | None = None
+
+    def fresh(self) -> None:
+        self.node = self._make()
+        self.made.append(self.node)
+
+    def close(self) -> None:
+        for node in self.made:
+            node.delete()

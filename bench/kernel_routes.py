@@ -14,7 +14,7 @@ from ipaddress import IPv4Network
 
 from pyroute2 import IPRoute
 
-from bench import Figure, best_of
+from bench import Figure, Rounds, best_of
 from cloudroutes.lab.netns import Netns, link_veth, unique_name
 from cloudroutes.routes import Action, Change, Plan, Route
 from providers.kernel import RTPROT_CLOUDROUTES, KernelRouteTable
@@ -65,28 +65,12 @@ def script(verb: str, rs: list[Route]) -> str:
     )
 
 
-class Rounds:
-    """Fresh nodes for timed rounds; every node made is deleted at the end."""
-
-    def __init__(self) -> None:
-        self.made: list[Node] = []
-        self.node: Node | None = None
-
-    def fresh(self) -> None:
-        self.node = Node()
-        self.made.append(self.node)
-
-    def close(self) -> None:
-        for node in self.made:
-            node.delete()
-
-
 def measure(n: int) -> Iterator[Figure]:
     rs = routes(n)
     adds, deletes = plan(Action.ADD, rs), plan(Action.DELETE, rs)
     add_script, del_script = script("add", rs), script("del", rs)
     refill_script = script("replace", rs)
-    rounds = Rounds()
+    rounds = Rounds(Node)
     try:
 
         def ours_converge() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from bench import Figure, best_of
+from bench import Figure, Rounds, best_of
 from cloudroutes.backend import BackendContext, ExternalInterface
 from cloudroutes.config import parse_config
 from cloudroutes.lab.netns import Netns, link_veth, unique_name
@@ -111,25 +111,9 @@ def scripts(peers: list[VxlanPeer], verb: str) -> Scripts:
     return Scripts(neighbours, fdb, routes)
 
 
-class Rounds:
-    """Fresh nodes for timed rounds; every node made is deleted at the end."""
-
-    def __init__(self) -> None:
-        self.made: list[Node] = []
-        self.node: Node | None = None
-
-    def fresh(self) -> None:
-        self.node = Node()
-        self.made.append(self.node)
-
-    def close(self) -> None:
-        for node in self.made:
-            node.delete()
-
-
 def measure(n: int) -> Iterator[Figure]:
     all_leases = leases(n)
-    rounds = Rounds()
+    rounds = Rounds(Node)
     try:
         rounds.fresh()
         assert rounds.node is not None
