@@ -37,7 +37,7 @@ from cloudroutes.backend import BackendContext, Coordination
 from cloudroutes.config import NetworkConfig
 from cloudroutes.errors import ConfigError, LeaseRefused, Rejected, RouteError, Transient
 from cloudroutes.jsonfields import FoldedObject
-from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
+from cloudroutes.lease import Lease, LeaseAttrs
 from cloudroutes.routes import Route
 from providers.ali_route_table import (
     INSTANCE_ID,
@@ -395,16 +395,7 @@ class AliVpcBackend(CloudBackend):
 
     def prepare(self) -> LeaseAttrs:
         identity = self.identity()
-        iface = self._ctx.iface
-        assert iface is not None
-        config = self._config
-        public_ip = (iface.public_ip or iface.ip or NO_IPV4) if config.enable_ipv4 else NO_IPV4
-        return LeaseAttrs(
-            public_ip=public_ip,
-            public_ipv6=(iface.public_ipv6 or iface.ipv6) if config.enable_ipv6 else None,
-            backend_type=BACKEND_TYPE,
-            backend_data={"InstanceID": identity.instance_id, "Region": identity.region},
-        )
+        return self.lease_attrs({"InstanceID": identity.instance_id, "Region": identity.region})
 
     # --- the VPC API ------------------------------------------------------------------------
 

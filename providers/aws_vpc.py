@@ -298,19 +298,12 @@ class AwsVpcBackend(CloudBackend):
     def prepare(self) -> LeaseAttrs:
         identity = self.identity()
         self._disable_source_dest_check(identity)
-        iface = self._ctx.iface
-        assert iface is not None
-        config = self._config
-        public_ip = (iface.public_ip or iface.ip or NO_IPV4) if config.enable_ipv4 else NO_IPV4
-        return LeaseAttrs(
-            public_ip=public_ip,
-            public_ipv6=(iface.public_ipv6 or iface.ipv6) if config.enable_ipv6 else None,
-            backend_type=BACKEND_TYPE,
-            backend_data={
+        return self.lease_attrs(
+            {
                 "InstanceID": identity.instance_id,
                 "NetworkInterfaceID": identity.eni_id,
                 "Region": identity.region,
-            },
+            }
         )
 
     def _disable_source_dest_check(self, identity: NodeIdentity) -> None:

@@ -2,7 +2,8 @@
 
 A cloud file (aws_vpc, gce, ali_vpc) says only what is particular to its cloud: how a node
 finds out who it is, what a lease's route points at, and how to read and write one route
-table. This module turns that into the bindings of a mode:
+table (its ``CloudBackend`` subclass; its table a ``providers.cloud_ledger.CloudTable``). This
+module turns that into the bindings of a mode:
 
 - ``node`` (flannel's way): per route table, one binding that wants only this node's own
   routes, and one garbage collector that may only delete, active while this process holds the
@@ -28,7 +29,7 @@ from cloudroutes.backend import BackendContext, BackgroundTask, Coordination, Ro
 from cloudroutes.config import NetworkConfig
 from cloudroutes.election import Election, Fence, election_key
 from cloudroutes.errors import ConfigError, LeaseRefused
-from cloudroutes.lease import Lease
+from cloudroutes.lease import NO_IPV4, Lease, LeaseAttrs
 from cloudroutes.ledger import Ledger
 from cloudroutes.reconciler import Gate
 from cloudroutes.routes import Action, Destination, Route, RouteTable
@@ -242,6 +243,20 @@ class CloudBackend:
     @property
     def cluster(self) -> bool:
         return self._common.mode == "cluster"
+
+    def lease_attrs(self, backend_data: dict[str, str]) -> LeaseAttrs:
+        """This node's lease as the agent publishes it: the interface's addresses of the
+        families the network enables, and what its routes go to (``backend_data``)."""
+        iface = self._ctx.iface
+        assert iface is not None
+        config = self._config
+        public_ip = (iface.public_ip or iface.ip or NO_IPV4) if config.enable_ipv4 else NO_IPV4
+        return LeaseAttrs(
+            public_ip=public_ip,
+            public_ipv6=(iface.public_ipv6 or iface.ipv6) if config.enable_ipv6 else None,
+            backend_type=self.backend_type,
+            backend_data=backend_data,
+        )
 
     def election(self) -> Election:
         """The election this mode needs: the garbage collector's (node) or the writer's

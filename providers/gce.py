@@ -297,16 +297,8 @@ class GceBackend(CloudBackend):
 
     def prepare(self) -> LeaseAttrs:
         identity = self.identity()
-        iface = self._ctx.iface
-        assert iface is not None
-        return LeaseAttrs(
-            public_ip=(iface.public_ip or iface.ip or NO_IPV4),
-            backend_type=BACKEND_TYPE,
-            backend_data={
-                "Project": identity.project,
-                "Zone": identity.zone,
-                "Instance": identity.instance,
-            },
+        return self.lease_attrs(
+            {"Project": identity.project, "Zone": identity.zone, "Instance": identity.instance}
         )
 
     # --- the Compute API ----------------------------------------------------------------------
