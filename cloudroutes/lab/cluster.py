@@ -656,14 +656,17 @@ class LabCluster:
             result = self.cni(node, "ADD", ns.name)
             try:
                 answer = json.loads(result.stdout)
+            except ValueError:
+                answer = {}
+            try:
                 address = str(answer["ips"][0]["address"]).split("/")[0]
-            except (ValueError, KeyError, IndexError, TypeError):
-                answer, address = {}, ""
+            except (KeyError, IndexError, TypeError):
+                address = ""
             if result.returncode != 0 or not address:
                 why = answer.get("msg") if isinstance(answer, dict) else None
+                said = str(why or result.stderr.strip() or result.stdout.strip() or "no answer")
                 raise ClusterError(
-                    f"CNI ADD of {name} on {node.name} failed: "
-                    f"{why or result.stderr.strip() or result.stdout.strip()}"
+                    f"CNI ADD of {name} on {node.name} failed: {said.splitlines()[-1]}"
                 )
         except BaseException:
             self._release(node, ns)
@@ -691,8 +694,8 @@ class LabCluster:
     # --- teardown -----------------------------------------------------------------------
 
     def close(self) -> None:
-        for pod in reversed(self.pods):
-            self.remove_pod(pod)
+        while self.pods:  # the newest first, as a runtime tears down
+            self.remove_pod(self.pods[-1])
         for node in self.nodes:
             self.stop_agent(node)
         for node in self.nodes:
