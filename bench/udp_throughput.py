@@ -8,39 +8,19 @@ so that load from elsewhere on the machine falls on all of them alike; each figu
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import time
 from collections.abc import Iterator
 
 from bench import Figure
 from cloudroutes.lab.cluster import LabCluster, LabNode
+from cloudroutes.lab.cluster import iperf as lab_iperf
 
 PORT = 5201
 
 
 def iperf(src: LabNode, dst: LabNode, source: str, target: str, seconds: float) -> float:
     """Gbit/s received in one iperf3 TCP run from ``source`` on src to ``target`` on dst."""
-    server = dst.ns.popen(
-        ["iperf3", "-s", "-1", "-B", target, "-p", str(PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        for _ in range(50):
-            result = src.ns.run(
-                "iperf3", "-J", "-c", target, "-B", source, "-p", str(PORT),
-                "-t", str(seconds), check=False, timeout=seconds + 30,
-            )  # fmt: skip
-            report = json.loads(result.stdout or "{}")
-            received = report.get("end", {}).get("sum_received")
-            if result.returncode == 0 and received:
-                return float(received["bits_per_second"]) / 1e9
-            time.sleep(0.1)  # the server is not listening yet
-        raise RuntimeError(f"iperf3 failed: {report.get('error', result.stderr[-300:])}")
-    finally:
-        server.kill()
-        server.wait()
+    return lab_iperf(src.ns, dst.ns, source, target, seconds) / 1e9
 
 
 def cluster(backend: str) -> LabCluster:

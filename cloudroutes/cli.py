@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     add_flags(controller, ETCD_FLAGS + CONTROLLER_FLAGS)
 
     demo = verbs.add_parser("demo", help="a local cluster in network namespaces")
-    demo.add_argument("--backend", default="host-gw")
+    demo.add_argument("--backend", default="vxlan")
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--keep", action="store_true", help="wait for Ctrl-C before cleaning up")
     demo.add_argument(
