@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Iterator
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from cloudroutes.election import Deposed, Election
 from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.ledger import Ledger, LedgerEntry
-from cloudroutes.subnet.etcd_client import EtcdClient, EtcdSettings
+from cloudroutes.subnet.etcd_client import EtcdClient
 
 pytestmark = pytest.mark.etcd
 
@@ -26,12 +25,8 @@ LEADER_KEY = f"{PREFIX}/cloudroutes/leader/{CLUSTER}/cluster"
 
 
 @pytest.fixture
-def client(etcd: EtcdCluster) -> Iterator[EtcdClient]:
-    c = EtcdClient(EtcdSettings(endpoints=(etcd.endpoint,), request_timeout=3))
-    try:
-        yield c
-    finally:
-        c.close()
+def client(etcd_client: EtcdClient) -> EtcdClient:
+    return etcd_client
 
 
 def net(i: int) -> IPv4Network:
