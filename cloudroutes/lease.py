@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from cloudroutes.errors import ConfigError
 from cloudroutes.jsonfields import FoldedObject
+from cloudroutes.routes import KeyedIPv4Network, KeyedIPv6Network
 
 NO_IPV4 = IPv4Address("0.0.0.0")
 NO_SUBNET = IPv4Network("0.0.0.0/0")
@@ -106,8 +107,9 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None] 
     if not match:
         return None
     try:
-        v4 = IPv4Network(f"{match[1]}/{match[2]}")
-        v6 = IPv6Network(f"{match[3]}/{match[4]}") if match[3] else None
+        # Keyed: a lease's subnets become route destinations, dict keys on every pass.
+        v4 = KeyedIPv4Network(f"{match[1]}/{match[2]}")
+        v6 = KeyedIPv6Network(f"{match[3]}/{match[4]}") if match[3] else None
     except ValueError:
         return None
     subnet = None if v4 == NO_SUBNET else v4

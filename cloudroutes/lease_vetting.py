@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
-_BROADCAST = IPv4Address("255.255.255.255")
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,23 @@ class LeaseVetting:
         length: int,
         own_subnet: Network | None,
     ) -> str | None:
-        if network is None or subnet.version != network.version or not subnet.subnet_of(network):  # type: ignore[arg-type]
+        # Integer arithmetic: ipaddress's own containment tests cost microseconds each, and
+        # every lease is vetted on every full pass.
+        if network is None or subnet.version != network.version:
+            return f"its subnet {subnet} is outside the Network {network}"
+        start, mask = _span(subnet)
+        net_start, net_mask = _span(network)
+        if subnet.prefixlen < network.prefixlen or start & net_mask != net_start:
             return f"its subnet {subnet} is outside the Network {network}"
         if subnet.prefixlen != length:
             return f"its subnet {subnet} is a /{subnet.prefixlen}, but SubnetLen is {length}"
-        if own_subnet is not None and subnet.overlaps(own_subnet):  # type: ignore[arg-type]
-            return f"its subnet {subnet} overlaps this node's subnet {own_subnet}"
-        for address in (*self.protected, *self.own_addresses):
-            if address.version == subnet.version and address in subnet:
+        if own_subnet is not None and own_subnet.version == subnet.version:
+            own_start, own_mask = _span(own_subnet)
+            shorter = mask & own_mask
+            if start & shorter == own_start & shorter:
+                return f"its subnet {subnet} overlaps this node's subnet {own_subnet}"
+        for address, value in self._must_reach:
+            if address.version == subnet.version and value & mask == start:
                 return f"its subnet {subnet} holds {address}, which this node must reach directly"
         if public is None:
             family = "PublicIP" if subnet.version == 4 else "PublicIPv6"
@@ -105,23 +114,45 @@ class LeaseVetting:
             return f"its next hop {public} is {why}"
         if public in self.own_addresses:
             return f"its next hop {public} is this node's own address"
-        if public in network:
+        if int(public) & net_mask == net_start:
             return f"its next hop {public} lies inside the pod Network {network}"
         return None
+
+    @cached_property
+    def _must_reach(self) -> tuple[tuple[Address, int], ...]:
+        return tuple((a, int(a)) for a in (*self.protected, *self.own_addresses))
+
+
+def _span(network: Network) -> tuple[int, int]:
+    """The network's first address and its netmask, as integers."""
+    bits, prefixlen = network.max_prefixlen, network.prefixlen
+    return int(network.network_address), ((1 << prefixlen) - 1) << (bits - prefixlen)
+
+
+# (first address, mask, why) of IPv4 ranges that cannot be a peer's next hop.
+_V4_UNUSABLE = tuple(
+    (*_span(IPv4Network(net)), why)
+    for net, why in (
+        ("0.0.0.0/32", "unspecified"),
+        ("127.0.0.0/8", "a loopback address"),
+        ("224.0.0.0/4", "a multicast address"),
+        ("255.255.255.255/32", "the broadcast address"),
+        ("240.0.0.0/4", "a reserved address"),
+    )
+)
 
 
 def unusable_next_hop(address: Address) -> str | None:
     """Why ``address`` cannot be a peer's next hop, or None when it can."""
+    if isinstance(address, IPv4Address):
+        value = int(address)
+        return next((why for start, mask, why in _V4_UNUSABLE if value & mask == start), None)
     if address.is_unspecified:
         return "unspecified"
     if address.is_loopback:
         return "a loopback address"
     if address.is_multicast:
         return "a multicast address"
-    if address == _BROADCAST:
-        return "the broadcast address"
-    if isinstance(address, IPv4Address) and address.is_reserved:
-        return "a reserved address"
     return None
 
 

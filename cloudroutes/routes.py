@@ -24,6 +24,35 @@ Destination = IPv4Network | IPv6Network
 EntryKey = Hashable
 
 
+class KeyedIPv4Network(IPv4Network):
+    """An IPv4Network that computes its hash once. Destinations are dict keys many times in
+    every pass, and IPv4Network works its hash out from scratch at each use."""
+
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["_hash"]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self.__dict__["_hash"] = super().__hash__()
+            return value
+
+    def __repr__(self) -> str:
+        return f"IPv4Network('{self}')"
+
+
+class KeyedIPv6Network(IPv6Network):
+    """KeyedIPv4Network's IPv6 twin."""
+
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["_hash"]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self.__dict__["_hash"] = super().__hash__()
+            return value
+
+    def __repr__(self) -> str:
+        return f"IPv6Network('{self}')"
+
+
 class Entry(Protocol):
     """What a route table holds. Entries compare by value, ignoring ``lease_key``."""
 
