@@ -36,7 +36,7 @@ class HandMadePair:
     overlay made with ``ip``/``bridge`` as flanneld would make it."""
 
     def __init__(self, backend: str) -> None:
-        self.switch = Underlay("bhsw")
+        self.switch = Underlay(unique_name("bhsw"))
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-hand-"))
         self.nodes: list[LabNode] = []
         try:

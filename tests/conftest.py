@@ -41,7 +41,7 @@ def netns() -> Iterator[Callable[[str], Netns]]:
 
 @pytest.fixture
 def underlay() -> Iterator[Underlay]:
-    switch = Underlay()
+    switch = Underlay(unique_name("sw"))
     try:
         yield switch
     finally:

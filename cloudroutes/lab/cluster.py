@@ -36,7 +36,7 @@ from cloudroutes.lab.aws import AwsLab
 from cloudroutes.lab.etcd import EtcdCluster
 from cloudroutes.lab.fault_proxy import FaultProxy
 from cloudroutes.lab.gce import GceLab
-from cloudroutes.lab.netns import Netns, Underlay, unique_name
+from cloudroutes.lab.netns import Netns, Underlay, delete_netns, unique_name
 from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
@@ -465,14 +465,22 @@ class LabCluster:
         self.cni_path = f"{SYSTEM_CNI_PLUGINS}:{Path(self.cli).parent}"
         self.cloud_host: Netns | None = None
         self.cloud: CloudFake | None = None
+        # Every namespace name, recorded before it is made: a Ctrl-C between `ip netns add`
+        # and the assignment that would track it must not leave the namespace behind.
+        self._names: list[str] = []
 
     # --- building -----------------------------------------------------------------------
 
+    def _name(self, prefix: str) -> str:
+        name = unique_name(prefix)
+        self._names.append(name)
+        return name
+
     def build(self) -> LabCluster:
-        self.switch = Underlay("crsw")
+        self.switch = Underlay(self._name("crsw"))
         # All etcd members share one "machine" namespace, each on its own port, so a test can
         # stop the member an agent talks to and see it move to another.
-        host = Netns(unique_name("cretcd"))
+        host = Netns(self._name("cretcd"))
         self.etcd_hosts.append(host)
         self.switch.plug(host, "eth0", f"{ETCD_ADDRESS}/24")
         self.etcd = EtcdCluster(size=self.etcd_members, host=ETCD_ADDRESS, netns=host.name).start()
@@ -484,7 +492,7 @@ class LabCluster:
 
     def _build_cloud(self) -> None:
         assert self.switch is not None
-        self.cloud_host = Netns(unique_name("crcloud"))
+        self.cloud_host = Netns(self._name("crcloud"))
         self.switch.plug(self.cloud_host, "eth0", f"{CLOUD_ADDRESS}/24")
         addresses = [node_address(i) for i in range(1, self.node_count + 1)]
         cloud = CLOUDS[self.backend](addresses, CLOUD_ADDRESS, self.cloud_host.name)
@@ -500,7 +508,7 @@ class LabCluster:
                     f"node{i} has no instance in the lab's cloud; build it with more"
                 )
             machine = self.cloud.machine(i - 1)
-        ns = Netns(unique_name(f"crn{i}-"))
+        ns = Netns(self._name(f"crn{i}-"))
         address = node_address(i)
         self.switch.plug(ns, "eth0", f"{address}/24")
         ns.sysctl("net.ipv4.ip_forward", "1")
@@ -651,7 +659,7 @@ class LabCluster:
 
     def add_pod(self, node: LabNode, name: str) -> LabPod:
         """A new pod on ``node`` (it must be ready), attached by the CNI plugin's ADD."""
-        ns = Netns(unique_name(f"crp{self.nodes.index(node) + 1}-"))
+        ns = Netns(self._name(f"crp{self.nodes.index(node) + 1}-"))
         try:
             result = self.cni(node, "ADD", ns.name)
             try:
@@ -710,6 +718,8 @@ class LabCluster:
             self.cloud_host.delete()
         if self.switch is not None:
             self.switch.delete()
+        for name in self._names:  # those made but not yet tracked when an interrupt came
+            delete_netns(name)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

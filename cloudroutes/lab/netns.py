@@ -54,14 +54,17 @@ class Netns:
         return result.returncode == 0
 
     def delete(self) -> None:
-        # Kill what still runs inside, then drop the namespace (its veth ends go with it).
-        pids = subprocess.run(
-            ["ip", "netns", "pids", self.name], capture_output=True, text=True
-        ).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+        delete_netns(self.name)
+
+
+def delete_netns(name: str) -> None:
+    """Kill what still runs inside ``name``, then drop it (its veth ends go with it); a
+    namespace that is not there is no error."""
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
 
 def link_veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
@@ -79,8 +82,8 @@ def link_veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
 class Underlay:
     """A switch: a namespace holding a bridge that node namespaces plug into."""
 
-    def __init__(self, prefix: str = "sw") -> None:
-        self.ns = Netns(unique_name(prefix))
+    def __init__(self, name: str) -> None:
+        self.ns = Netns(name)
         self.ns.ip("link", "add", "br0", "type", "bridge")
         self.ns.ip("link", "set", "br0", "up")
         self._ports = itertools.count()
