@@ -1,5 +1,7 @@
 """CNI latency: ADD and DEL through the ``flannel`` plugin against its bridge delegate alone.
 
+The plugin is the one ``cloudroutes install-cni`` writes, as a node runs it.
+
 Same run, same node namespace, same pod namespace, same delegate config (the one the plugin
 saved): the difference is what the plugin adds to every pod start, an interpreter starting,
 subnet.env read, the config written and fsynced. Both are timed from inside the node namespace
@@ -20,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import Figure
+from cloudroutes.cni_install import install_plugin
 from cloudroutes.lab.netns import Netns, unique_name
 
 SYSTEM_PLUGINS = "/usr/lib/cni"
-FLANNEL = str(Path(sys.executable).parent / "flannel")
 REPO = str(Path(__file__).resolve().parents[1])
 
 
@@ -36,6 +38,8 @@ def run(short: bool = False) -> Iterator[Figure]:
     node, pod = Netns(unique_name("bn")), Netns(unique_name("bp"))
     try:
         with tempfile.TemporaryDirectory(prefix="cni-bench-") as root:
+            Path(root, "bin").mkdir()
+            install_plugin(Path(root, "bin"))
             helper = node.run(
                 "env",
                 f"PYTHONPATH={REPO}",
@@ -88,11 +92,12 @@ def time_in_node(root: str, pod_netns: str, rounds: int) -> None:
             "ipam": {"dataDir": str(Path(root, "ipam"))},
         }
     ).encode()
+    flannel = str(Path(root, "bin", "flannel"))
     environ = dict(
         os.environ,
         CNI_NETNS=pod_netns,
         CNI_IFNAME="eth0",
-        CNI_PATH=f"{SYSTEM_PLUGINS}:{Path(FLANNEL).parent}",
+        CNI_PATH=f"{SYSTEM_PLUGINS}:{root}/bin",
     )
 
     def call(plugin: str, verb: str, container_id: str, stdin: bytes, *args: str) -> float:
@@ -105,17 +110,17 @@ def time_in_node(root: str, pod_netns: str, rounds: int) -> None:
         return elapsed
 
     # The first ADD makes cni0; its saved config is the bridge's config for the baseline.
-    call(FLANNEL, "ADD", "warm", conf)
+    call(flannel, "ADD", "warm", conf)
     delegate = (data_dir / "warm").read_bytes()
-    call(FLANNEL, "DEL", "warm", conf)
+    call(flannel, "DEL", "warm", conf)
     bridge = f"{SYSTEM_PLUGINS}/bridge"
     times: dict[str, list[float]] = {}
     for i in range(rounds):
-        for name, plugin, stdin in (("flannel", FLANNEL, conf), ("bridge", bridge, delegate)):
+        for name, plugin, stdin in (("flannel", flannel, conf), ("bridge", bridge, delegate)):
             for verb in ("ADD", "DEL"):
                 elapsed = call(plugin, verb, f"{name}-{i}", stdin)
                 times.setdefault(f"{name} {verb}", []).append(elapsed)
-        times.setdefault("flannel VERSION", []).append(call(FLANNEL, "VERSION", "-", b""))
+        times.setdefault("flannel VERSION", []).append(call(flannel, "VERSION", "-", b""))
         python = call(sys.executable, "-", "-", b"", "-c", "pass")
         times.setdefault("python", []).append(python)
     print(json.dumps(times))

@@ -1,4 +1,6 @@
-"""``cloudroutes <verb>``: agent, controller, config get|set, leases, plan, demo, cni, docker-opts.
+"""``cloudroutes <verb>``: the node agent, the cloud controller and the operator's commands.
+
+Verbs: agent, controller, config get|set, leases, plan, demo, cni, install-cni, docker-opts.
 
 Every error is one line on stderr (what, where, how to fix) and exit status 1 (2 for a
 command line that does not parse, as Go's flag package does); a traceback appears only with
@@ -16,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cloudroutes import cni_docker_opts
+from cloudroutes import cni_docker_opts, cni_install
 from cloudroutes.config import NetworkConfig, parse_config
 from cloudroutes.errors import CloudroutesError, ConfigError
 from cloudroutes.flags import (
@@ -98,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         "cni",
         help="the flannel CNI plugin (CNI_* environment, network config on stdin); "
         "also installed as 'flannel' for CNI_PATH",
+    )
+    cni_install.add_arguments(
+        verbs.add_parser(
+            "install-cni", help="install the flannel CNI plugin into the runtime's plugin directory"
+        )
     )
     cni_docker_opts.add_arguments(
         verbs.add_parser("docker-opts", help="Docker daemon options from subnet.env")
@@ -323,5 +330,6 @@ _VERBS = {
     "controller": _controller,
     "demo": _demo,
     "cni": _cni,
+    "install-cni": cni_install.run,
     "docker-opts": cni_docker_opts.run,
 }

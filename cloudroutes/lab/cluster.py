@@ -30,6 +30,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from cloudroutes.cni_install import install_plugin
 from cloudroutes.errors import CloudroutesError
 from cloudroutes.lab.alibaba import AlibabaLab
 from cloudroutes.lab.aws import AwsLab
@@ -461,8 +462,11 @@ class LabCluster:
         self.nodes: list[LabNode] = []
         self.pods: list[LabPod] = []
         self.cli = str(Path(sys.executable).with_name("cloudroutes"))
-        # The runtime's plugin path: the system's plugins, then this venv's flannel.
-        self.cni_path = f"{SYSTEM_CNI_PLUGINS}:{Path(self.cli).parent}"
+        # The runtime's plugin path: the system's plugins, then flannel as install-cni puts it.
+        plugins = self.workdir / "cni-bin"
+        plugins.mkdir()
+        install_plugin(plugins)
+        self.cni_path = f"{SYSTEM_CNI_PLUGINS}:{plugins}"
         self.cloud_host: Netns | None = None
         self.cloud: CloudFake | None = None
         # Every namespace name, recorded before it is made: a Ctrl-C between `ip netns add`
@@ -646,7 +650,7 @@ class LabCluster:
         plugin = shutil.which("flannel", path=self.cni_path)
         if plugin is None:
             raise ClusterError(
-                f"no flannel CNI plugin in {self.cni_path}; pip install cloudroutes into this venv"
+                f"no flannel CNI plugin in {self.cni_path}; run cloudroutes install-cni"
             )
         env = (
             f"CNI_COMMAND={command}", f"CNI_CONTAINERID={container}",
