@@ -2,14 +2,14 @@
 
 Rules and messages are flannel's (flannel-io/cni-plugin), so a runtime, a log search or a
 runbook sees what it would see with flannel. Imported by the plugin process on every ADD:
-json, os and ipaddress only (cloudroutes.subnet_env would pull in dataclasses, tempfile and
-pathlib, a third of a bridge ADD in import time).
+json, os and _socket only (cloudroutes.subnet_env would pull in dataclasses, tempfile and
+pathlib, and ipaddress alone costs as much as the rest of the plugin's imports together).
 """
 
 from __future__ import annotations
 
 import os
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 from cloudroutes.cni_json import ERR_INTERNAL, CniError, GoStruct, type_name
 
@@ -18,6 +18,7 @@ DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 
 _NETCONF_ERROR = "failed to load flannel netconf file: failed to load netconf: "
 _MAX_UINT32 = 2**32 - 1
+_MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of an IPv4-mapped IPv6 address
 
 
 class FlannelSubnet:
@@ -165,29 +166,54 @@ def _network_list(value: str) -> list[str]:
 
 
 def parse_cidr(text: str, *, masked: bool) -> str:
-    """``addr/len`` as Go's net.ParseCIDR takes it; the network (masked) or the address kept.
+    """``addr/len`` as Go's net.ParseCIDR takes it; the network (masked) or the address kept,
+    printed as Go prints them.
 
     ValueError ``invalid CIDR address: <text>`` for anything else (a netmask instead of a
     length, a zone, no length).
     """
     address, slash, length = text.partition("/")
-    if not slash or not (length.isascii() and length.isdigit()) or "%" in address:
-        raise ValueError(f"invalid CIDR address: {text}")
     try:
-        ip = ip_address(address)
-        network = ip_network(f"{address}/{int(length)}", strict=False)
+        if not slash or not (length.isascii() and length.isdigit()):
+            raise ValueError
+        packed = _parse_ip(address)
+        bits = int(length)
+        if bits > len(packed) * 8:
+            raise ValueError
     except ValueError:
         raise ValueError(f"invalid CIDR address: {text}") from None
-    if masked:
-        return str(network)
-    return f"{_go_ip(ip)}/{network.prefixlen}"
+    if not masked:
+        return f"{_go_ip(packed)}/{bits}"
+    size = len(packed) * 8
+    network = int.from_bytes(packed, "big") & (((1 << bits) - 1) << (size - bits))
+    packed = network.to_bytes(len(packed), "big")
+    if packed[:12] == _MAPPED and bits >= 96:
+        # Go prints a mapped network as the IPv4 network it is, with the mask's IPv4 part.
+        return f"{inet_ntop(AF_INET, packed[12:])}/{bits - 96}"
+    return f"{_go_ip(packed)}/{bits}"
 
 
-def _go_ip(ip: IPv4Address | IPv6Address) -> str:
-    # Go prints an IPv4-mapped IPv6 address as IPv4.
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+def _parse_ip(text: str) -> bytes:
+    """The 4 or 16 bytes of an address as Go's net.ParseIP reads it (no zone); ValueError."""
+    if "%" in text:
+        raise ValueError(text)
+    try:
+        return inet_pton(AF_INET6 if ":" in text else AF_INET, text)
+    except OSError:
+        raise ValueError(text) from None
+
+
+def _go_ip(packed: bytes) -> str:
+    """An address as Go prints it: an IPv4-mapped IPv6 address as IPv4, and never the dotted
+    tail the C library gives the deprecated IPv4-compatible form (::1.2.3.4)."""
+    if len(packed) == 4:
+        return inet_ntop(AF_INET, packed)
+    if packed[:12] == _MAPPED:
+        return inet_ntop(AF_INET, packed[12:])
+    if not any(packed[:12]) and any(packed[12:14]):
+        high, low = int.from_bytes(packed[12:14], "big"), int.from_bytes(packed[14:], "big")
+        return f"::{high:x}:{low:x}"
+    return inet_ntop(AF_INET6, packed)
 
 
 def build_delegate(conf: NetConf, subnet: FlannelSubnet) -> dict[str, object]:
@@ -280,10 +306,10 @@ def _routes(value: object) -> list[object]:
 
 
 def _gateway(value: object) -> str:
-    if not isinstance(value, str) or "%" in value:
+    if not isinstance(value, str):
         raise ValueError(f"invalid IP address: {value}")
     try:
-        return _go_ip(ip_address(value))
+        return _go_ip(_parse_ip(value))
     except ValueError:
         raise ValueError(f"invalid IP address: {value}") from None
 

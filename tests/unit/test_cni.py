@@ -21,6 +21,7 @@ from cloudroutes.cni_delegate import (
     NetConf,
     build_delegate,
     load_subnet_env,
+    parse_cidr,
     parse_subnet_env,
 )
 from cloudroutes.cni_json import CniError, decode, encode
@@ -199,6 +200,33 @@ def test_subnet_env_network_lists(text: str, wanted: list[str]) -> None:
     assert env.networks == wanted
     assert env.subnet == "10.1.17.0/24"
     assert (env.mtu, env.ipmasq) == (1450, False)
+
+
+@pytest.mark.parametrize(
+    ("text", "network", "address"),
+    [
+        ("10.1.17.1/24", "10.1.17.0/24", "10.1.17.1/24"),
+        ("FC00:0:0:0::1/64", "fc00::/64", "fc00::1/64"),
+        ("1:0:2:3:4:5:6:7/128", "1:0:2:3:4:5:6:7/128", "1:0:2:3:4:5:6:7/128"),
+        # Go prints mapped addresses as IPv4 (a mapped network with the mask's IPv4 part), and
+        # the deprecated IPv4-compatible form in hex, not the C library's ::1.2.3.4.
+        ("::ffff:10.1.2.3/120", "10.1.2.0/24", "10.1.2.3/120"),
+        ("::1.2.3.4/128", "::102:304/128", "::102:304/128"),
+    ],
+)
+def test_cidrs_print_as_go_prints_them(text: str, network: str, address: str) -> None:
+    assert (parse_cidr(text, masked=True), parse_cidr(text, masked=False)) == (network, address)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["010.1.2.3/8", "1.2.3/24", "1.2.3.4/33", "::/129", "fe80::1%eth0/64", "1.2.3.4/+8",
+     "1.2.3.4 /8", "\uff11.2.3.4/8", "1.2.3.4/\u0663", "1.2.3.4\x00/8", "1.2.3.4"],
+)  # fmt: skip
+def test_cidrs_go_refuses_are_refused(text: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_cidr(text, masked=True)
+    assert str(caught.value) == f"invalid CIDR address: {text}"
 
 
 @pytest.mark.parametrize(
@@ -435,11 +463,20 @@ def test_plugin_process_imports_nothing_heavy() -> None:
         "subprocess",
         "dataclasses",
         "typing",
+        "ipaddress",  # as much import time as all the rest: the plugin parses with _socket
         "json.decoder",  # it imports re: the plugin uses json's C scanner directly
     ]
-    code = f"import sys, cloudroutes.cni; print([m for m in {heavy!r} if m in sys.modules])"
+    root = str(Path(__file__).resolve().parents[2])
+    code = (
+        f"import sys; sys.path.insert(0, {root!r}); import cloudroutes.cni; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
     loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        # As install-cni starts it: no site, whose .pth hooks import what they like.
+        [sys.executable, "-IS", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert loaded.strip() == "[]"
 
