@@ -211,66 +211,83 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     return value % 0xFFFF
 
 
+def _same_columns(h: int) -> tuple[int, ...]:
+    """The header bytes every segment of one burst shares (TCP header ``h - 20`` long): all but
+    the IP total length, id and checksum, the sequence number, the TCP flags and checksum."""
+    varying = {2, 3, 4, 5, 10, 11, 24, 25, 26, 27, 33, 36, 37}
+    return tuple(k for k in range(h) if k not in varying)
+
+
+# By header length (40 to 80 bytes): the offsets coalesce() checks a column at a time.
+_SAME_COLUMNS = {h: _same_columns(h) for h in range(40, 81, 4)}
+
+
 def coalesce(
     buf: bytearray, end: int, size: int, out: bytearray, start: int = 0
-) -> tuple[int, bytes] | None:
-    """Join the packets ``buf[start:end]``, each ``size`` bytes but the last, into one TCP burst
-    in ``out`` with its TTL decremented; (its length, its virtio_net_hdr). None unless they are
-    consecutive segments of one TCP flow, without IP options, that nothing but sequence number,
-    length, IP id and checksums tell apart (the last may add PSH): the packets are then written
-    one by one. Every packet is checked, whatever its peer sent."""
+) -> tuple[int, bytes, int] | None:
+    """Join the longest run of packets from ``buf[start:end]`` (each ``size`` bytes but the
+    last) that are consecutive segments of one TCP flow into one burst in ``out``, its TTL
+    decremented: (its length, its virtio_net_hdr, where the packets after it start). None when
+    not even the first two join; the caller then writes the first alone and tries from the next.
+
+    Segments join when nothing but sequence number, length, IP id and checksums tells them
+    apart, without IP options or fragments; a PSH ends a burst, as the kernel's GRO ends one.
+    Every packet is checked, whatever its peer sent.
+
+    What the segments share is checked a byte column at a time: ``buf[k:end:size]`` holds byte
+    k of every packet, so a slice and a count in C check it for the whole run, and Python's own
+    work per segment is its sequence number and the copy of its payload.
+    """
     f = start
     if buf[f] != 0x45 or buf[f + 9] != IPPROTO_TCP or buf[f + 8] <= 1:
         return None
     h = 20 + (buf[f + 32] >> 4) * 4
-    if size <= h or end - start > len(out):
-        return None
-    tos = buf[f + 1]  # ECN marks too: a congestion signal is never merged away
-    flags_ttl = bytes(buf[f + 6 : f + 10])  # no fragment, one TTL, TCP
-    flow = bytes(buf[f + 12 : f + 24])  # addresses and ports
-    ack = bytes(buf[f + 28 : f + 33])  # acknowledgement number, data offset
-    window = bytes(buf[f + 34 : f + 36])
-    options = bytes(buf[f + 38 : f + h])  # urgent pointer and options (timestamps)
-    if flags_ttl[0] & 0x3F or flags_ttl[1]:
-        return None
+    if size <= h or end - start > len(out) or buf[f + 6] & 0x3F or buf[f + 7]:
+        return None  # too short to carry data, too long for one burst, or a fragment
+    count = (end - start + size - 1) // size
+    if end - (start + (count - 1) * size) <= h:
+        count -= 1  # the last packet carries no data: it goes alone
+    stop = start + count * size
+    for k in _SAME_COLUMNS[h]:
+        # ECN marks (byte 1) are among them: a congestion signal is never merged away.
+        column = buf[f + k : stop : size]
+        if column.count(column[0]) != count:
+            count = len(column) - len(column.lstrip(column[:1]))
+            stop = start + count * size
+    # Every segment but the burst's last is whole and carries ACK alone; the last may add PSH.
+    flags = buf[f + 33 : stop : size]
+    acks = len(flags) - len(flags.lstrip(b"\x10"))
+    if acks < count:
+        count = acks + 1 if flags[acks] == TCP_ACK | TCP_PSH else acks
     view = memoryview(buf)
     seq_at = _SEQ.unpack_from
     (seq,) = seq_at(buf, f + 24)
     o = h
-    bits = TCP_ACK
-    # startswith() at an offset compares in place: no slice per field.
-    starts = buf.startswith
-    for s in range(start, end, size):
+    joined = 0
+    s = f
+    while joined < count:
         e = s + size if s + size < end else end
-        bits = buf[s + 33]
-        if (
-            buf[s] != 0x45
-            or buf[s + 1] != tos
-            or ((buf[s + 2] << 8) | buf[s + 3]) != e - s
-            or e - s <= h
-            or seq_at(buf, s + 24)[0] != seq
-            or (bits != TCP_ACK and (e != end or bits != TCP_ACK | TCP_PSH))
-            or not starts(flow, s + 12)
-            or not starts(ack, s + 28)
-            or not starts(window, s + 34)
-            or not starts(options, s + 38)
-            or not starts(flags_ttl, s + 6)
-        ):
-            return None
+        if seq_at(buf, s + 24)[0] != seq or ((buf[s + 2] << 8) | buf[s + 3]) != e - s:
+            break
         payload = e - s - h
         out[o : o + payload] = view[s + h : e]
         o += payload
         seq = (seq + payload) & 0xFFFFFFFF
+        joined += 1
+        s += size
+    if joined < 2:
+        return None
+    last = s - size
     out[:h] = view[f : f + h]
     out[2:4] = o.to_bytes(2, "big")
     out[8] -= 1
     out[10:12] = b"\0\0"
     out[10:12] = (~ones_sum(out[:20]) & 0xFFFF).to_bytes(2, "big")
-    out[33] = bits
+    out[33] = buf[last + 33]
     # CHECKSUM_PARTIAL: the field holds the pseudo-header sum; the kernel trusts the rest.
     pseudo = (ones_sum(out[12:20]) + IPPROTO_TCP + o - 20) % 0xFFFF
     out[36:38] = pseudo.to_bytes(2, "big")
-    return o, VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, h, size - h, 20, 16)
+    return o, VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, h, size - h, 20, 16), s
 
 
 # --- the loops (run in the worker processes) -----------------------------------------------------
@@ -300,7 +317,8 @@ class TunToUdp:
         buf = bytearray(MAX_UDP_PAYLOAD + BUFFER_SIZE)
         view = memoryview(buf)
         header = bytearray(VNET_HDR_SIZE)
-        readv, tun, find, decrement = os.readv, self.tun, lookup, decrement_ttl
+        readv, tun, find = os.readv, self.tun, lookup
+        checksums = TTL_CHECKSUM
         os.set_blocking(tun, False)
         waiter = select.poll()
         waiter.register(tun, select.POLLIN)
@@ -311,6 +329,11 @@ class TunToUdp:
         # The read's buffers at each offset a run reaches, made once.
         slots: dict[int, list[bytearray | memoryview]] = {}
         address = _ADDRESS.unpack_from
+        starts = buf.startswith
+        # A flow's packets come in a row: the last destination and its peer spare the lookup,
+        # until the destination or the table changes.
+        table: Lookup | None = None
+        last, peer = b"", None
         while True:
             into = slots.get(o)
             if into is None:
@@ -325,15 +348,23 @@ class TunToUdp:
                 continue
             if n < 20 or buf[o] & 0xF0 != 0x40:
                 continue  # not IPv4 (the kernel's IPv6 chatter on the device)
-            peer = find(self.table, address(buf, o + 16)[0])
+            if table is not self.table or not starts(last, o + 16):
+                table = self.table
+                last = bytes(view[o + 16 : o + 20])
+                peer = find(table, address(buf, o + 16)[0])
             if peer is None:
                 error = net_unreachable(view[o : o + n], self.source)
                 if error is not None:
                     os.writev(tun, [NO_VNET_HDR, error])
                 continue
-            if not decrement(buf, o):
+            # decrement_ttl(), inline: a call per packet is a tenth of the loop.
+            ttl = buf[o + 8]
+            if ttl <= 1:
                 continue
-            if o and (peer != batch or n > size):
+            buf[o + 8] = ttl - 1
+            c = o + 10
+            buf[c : c + 2] = checksums[(buf[c] << 8) | buf[c + 1]]
+            if o and (peer is not batch or n > size):
                 # It cannot join the run: send the run, and start another with it.
                 send(view[:o], size, batch)
                 buf[:n] = bytes(view[o : o + n])
@@ -423,15 +454,17 @@ class UdpToTun:
             step = (0xFFFF // size) * size
             for first in range(start, end, step):
                 last = min(first + step, end)
-                merged = coalesce(buf, last, size, out, first) if last - first > size else None
-                if merged is None:
-                    self.write_each(buf, first, last, size)
-                    continue
-                length, header = merged
-                try:  # noqa: SIM105 (suppress() costs a context manager per packet)
-                    os.writev(tun, [header, memoryview(out)[:length]])
-                except OSError:
-                    pass
+                while first < last:
+                    merged = coalesce(buf, last, size, out, first) if last - first > size else None
+                    if merged is None:
+                        self.write_each(buf, first, min(first + size, last), size)
+                        first += size
+                        continue
+                    length, header, first = merged
+                    try:  # noqa: SIM105 (suppress() costs a context manager per packet)
+                        os.writev(tun, [header, memoryview(out)[:length]])
+                    except OSError:
+                        pass
             return
         self.write_each(buf, start, end, size)
 

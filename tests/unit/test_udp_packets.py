@@ -207,7 +207,8 @@ def test_a_run_of_one_flow_becomes_one_burst_with_a_gso_header() -> None:
     out = bytearray(65536)
     merged = coalesce(data, n, size, out)
     assert merged is not None
-    length, header = merged
+    length, header, after = merged
+    assert after >= n, "the whole run is one burst"
     burst = out[:length]
     assert burst[52:] == b"".join(payloads), "the payloads in order"
     assert int.from_bytes(burst[2:4], "big") == length
@@ -229,46 +230,53 @@ def test_a_run_of_one_flow_becomes_one_burst_with_a_gso_header() -> None:
     assert checksum(pseudo + tcp) == 0
 
 
-def test_runs_that_are_not_one_flow_in_order_are_left_alone() -> None:
+def test_a_burst_is_the_longest_run_of_one_flow_in_order() -> None:
     out = bytearray(65536)
 
-    def refused(segments: list[bytearray]) -> bool:
+    def joined(segments: list[bytearray], start: int = 0) -> int:
+        """How many packets from ``start`` one burst takes (0: none, each goes alone)."""
         data, n, size = run_of(segments)
         before = bytes(data)
-        result = coalesce(data, n, size, out)
+        result = coalesce(data, n, size, out, start * size)
         assert bytes(data) == before, "the packets are left as they came"
-        return result is None
+        return 0 if result is None else (min(result[2], n) - start * size + size - 1) // size
 
-    good = segments_of(stream(3))
-    assert not refused(good)
+    assert joined(segments_of(stream(3))) == 3
     gap = segments_of(stream(3))
     gap[2] = tcp_segment(FLOW_SEQ + 3 * MSS, stream(3)[2])
-    assert refused(gap), "a missing segment"
+    assert joined(gap) == 2, "a burst ends before a missing segment"
     other_flow = segments_of(stream(3))
     other_flow[1] = segments_of(stream(3), sport=40001)[1]
-    assert refused(other_flow)
-    for flags in (0x02 | TCP_ACK, 0x01 | TCP_ACK, 0x04, TCP_ACK | 0x08):
+    assert joined(other_flow) == 0
+    for flags in (0x02 | TCP_ACK, 0x01 | TCP_ACK, 0x04):
         middle = segments_of(stream(3))
         middle[1][33] = flags
-        assert refused(middle), f"flags {flags:#x} before the last segment"
+        assert joined(middle) == 0, f"flags {flags:#x} before the last segment"
+    pushed = segments_of(stream(5))
+    pushed[2][33] = TCP_ACK | 0x08
+    assert joined(pushed) == 3, "a PSH ends a burst, as the kernel's GRO ends one"
+    assert joined(pushed, 3) == 2, "the next burst starts after it"
     window = segments_of(stream(3))
     window[1] = segments_of(stream(3), window=501)[1]
-    assert refused(window), "a window update is not merged away"
-    assert refused(segments_of(stream(3), ip_options=b"\x01\x01\x01\x00"))
+    assert joined(window) == 0, "a window update is not merged away"
+    assert joined(segments_of(stream(3), ip_options=b"\x01\x01\x01\x00")) == 0
     congested = segments_of(stream(3))
     congested[1][1] = 0x03  # ECN CE
     congested[1][10:12] = b"\0\0"
     congested[1][10:12] = checksum(congested[1][:20]).to_bytes(2, "big")
-    assert refused(congested), "a congestion mark is not merged away"
+    assert joined(congested) == 0, "a congestion mark is not merged away"
+    late_congestion = segments_of(stream(4))
+    late_congestion[3][1] = 0x03
+    assert joined(late_congestion) == 3
     fragment = segments_of(stream(3))
     for segment in fragment:
         segment[6] |= 0x20
-    assert refused(fragment)
+    assert joined(fragment) == 0
     udp = [ipv4(protocol=17, payload=bytes(MSS + 32)) for _ in range(3)]
-    assert refused(udp)
+    assert joined(udp) == 0
     dying = segments_of(stream(3))
     dying[0][8] = 1
-    assert refused(dying), "TTL 1: dropped by the per-packet path, not merged"
+    assert joined(dying) == 0, "TTL 1: dropped by the per-packet path, not merged"
 
 
 def test_ttl_decrement_of_a_packet_inside_a_run() -> None:
