@@ -204,12 +204,12 @@ def test_a_run_of_one_flow_becomes_one_burst_with_a_gso_header() -> None:
     segments = segments_of(payloads, flags=TCP_ACK)
     segments[-1][33] = TCP_ACK | 0x08  # PSH on the last, as the sender's TSO leaves it
     data, n, size = run_of(segments)
-    out = bytearray(65536)
-    merged = coalesce(data, n, size, out)
+    merged = coalesce(data, n, size)
     assert merged is not None
-    length, header, after = merged
+    (header, *buffers), after = merged
     assert after >= n, "the whole run is one burst"
-    burst = out[:length]
+    burst = b"".join(buffers)
+    length = len(burst)
     assert burst[52:] == b"".join(payloads), "the payloads in order"
     assert int.from_bytes(burst[2:4], "big") == length
     assert burst[8] == 63, "the TTL is decremented once"
@@ -231,15 +231,13 @@ def test_a_run_of_one_flow_becomes_one_burst_with_a_gso_header() -> None:
 
 
 def test_a_burst_is_the_longest_run_of_one_flow_in_order() -> None:
-    out = bytearray(65536)
-
     def joined(segments: list[bytearray], start: int = 0) -> int:
         """How many packets from ``start`` one burst takes (0: none, each goes alone)."""
         data, n, size = run_of(segments)
         before = bytes(data)
-        result = coalesce(data, n, size, out, start * size)
+        result = coalesce(data, n, size, start * size)
         assert bytes(data) == before, "the packets are left as they came"
-        return 0 if result is None else (min(result[2], n) - start * size + size - 1) // size
+        return 0 if result is None else (result[1] - start * size + size - 1) // size
 
     assert joined(segments_of(stream(3))) == 3
     gap = segments_of(stream(3))
@@ -268,6 +266,10 @@ def test_a_burst_is_the_longest_run_of_one_flow_in_order() -> None:
     late_congestion = segments_of(stream(4))
     late_congestion[3][1] = 0x03
     assert joined(late_congestion) == 3
+    for liar, wanted in ((1, 0), (3, 3)):
+        lying = segments_of(stream(4, last=700))
+        lying[liar][2:4] = (len(lying[liar]) - 4).to_bytes(2, "big")
+        assert joined(lying) == wanted, f"packet {liar}'s IP length is not its length"
     fragment = segments_of(stream(3))
     for segment in fragment:
         segment[6] |= 0x20
