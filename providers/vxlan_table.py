@@ -1,12 +1,17 @@
 """The vxlan route table: one entry per peer, made of three kernel entries, as
 flanneld makes them.
 
-A peer is reached through ``flannel.<VNI>`` with, in this order:
+A table serves one device and its address family: ``flannel.<VNI>`` for IPv4 peers,
+``flannel-v6.<VNI>`` for IPv6 ones (a dual-stack backend has one table each, sharing one
+``KernelRouteTable``; each reports only the routes of its own family). A peer is reached
+through the device with, in this order:
 
 1. a permanent neighbour entry: the peer's VTEP address (its subnet's network address) has the
-   peer's VtepMAC, so the kernel never ARPs across the overlay;
-2. a permanent FDB entry (``self``): frames for that MAC go to the peer's public IP;
-3. the route ``<subnet> via <VTEP address> dev flannel.<VNI> onlink``, with cloudroutes' rt
+   peer's VtepMAC, so the kernel never ARPs (or sends neighbour solicitations) across the
+   overlay;
+2. a permanent FDB entry (``self``): frames for that MAC go to the peer's public address of
+   the family (PublicIP, or PublicIPv6 on the IPv6 device);
+3. the route ``<subnet> via <VTEP address> dev <device> onlink``, with cloudroutes' rt
    protocol (157), last, so no packet takes it before its neighbour and FDB entries exist.
 
 The routes live in a ``KernelRouteTable`` (ownership, batching, drift of routes); this table
@@ -30,7 +35,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
 from cloudroutes.errors import Rejected, RouteError, RouteNotFound, Transient
@@ -76,7 +81,6 @@ AF_BRIDGE = 7
 RTMGRP_NEIGH = 0x4
 _NDMSG = struct.Struct("=BBHiHBB")
 _U32_ATTR = struct.Struct("=HHI")
-_V4_ATTR = struct.Struct("=HH4s")
 _MAC_ATTR = struct.Struct("=HH6sxx")
 _ZERO_MAC = "00:00:00:00:00:00"
 _WATCH_POLL = 0.2
@@ -91,7 +95,7 @@ class VxlanPeer:
     missing (a BROKEN peer).
     """
 
-    destination: IPv4Network
+    destination: IPv4Network | IPv6Network
     vtep_ip: str
     mac: str
     public_ip: str
@@ -99,7 +103,7 @@ class VxlanPeer:
     lease_key: str = field(default="", compare=False)
 
     @property
-    def key(self) -> IPv4Network:
+    def key(self) -> IPv4Network | IPv6Network:
         return self.destination
 
     @property
@@ -145,11 +149,14 @@ class _Step:
 
 
 class VxlanRouteTable:
-    """Peers on one vxlan device plus plain routes, in the main kernel table (module doc).
+    """Peers on one vxlan device plus plain routes of the same address family, in the main
+    kernel table (module doc).
 
     ``ensure_device`` is the backend's: it creates (or repairs) the device and returns nothing;
     apply() calls it when the device is missing and a peer needs it, so a deleted device comes
-    back with every peer on the next pass.
+    back with every peer on the next pass. ``family`` is ``socket.AF_INET`` or ``AF_INET6``: the
+    peers' addresses and the routes this table reports; ``routes`` may be shared with the table
+    of the other family.
     """
 
     def __init__(
@@ -161,8 +168,13 @@ class VxlanRouteTable:
         routes: KernelRouteTable | None = None,
         name: str = "kernel",
         batch: int = BATCH,
+        family: int = socket.AF_INET,
     ) -> None:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            raise ValueError(f"a vxlan table serves AF_INET or AF_INET6, not family {family}")
         self.device = device
+        self.family = family
+        self._version = 4 if family == socket.AF_INET else 6
         self.name = name
         self.netns = netns
         self.batch = batch
@@ -216,10 +228,10 @@ class VxlanRouteTable:
         """Permanent neighbour entries (VTEP IP -> MAC) and FDB entries (MAC -> remote IP) on
         the device."""
         neighbours: dict[str, str] = {}
-        body = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0) + _U32_ATTR.pack(8, NDA_IFINDEX, index)
+        body = _NDMSG.pack(self.family, 0, 0, 0, 0, 0, 0) + _U32_ATTR.pack(8, NDA_IFINDEX, index)
         for kind, payload in nl.dump(RTM_GETNEIGH, body):
             entry = _parse_neighbour(kind, payload, index)
-            if entry is not None and entry[2] & NUD_PERMANENT:
+            if entry is not None and payload[0] == self.family and entry[2] & NUD_PERMANENT:
                 neighbours[entry[0]] = entry[1]
         fdb: dict[str, str] = {}
         for kind, payload in nl.dump(RTM_GETNEIGH, _NDMSG.pack(AF_BRIDGE, 0, 0, index, 0, 0, 0)):
@@ -249,6 +261,8 @@ class VxlanRouteTable:
         for key, observed in routes.owned.items():
             route = observed.entry
             assert isinstance(route, Route)
+            if route.destination.version != self._version:
+                continue  # the other family's table reports it
             if route.device != self.device:
                 owned[key] = observed
                 continue
@@ -263,6 +277,8 @@ class VxlanRouteTable:
         for key, held in routes.foreign.items():
             route = held.entry
             assert isinstance(route, Route)
+            if route.destination.version != self._version:
+                continue
             if route.device == self.device and route.onlink:
                 peer = self._peer(route, neighbours, fdb)
                 if peer.mac and peer.public_ip:
@@ -279,7 +295,7 @@ class VxlanRouteTable:
     def _peer(self, route: Route, neighbours: dict[str, str], fdb: dict[str, str]) -> VxlanPeer:
         mac = neighbours.get(route.next_hop, "")
         public_ip = fdb.get(mac, "") if mac else ""
-        assert isinstance(route.destination, IPv4Network)
+        assert isinstance(route.destination, IPv4Network | IPv6Network)
         return VxlanPeer(route.destination, route.next_hop, mac, public_ip, self.device)
 
     # --- apply ----------------------------------------------------------------------------------
@@ -488,11 +504,13 @@ class VxlanRouteTable:
             return False
         family = payload[0]
         ip, mac, state = entry
-        if family == socket.AF_INET:
+        if family == self.family:
             want = self._want_neighbours.get(ip)
             if want is None:
                 return False
             return kind == RTM_DELNEIGH or want != mac or not state & NUD_PERMANENT
+        if family != AF_BRIDGE:
+            return False  # the other family's neighbours (IPv6 ones of flannel.1's link-local)
         want = self._want_fdb.get(mac)
         if want is None:
             return False
@@ -502,28 +520,38 @@ class VxlanRouteTable:
 # --- the neighbour codec --------------------------------------------------------------------------
 
 
+_ADDRESS_FAMILY = {4: socket.AF_INET, 16: socket.AF_INET6}
+
+
 def _parse_neighbour(kind: int, payload: bytes, index: int) -> tuple[str, str, int] | None:
-    """(IP, MAC, state) of an IPv4 neighbour or FDB entry on device ``index``; None otherwise."""
+    """(IP, MAC, state) of a neighbour entry (IPv4 or IPv6) or an FDB entry (its remote of
+    either family) on device ``index``; None otherwise."""
     if kind not in (RTM_NEWNEIGH, RTM_DELNEIGH) or len(payload) < _NDMSG.size:
         return None
     family, _pad1, _pad2, ifindex, state, _flags, _type = _NDMSG.unpack_from(payload, 0)
-    if ifindex != index or family not in (socket.AF_INET, AF_BRIDGE):
+    if ifindex != index or family not in (socket.AF_INET, socket.AF_INET6, AF_BRIDGE):
         return None
     ip = mac = ""
     for attr, lo, hi in attributes(payload, _NDMSG.size, len(payload)):
-        if attr == NDA_DST and hi - lo == 4:
-            ip = socket.inet_ntop(socket.AF_INET, payload[lo:hi])
+        if attr == NDA_DST and hi - lo in _ADDRESS_FAMILY:
+            ip = socket.inet_ntop(_ADDRESS_FAMILY[hi - lo], payload[lo:hi])
         elif attr == NDA_LLADDR and hi - lo == 6:
             mac = _mac_text(payload[lo:hi])
-    if not mac or (family == socket.AF_INET and not ip):
+    if not mac or (family != AF_BRIDGE and not ip):
         return None
     return ip, mac, state
 
 
+def _dst_attr(ip: str) -> bytes:
+    """NDA_DST: 4 bytes for an IPv4 address, 16 for an IPv6 one."""
+    packed = ip_address(ip).packed
+    return struct.pack(f"=HH{len(packed)}s", 4 + len(packed), NDA_DST, packed)
+
+
 def _neighbour_request(kind: int, index: int, ip: str, mac: str) -> tuple[int, int, bytes]:
     """Step 1 (or its removal): the permanent neighbour entry ``ip lladdr mac``."""
-    body = _NDMSG.pack(socket.AF_INET, 0, 0, index, NUD_PERMANENT, 0, RTN_UNICAST)
-    body += _V4_ATTR.pack(8, NDA_DST, IPv4Address(ip).packed)
+    family = _ADDRESS_FAMILY[len(ip_address(ip).packed)]
+    body = _NDMSG.pack(family, 0, 0, index, NUD_PERMANENT, 0, RTN_UNICAST) + _dst_attr(ip)
     if kind == RTM_NEWNEIGH:
         body += _MAC_ATTR.pack(10, NDA_LLADDR, _mac_bytes(mac))
         return kind, NLM_F_CREATE | NLM_F_REPLACE, body
@@ -536,7 +564,7 @@ def _fdb_request(kind: int, index: int, mac: str, dst: str) -> tuple[int, int, b
     body = _NDMSG.pack(AF_BRIDGE, 0, 0, index, NUD_PERMANENT, NTF_SELF, 0)
     body += _MAC_ATTR.pack(10, NDA_LLADDR, _mac_bytes(mac))
     if dst:
-        body += _V4_ATTR.pack(8, NDA_DST, IPv4Address(dst).packed)
+        body += _dst_attr(dst)
     flags = NLM_F_CREATE | NLM_F_REPLACE if kind == RTM_NEWNEIGH else 0
     return kind, flags, body
 

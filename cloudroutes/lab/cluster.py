@@ -7,6 +7,12 @@ its FLANNEL_SUBNET gateway address goes on a ``cni0`` bridge, as Docker would pu
 CNI plugin, run inside the node as a runtime would (``add_pod``). The demo and the end-to-end
 tests both build their clusters with this.
 
+With ``ipv6=True`` the network is dual-stack: every node also gets 2001:db8::<i>/64 on eth0 (a
+documentation range; ``nodad``, so the address is usable at once rather than after duplicate
+address detection) and IPv6 forwarding (a pod's IPv6 packets cross the node), the network
+config enables IPv6 with ``IPV6_NETWORK``, cni0 gets FLANNEL_IPV6_SUBNET's address too, and
+pods get an IPv6 address as well.
+
 With a cloud backend (aws-vpc, ali-vpc, gce) the cluster also gets that cloud's fake: a "cloud"
 namespace on the switch holds the API endpoint (a counting proxy in front of the fake) and one
 metadata server per node, each node is an instance whose address is its underlay address, and
@@ -26,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import ip_network
+from ipaddress import ip_interface, ip_network
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -42,6 +48,8 @@ from cloudroutes.lab.process import stop_process
 from cloudroutes.subnet_env import read_subnet_env
 
 ETCD_ADDRESS = "198.18.0.254"
+# The pods' IPv6 network of a dual-stack cluster (unique local addresses, never routed out).
+IPV6_NETWORK = "fc00::/48"
 # Where Debian's containernetworking-plugins (bridge, host-local) are.
 SYSTEM_CNI_PLUGINS = "/usr/lib/cni"
 # A pod's CNI calls wait this long at most: a plugin never takes seconds.
@@ -78,6 +86,11 @@ def node_address(i: int) -> str:
     return f"198.18.0.{i}"
 
 
+def node_address6(i: int) -> str:
+    """Node i's IPv6 underlay address in a dual-stack cluster (1-based)."""
+    return f"2001:db8::{i}"
+
+
 @dataclass
 class LabNode:
     name: str
@@ -88,6 +101,8 @@ class LabNode:
     agent_args: list[str] = field(default_factory=list)
     # The instance this node is, in a cloud backend's cluster.
     machine: CloudMachine | None = None
+    # Its IPv6 underlay address, in a dual-stack cluster.
+    address6: str = ""
 
     @property
     def subnet_file(self) -> Path:
@@ -118,6 +133,17 @@ class LabNode:
     def gateway(self) -> str:
         """This node's FLANNEL_SUBNET address, without the prefix length."""
         return self.subnet_env()["FLANNEL_SUBNET"].split("/")[0]
+
+    @property
+    def gateway6(self) -> str:
+        """This node's FLANNEL_IPV6_SUBNET address, without the prefix length."""
+        return self.subnet_env()["FLANNEL_IPV6_SUBNET"].split("/")[0]
+
+    @property
+    def subnet6(self) -> str:
+        """This node's IPv6 lease subnet, e.g. fc00:0:0:2::/64."""
+        value = self.subnet_env()["FLANNEL_IPV6_SUBNET"]
+        return str(ip_interface(value).network)
 
     @property
     def subnet(self) -> str:
@@ -159,6 +185,7 @@ class LabPod:
     node: LabNode
     ns: Netns  # its name is the pod's CNI container id
     address: str  # its IPv4 address, without the prefix length
+    address6: str = ""  # its IPv6 address in a dual-stack cluster
 
 
 def iperf(src: Netns, dst: Netns, source: str, target: str, seconds: float) -> float:
@@ -447,11 +474,14 @@ class LabCluster:
     def __init__(
         self, nodes: int = 3, *, network: str = "10.5.0.0/16", backend: str = "host-gw",
         etcd_members: int = 1, backend_options: Mapping[str, Any] | None = None,
+        ipv6: bool = False,
     ) -> None:  # fmt: skip
         """``backend_options`` go into the network config's Backend object (a cloud
-        cluster's default to Mode "node", and its route table where the cloud needs one)."""
+        cluster's default to Mode "node", and its route table where the cloud needs one);
+        ``ipv6`` makes the cluster dual-stack (the module doc)."""
         self.node_count = nodes
         self.network = network
+        self.ipv6 = ipv6
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self.etcd_members = etcd_members
@@ -516,9 +546,14 @@ class LabCluster:
         address = node_address(i)
         self.switch.plug(ns, "eth0", f"{address}/24")
         ns.sysctl("net.ipv4.ip_forward", "1")
+        address6 = ""
+        if self.ipv6:
+            address6 = node_address6(i)
+            ns.ip("addr", "add", f"{address6}/64", "dev", "eth0", "nodad")
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")
         run_dir = self.workdir / f"node{i}"
         run_dir.mkdir(exist_ok=True)
-        node = LabNode(f"node{i}", ns, address, run_dir, machine=machine)
+        node = LabNode(f"node{i}", ns, address, run_dir, machine=machine, address6=address6)
         self.nodes.append(node)
         return node
 
@@ -565,8 +600,16 @@ class LabCluster:
         backend.update(self.backend_options)
         return backend
 
+    def network_config(self) -> dict[str, Any]:
+        """The network config the cluster starts with."""
+        config: dict[str, Any] = {"Network": self.network}
+        if self.ipv6:
+            config.update(EnableIPv6=True, IPv6Network=IPV6_NETWORK)
+        config["Backend"] = self.backend_config()
+        return config
+
     def set_config(self, config: str | None = None) -> None:
-        text = config or json.dumps({"Network": self.network, "Backend": self.backend_config()})
+        text = config or json.dumps(self.network_config())
         result = self.cli_in_etcd_host("config", "set", "-", input=text)
         if result.returncode != 0:
             raise ClusterError(result.stderr.strip())
@@ -621,8 +664,11 @@ class LabCluster:
         if not node.ns.ip("link", "show", "cni0", check=False):
             node.ns.ip("link", "add", "cni0", "type", "bridge")
             node.ns.ip("link", "set", "cni0", "up")
-        node.ns.ip("addr", "flush", "dev", "cni0")
+        node.ns.ip("addr", "flush", "dev", "cni0", "scope", "global")
         node.ns.ip("addr", "add", address, "dev", "cni0")
+        address6 = node.subnet_env().get("FLANNEL_IPV6_SUBNET")
+        if address6:
+            node.ns.ip("addr", "add", address6, "dev", "cni0", "nodad")
 
     def start(self, *extra: str) -> LabCluster:
         """Write the config, start every agent, and wait until every node is ready."""
@@ -638,9 +684,17 @@ class LabCluster:
         """Ping dst's gateway from src's gateway address, retrying until routes converge."""
         return _ping_until(src.ns, ("-I", src.gateway, dst.gateway), timeout)
 
+    def ping6(self, src: LabNode, dst: LabNode, timeout: float = 20) -> bool:
+        """Ping dst's IPv6 gateway from src's over IPv6, retrying until routes converge."""
+        return _ping_until(src.ns, ("-6", "-I", src.gateway6, dst.gateway6), timeout)
+
     def ping_pod(self, src: LabPod, dst: LabPod, timeout: float = 20) -> bool:
         """Ping dst pod from src pod, retrying until routes converge."""
         return _ping_until(src.ns, (dst.address,), timeout)
+
+    def ping_pod6(self, src: LabPod, dst: LabPod, timeout: float = 20) -> bool:
+        """Ping dst pod's IPv6 address from src pod, retrying until routes converge."""
+        return _ping_until(src.ns, ("-6", dst.address6), timeout)
 
     # --- pods -----------------------------------------------------------------------------
 
@@ -671,10 +725,12 @@ class LabCluster:
             except ValueError:
                 answer = {}
             try:
-                address = str(answer["ips"][0]["address"]).split("/")[0]
-            except (KeyError, IndexError, TypeError):
-                address = ""
-            if result.returncode != 0 or not address:
+                addresses = [str(ip["address"]).split("/")[0] for ip in answer["ips"]]
+            except (KeyError, TypeError):
+                addresses = []
+            address = next((a for a in addresses if ":" not in a), "")
+            address6 = next((a for a in addresses if ":" in a), "")
+            if result.returncode != 0 or not (address or address6):
                 why = answer.get("msg") if isinstance(answer, dict) else None
                 said = str(why or result.stderr.strip() or result.stdout.strip() or "no answer")
                 raise ClusterError(
@@ -683,7 +739,7 @@ class LabCluster:
         except BaseException:
             self._release(node, ns)
             raise
-        pod = LabPod(name, node, ns, address)
+        pod = LabPod(name, node, ns, address, address6)
         self.pods.append(pod)
         return pod
 
