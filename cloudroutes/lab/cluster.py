@@ -11,7 +11,8 @@ With ``ipv6=True`` the network is dual-stack: every node also gets 2001:db8::<i>
 documentation range; ``nodad``, so the address is usable at once rather than after duplicate
 address detection) and IPv6 forwarding (a pod's IPv6 packets cross the node), the network
 config enables IPv6 with ``IPV6_NETWORK``, cni0 gets FLANNEL_IPV6_SUBNET's address too, and
-pods get an IPv6 address as well.
+pods get an IPv6 address as well. ``ipv4=False`` with it makes the network IPv6-only (the
+underlay keeps its IPv4 addresses, which the agents reach etcd by).
 
 With a cloud backend (aws-vpc, ali-vpc, gce) the cluster also gets that cloud's fake: a "cloud"
 namespace on the switch holds the API endpoint (a counting proxy in front of the fake) and one
@@ -474,14 +475,17 @@ class LabCluster:
     def __init__(
         self, nodes: int = 3, *, network: str = "10.5.0.0/16", backend: str = "host-gw",
         etcd_members: int = 1, backend_options: Mapping[str, Any] | None = None,
-        ipv6: bool = False,
+        ipv6: bool = False, ipv4: bool = True,
     ) -> None:  # fmt: skip
         """``backend_options`` go into the network config's Backend object (a cloud
         cluster's default to Mode "node", and its route table where the cloud needs one);
-        ``ipv6`` makes the cluster dual-stack (the module doc)."""
+        ``ipv6`` makes the cluster dual-stack, and without ``ipv4`` IPv6-only (the module doc)."""
+        if not (ipv4 or ipv6):
+            raise ClusterError("a lab network needs IPv4 or IPv6 (ipv4=False needs ipv6=True)")
         self.node_count = nodes
         self.network = network
         self.ipv6 = ipv6
+        self.ipv4 = ipv4
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self.etcd_members = etcd_members
@@ -602,7 +606,7 @@ class LabCluster:
 
     def network_config(self) -> dict[str, Any]:
         """The network config the cluster starts with."""
-        config: dict[str, Any] = {"Network": self.network}
+        config: dict[str, Any] = {"Network": self.network} if self.ipv4 else {"EnableIPv4": False}
         if self.ipv6:
             config.update(EnableIPv6=True, IPv6Network=IPV6_NETWORK)
         config["Backend"] = self.backend_config()
@@ -659,14 +663,19 @@ class LabCluster:
             time.sleep(0.1)
 
     def attach_gateway(self, node: LabNode) -> None:
-        """Put FLANNEL_SUBNET on cni0, as Docker or the CNI bridge plugin would."""
-        address = node.subnet_env()["FLANNEL_SUBNET"]
+        """Put FLANNEL_SUBNET (and FLANNEL_IPV6_SUBNET) on cni0, as Docker or the CNI bridge
+        plugin would."""
+        env = node.subnet_env()
         if not node.ns.ip("link", "show", "cni0", check=False):
             node.ns.ip("link", "add", "cni0", "type", "bridge")
             node.ns.ip("link", "set", "cni0", "up")
+        # Global addresses only: without its link-local address the node's neighbour
+        # solicitations for its IPv6 pods go unanswered.
         node.ns.ip("addr", "flush", "dev", "cni0", "scope", "global")
-        node.ns.ip("addr", "add", address, "dev", "cni0")
-        address6 = node.subnet_env().get("FLANNEL_IPV6_SUBNET")
+        address = env.get("FLANNEL_SUBNET")
+        if address:
+            node.ns.ip("addr", "add", address, "dev", "cni0")
+        address6 = env.get("FLANNEL_IPV6_SUBNET")
         if address6:
             node.ns.ip("addr", "add", address6, "dev", "cni0", "nodad")
 

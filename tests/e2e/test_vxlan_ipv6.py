@@ -213,3 +213,25 @@ def test_a_peer_that_leaves_has_its_v6_entries_removed(cluster: LabCluster) -> N
             what=f"neighbour and FDB removal on {node.name}",
         )
         assert " ".join(node.ns.ip("route", "show", "10.5.200.0/24").split()) == ""
+
+
+def test_an_ipv6_only_cluster_has_only_flannel_v6() -> None:
+    lab = LabCluster(2, backend="vxlan", ipv6=True, ipv4=False).build()
+    try:
+        lab.start()
+        node1, node2 = lab.nodes
+        assert lab.ping6(node1, node2) and lab.ping6(node2, node1)
+        a, b = lab.add_pod(node1, "node1-pod"), lab.add_pod(node2, "node2-pod")
+        assert (a.address, b.address) == ("", "")
+        assert lab.ping_pod6(a, b) and lab.ping_pod6(b, a)
+        assert node1.ns.ip("link", "show", DEVICE, check=False) == ""
+        assert v6_entries(node1, node2) == (True, True, True)
+        assert node1.subnet_env()["FLANNEL_MTU"] == "1430"
+        key = f"{PREFIX}/subnets/0.0.0.0-0&{node1.subnet6.replace('/', '-')}"
+        assert lab.etcd is not None
+        assert lab.etcd.etcdctl("get", "--print-value-only", key).strip() == (
+            f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{node1.address6}","BackendType":"vxlan",'
+            f'"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac_of(node1, DEVICE6)}"}}}}'
+        )
+    finally:
+        lab.close()
