@@ -375,13 +375,11 @@ def configure_device(
         ipr.link("set", index=index, state="up")
 
 
-def connected_networks(index: int, netns: str | None = None) -> tuple[IPv4Network, ...]:
-    """The IPv4 subnets on the external interface: the peers DirectRouting reaches directly."""
-    return tuple(n for n in _connected(index, netns) if isinstance(n, IPv4Network))
-
-
-def _connected(index: int, netns: str | None) -> tuple[IPv4Network | IPv6Network, ...]:
-    """The subnets of both families on the external interface."""
+def connected_networks(
+    index: int, netns: str | None = None
+) -> tuple[IPv4Network | IPv6Network, ...]:
+    """The subnets of both families on the external interface: the peers DirectRouting
+    reaches directly."""
     with _ipr(netns) as ipr:
         v4 = [
             IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network
@@ -553,7 +551,7 @@ class VxlanBackend:
         for vtep in self.vteps:
             self._ensure(vtep)
         try:
-            self._connected = _connected(self._iface.index, self._netns)
+            self._connected = connected_networks(self._iface.index, self._netns)
         except KERNEL_ERRORS as exc:
             raise Transient(
                 f"cannot read {self._iface.name}'s addresses: {kernel_text(exc)}"
@@ -596,10 +594,6 @@ class VxlanBackend:
         if needs_checksum_fix(platform.release()):
             turn_off_tx_checksum(vtep.device, self._netns)
 
-    def ensure_device(self) -> None:
-        """The IPv4 table's callback: the device (with its address, up) exists after it."""
-        self._ensure(self.vteps[0])
-
     def bind(self, own: Lease) -> Sequence[RouteTableBinding]:
         """One route table per family, sharing the kernel's (module doc)."""
         self._own = own
@@ -620,6 +614,7 @@ class VxlanBackend:
         return bindings
 
     def _ensurer(self, vtep: Vtep) -> Callable[[], None]:
+        """A table's callback: its device (with its address, up) exists after it."""
         return lambda: self._ensure(vtep)
 
     def desired(self, lease: Lease) -> Iterator[Entry]:

@@ -495,3 +495,16 @@ def test_an_ipv6_only_network_has_only_the_v6_device(
         "recreating it"
     ]
     assert f"link/ether {backend.mac_of(6)}" in node.link6()
+
+
+def test_a_deleted_v6_device_comes_back_with_its_peers_and_address(node: Node) -> None:
+    _v4, table = node.tables()
+    table.apply(adds(peer6(2)))
+    mac = node.link6().split("link/ether ")[1].split()[0]
+    node.ns.ip("link", "del", DEVICE6)
+    assert table.observe().owned == {}
+    outcomes = converge(table, [peer6(2)])
+    assert all(o.ok for o in outcomes), outcomes
+    assert node.whole6(peer6(2))
+    assert f"link/ether {mac}" in node.link6() and "mtu 1430" in node.link6()
+    assert "inet6 fc00:0:0:1::/128" in node.ns.ip("-6", "addr", "show", DEVICE6)
