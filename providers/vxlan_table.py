@@ -146,6 +146,8 @@ class _Step:
     error: RouteError | None = None
     neighbour_done: bool = False
     fdb_done: bool = False
+    # Its route moves onto the device from another one: deleted there, then added (IPv6).
+    moved: bool = False
 
 
 class VxlanRouteTable:
@@ -322,7 +324,7 @@ class VxlanRouteTable:
                     step.error = step.error or Transient(f"device {self.device} does not exist")
             else:
                 self._program_neighbours(building, index)
-        route_steps = [s for s in steps if s.error is None]
+        route_steps = self._move_routes([s for s in steps if s.error is None])
         route_changes = [self._route_change(s) for s in route_steps]
         if route_changes:
             outcomes = self._routes.apply(Plan(tuple(route_changes)))
@@ -344,7 +346,41 @@ class VxlanRouteTable:
         change = step.change
         route = _route_of(change.entry)
         assert route is not None
+        if step.moved:
+            return Change(Action.ADD, route)
         return Change(change.action, route, _route_of(change.current))
+
+    def _move_routes(self, steps: list[_Step]) -> list[_Step]:
+        """Delete the routes that peers' routes replace from another device (a DirectRouting
+        route, say) and return the steps still to do. IPv6 checks an onlink gateway against
+        the routes already there, the one being replaced included, and refuses it as on
+        another device ("Nexthop has invalid gateway or device mismatch"), so such a replace
+        is a delete and an add. IPv4 replaces in place."""
+        if self.family != socket.AF_INET6:
+            return steps
+        moving = []
+        for step in steps:
+            change, current = step.change, _route_of(step.change.current)
+            if (
+                change.action is Action.REPLACE
+                and isinstance(change.entry, VxlanPeer)
+                and current is not None
+                and current.device != self.device
+            ):
+                step.moved = True
+                moving.append(step)
+        if not moving:
+            return steps
+        deletes = []
+        for step in moving:
+            current = _route_of(step.change.current)
+            assert current is not None
+            deletes.append(Change(Action.DELETE, current))
+        outcomes = self._routes.apply(Plan(tuple(deletes)))
+        for step, outcome in zip(moving, outcomes, strict=True):
+            if outcome.error is not None and not isinstance(outcome.error, RouteNotFound):
+                step.error = outcome.error
+        return [s for s in steps if s.error is None]
 
     def _program_neighbours(self, steps: list[_Step], index: int) -> None:
         """Steps 1 and 2 for every peer, each step one batch."""

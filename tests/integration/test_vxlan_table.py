@@ -23,7 +23,7 @@ from cloudroutes.errors import RouteConflict
 from cloudroutes.lab.netns import Netns, link_veth
 from cloudroutes.lease import Lease, LeaseAttrs, encode_attrs
 from cloudroutes.plan import make_plan
-from cloudroutes.routes import Action, Change, EntryState, Outcome, Plan
+from cloudroutes.routes import Action, Change, EntryState, Outcome, Plan, Route
 from providers.netlink import (
     RTM_NEWROUTE,
     RTMGRP_IPV4_ROUTE,
@@ -508,3 +508,19 @@ def test_a_deleted_v6_device_comes_back_with_its_peers_and_address(node: Node) -
     assert node.whole6(peer6(2))
     assert f"link/ether {mac}" in node.link6() and "mtu 1430" in node.link6()
     assert "inet6 fc00:0:0:1::/128" in node.ns.ip("-6", "addr", "show", DEVICE6)
+
+
+def test_a_v6_peer_moves_between_a_direct_route_and_the_device(node: Node) -> None:
+    # IPv6 refuses to replace a route on eth0 with an onlink one through the device in place.
+    _v4, table = node.tables()
+    direct = Route(IPv6Network("fc00:0:0:2::/64"), "2001:db8::2", "eth0")
+    table.apply(Plan((Change(Action.ADD, direct),)))
+    outcomes = converge(table, [peer6(2)])
+    assert [(o.change.action, o.ok) for o in outcomes] == [(Action.REPLACE, True)]
+    assert node.whole6(peer6(2))
+    outcomes = converge(table, [direct])
+    assert [(o.change.action, o.ok) for o in outcomes] == [(Action.REPLACE, True)]
+    assert node.v6_entries() == []
+    assert lines(node.ns.ip("-6", "route", "show", "fc00:0:0:2::/64")) == [
+        "fc00:0:0:2::/64 via 2001:db8::2 dev eth0 proto 157 metric 1024 pref medium"
+    ]
