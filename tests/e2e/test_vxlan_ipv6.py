@@ -235,3 +235,43 @@ def test_an_ipv6_only_cluster_has_only_flannel_v6() -> None:
         )
     finally:
         lab.close()
+
+
+def test_a_lease_without_its_v6_vtep_mac_keeps_its_ipv4_peer_and_says_why(
+    cluster: LabCluster,
+) -> None:
+    assert cluster.etcd is not None
+    key = "10.5.201.0-24&fc00:0:0:c9::-64"
+    value = json.dumps(
+        {
+            "PublicIP": "198.18.0.78",
+            "PublicIPv6": "2001:db8::78",
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": STRANGER_MAC},
+        },
+        separators=(",", ":"),
+    )
+    node = cluster.nodes[0]
+    cluster.etcd.etcdctl("put", f"{PREFIX}/subnets/{key}", value)
+    try:
+        refused = wait_for(
+            lambda: node.status(HEALTH).get("refused_leases", {}).get(key),
+            30,
+            "the refusal in /status",
+        )
+        assert refused == (
+            f"lease {key}: BackendV6Data.VtepMAC None is not a unicast MAC address (flanneld "
+            'writes BackendV6Data as {"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"})'
+        )
+        assert f"kernel-v6: not routing lease {key}: " in node.log()
+        wait_for(
+            lambda: (
+                " ".join(node.ns.ip("route", "show", "10.5.201.0/24").split())
+                == f"10.5.201.0/24 via 10.5.201.0 dev {DEVICE} proto 157 onlink"
+            ),
+            what="its IPv4 peer",
+        )
+        assert route6(node, "fc00:0:0:c9::/64") == ""
+    finally:
+        cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/{key}")
+    wait_for(lambda: key not in node.status(HEALTH).get("refused_leases", {}), 30, "no refusal")
