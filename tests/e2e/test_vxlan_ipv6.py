@@ -275,3 +275,27 @@ def test_a_lease_without_its_v6_vtep_mac_keeps_its_ipv4_peer_and_says_why(
     finally:
         cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/{key}")
     wait_for(lambda: key not in node.status(HEALTH).get("refused_leases", {}), 30, "no refusal")
+
+
+def test_a_node_that_leaves_has_its_entries_removed(cluster: LabCluster) -> None:
+    assert cluster.etcd is not None
+    node1, _, node3 = cluster.nodes
+    assert v6_entries(node1, node3) == (True, True, True)
+    mac6, subnet, subnet6 = mac_of(node3, DEVICE6), node3.subnet, node3.subnet6
+    cluster.stop_agent(node3)
+    cluster.etcd.etcdctl("del", lease_key(node3))
+    try:
+        for node in cluster.nodes[:2]:
+            wait_for(lambda n=node: route6(n, subnet6) == "", what=f"route removal on {node.name}")
+            wait_for(
+                lambda n=node: not any(mac6 in line for line in neighbours6(n) + fdb6(n)),
+                what=f"neighbour and FDB removal on {node.name}",
+            )
+            assert node.ns.ip("route", "show", subnet).strip() == ""
+    finally:
+        # The node joins again (with a new lease), for the tests that follow.
+        node3.subnet_file.unlink()
+        cluster.start_agent(node3, *node3.agent_args)
+        cluster.wait_ready(node3)
+        cluster.attach_gateway(node3)
+    assert cluster.ping6(node1, node3)
