@@ -121,7 +121,12 @@ class Agent:
             need_ipv4=config.enable_ipv4,
             need_ipv6=config.enable_ipv6,
         )
-        log.info("using interface %s (%s), public IP %s", iface.name, iface.ip, iface.public_ip)
+        log.info(
+            "using interface %s (%s), public IP %s",
+            iface.name,
+            " ".join(str(a) for a in (iface.ip, iface.ipv6) if a) or "no address",
+            " ".join(str(a) for a in (iface.public_ip, iface.public_ipv6) if a) or "none",
+        )
         context = BackendContext(
             config,
             iface,
