@@ -362,9 +362,9 @@ class TunToUdp:
         wait = waiter.poll
         send = self.send
         # The run in buf[:o]: its peer and the size of each of its packets.
-        o, size, batch = 0, 0, None
+        o, size, batch, full = 0, 0, None, 0
         # The read's buffers at each offset a run reaches, made once.
-        slots: dict[int, list[bytearray | memoryview]] = {}
+        slots: list[list[bytearray | memoryview] | None] = [None] * (MAX_UDP_PAYLOAD + 1)
         address = _ADDRESS.unpack_from
         starts = buf.startswith
         # A flow's packets come in a row: the last destination and its peer spare the lookup,
@@ -372,7 +372,7 @@ class TunToUdp:
         table: Lookup | None = None
         last, peer = b"", None
         while True:
-            into = slots.get(o)
+            into = slots[o]
             if into is None:
                 into = slots[o] = [header, view[o : o + BUFFER_SIZE]]
             try:
@@ -408,8 +408,10 @@ class TunToUdp:
                 o = 0
             if not o:
                 size, batch = n, peer
+                # The run ends when another packet would not fit a send.
+                full = min(MAX_UDP_PAYLOAD - size, MAX_SEGMENTS * size - 1)
             o += n
-            if n < size or o + size > MAX_UDP_PAYLOAD or o >= MAX_SEGMENTS * size:
+            if n < size or o > full:
                 send(view[:o], size, batch)  # a shorter packet ends a run
                 o = 0
 
