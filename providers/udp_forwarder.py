@@ -7,9 +7,11 @@ measures them against the vxlan backend):
 - two worker processes, one per direction (TUN -> UDP and UDP -> TUN): separate processes,
   not threads, so the two directions and the agent's own threads never share one GIL;
 - batches (see below): a run of packets read from the TUN leaves in one UDP send, and a run of
-  datagrams arrives in one read and, when they are segments of one TCP flow, enters the TUN in
-  one write;
+  datagrams arrives in one read and enters the TUN as few writes as its TCP flows allow: each
+  write is the longest run of one flow in order (a PSH ends it, as the kernel's GRO ends one),
+  checked with C-level slices whose cost does not grow with the run;
 - preallocated buffers, no per-packet allocation besides memoryview slices;
+- the peer of the last destination is kept, so a flow's packets skip the lookup;
 - the TTL's checksum fix is a table lookup: decrementing the TTL changes the header's
   checksum by an amount that depends only on the old checksum (RFC 1624, eqn. 3);
 - the peer lookup is a dict keyed by the destination masked to the lease length: one mask
