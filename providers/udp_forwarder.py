@@ -264,6 +264,8 @@ def coalesce(
     if buf[f] != 0x45 or buf[f + 9] != IPPROTO_TCP or buf[f + 8] <= 1:
         return None
     h = 20 + (buf[f + 32] >> 4) * 4
+    if h not in _SAME_COLUMNS:
+        return None  # a TCP data offset under 5 words: no TCP header, whatever the peer says
     if size <= h or end - start > MAX_BURST or buf[f + 6] & 0x3F or buf[f + 7]:
         return None  # too short to carry data, too long for one burst, or a fragment
     count = (end - start + size - 1) // size

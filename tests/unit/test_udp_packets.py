@@ -276,6 +276,10 @@ def test_a_burst_is_the_longest_run_of_one_flow_in_order() -> None:
     assert joined(fragment) == 0
     udp = [ipv4(protocol=17, payload=bytes(MSS + 32)) for _ in range(3)]
     assert joined(udp) == 0
+    short_header = segments_of(stream(3))
+    for segment in short_header:
+        segment[32] = 0x30  # a data offset of 3 words: not a TCP header
+    assert joined(short_header) == 0, "a peer's bad data offset is refused, not a crash"
     dying = segments_of(stream(3))
     dying[0][8] = 1
     assert joined(dying) == 0, "TTL 1: dropped by the per-packet path, not merged"
